@@ -1,0 +1,30 @@
+//! Test support: the environment `scripts/env up` starts (a real RabbitMQ and a real kube-apiserver), reached
+//! through the variables it exports, with defaults that match it.
+
+use std::path::PathBuf;
+
+/// AMQP URI of the test broker (`WARREN_BROKER_URI`).
+pub fn broker_uri() -> String {
+    std::env::var("WARREN_BROKER_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Management API URI of the test broker (`WARREN_MANAGEMENT_URI`).
+pub fn management_uri() -> String {
+    std::env::var("WARREN_MANAGEMENT_URI").unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into())
+}
+
+/// A name no other test (or earlier run) uses: `<prefix>-<8 hex>`.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Path of a workspace binary (`warren`, `warren-worker`, `warren-operator`) next to the test executable:
+/// `make test` builds the binaries before it runs the tests.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}

@@ -1,0 +1,1 @@
+//! warren-worker: the request/reply runtime.
