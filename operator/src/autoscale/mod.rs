@@ -1,0 +1,145 @@
+//! The autoscaler: from polls of a request queue to the number of workers to run (docs/autoscaling.md).
+//!
+//! Pure code, no broker and no cluster. The operator keeps one [`Autoscaler`] per service and, every poll:
+//!
+//! ```
+//! # use warren_operator::autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts};
+//! # let spec = PolicySpec::from_spec(&Default::default());
+//! # let now = 5.0;
+//! let mut scaler = Autoscaler::new(None); // or Some(status.perReplicaThroughput) after a restart
+//! let sample = QueueSample { at: now, ready: 40, unacked: 32, consumers: 1, published_total: 900, acked_total: 860 };
+//! let observation = scaler.observe(Some(sample), now); // None when the management API or the queue is missing
+//! let decision = scaler.decide(&observation, ReplicaCounts { current: 1, ready: 1 }, &spec, now);
+//! assert!(decision.desired >= 1);
+//! ```
+
+mod policy;
+mod rates;
+mod throughput;
+
+pub use policy::{
+    DEFAULT_MAX_SCALE_UP_FACTOR, DEFAULT_MAX_SCALE_UP_PODS, DEFAULT_TOLERANCE, DecisionInputs, PolicySpec, PolicyState,
+    RecommendationWindow, ReplicaCounts, ScaleDecision, ScaleReason, URGENT_BACKLOG_SHARE, decide,
+};
+pub use rates::{DEFAULT_RATE_WINDOW, ObservedQueue, Observation, QueueSample, RateTracker, WindowFigures};
+pub use throughput::{
+    PRIOR_PER_REPLICA_THROUGHPUT, SATURATED_IN_FLIGHT_SHARE, SMOOTHING_SECONDS, ThroughputEstimate, ThroughputSource,
+};
+
+/// One service's autoscaler: its recent samples, its throughput estimate and its recent recommendations.
+#[derive(Clone, Debug)]
+pub struct Autoscaler {
+    rates: RateTracker,
+    state: PolicyState,
+    window_started: bool,
+}
+
+impl Autoscaler {
+    /// `measured_throughput`: a per-replica throughput measured before (status.perReplicaThroughput), if any.
+    pub fn new(measured_throughput: Option<f64>) -> Self {
+        Self {
+            rates: RateTracker::default(),
+            state: PolicyState { throughput: ThroughputEstimate::seeded(measured_throughput), ..PolicyState::default() },
+            window_started: false,
+        }
+    }
+
+    /// Computes rates over `window` seconds of polls instead of [`DEFAULT_RATE_WINDOW`].
+    pub fn with_rate_window(mut self, window: f64) -> Self {
+        self.rates = RateTracker::new(window);
+        self
+    }
+
+    /// One poll's sample (`None`: management API down or queue missing) → what the policy decides on.
+    pub fn observe(&mut self, sample: Option<QueueSample>, now: f64) -> Observation {
+        match sample {
+            Some(sample) => Observation { at: now, queue: Some(self.rates.push(sample)) },
+            None => Observation::unavailable(now),
+        }
+    }
+
+    /// Decides the replicas for an observation and remembers what is needed for the next decisions.
+    pub fn decide(&mut self, obs: &Observation, replicas: ReplicaCounts, spec: &PolicySpec, now: f64) -> ScaleDecision {
+        self.state.throughput.update(obs, spec.prefetch);
+        if !self.window_started {
+            // Like HPA after a restart: what runs now counts as recommended, so nothing shrinks before the delay.
+            let running = replicas.current.clamp(spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
+            self.state.recommendations.record(now, running, spec.scale_down_delay_seconds);
+            self.window_started = true;
+        }
+        let decision = decide(&self.state, obs, replicas, spec, now);
+        self.state.recommendations.record(now, decision.recommendation, spec.scale_down_delay_seconds);
+        decision
+    }
+
+    /// The per-replica throughput measured while saturated: what status.perReplicaThroughput should hold.
+    pub fn measured_throughput(&self) -> Option<f64> {
+        self.state.throughput.measured()
+    }
+
+    pub fn state(&self) -> &PolicyState {
+        &self.state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at: f64, ready: u64, unacked: u64, consumers: u64, published: u64, acked: u64) -> QueueSample {
+        QueueSample { at, ready, unacked, consumers, published_total: published, acked_total: acked }
+    }
+
+    #[test]
+    fn measures_throughput_from_saturated_polls_and_scales_for_it() {
+        let spec = PolicySpec::from_spec(&Default::default()); // prefetch 32, T 2 s, u 0.8, max 10
+        let mut scaler = Autoscaler::new(None);
+        let counts = ReplicaCounts { current: 2, ready: 2 };
+        // Two workers, always a backlog, 40 acks/s: μ = 20; 100 req/s arrive.
+        let mut decision = None;
+        for i in 0..=2u64 {
+            let at = 5.0 * i as f64;
+            let obs = scaler.observe(Some(sample(at, 200 + 300 * i, 64, 2, 500 * i, 200 * i)), at);
+            decision = Some(scaler.decide(&obs, counts, &spec, at));
+        }
+        let d = decision.unwrap();
+        assert_eq!(scaler.measured_throughput(), Some(20.0));
+        assert_eq!(d.inputs.throughput_source, ThroughputSource::Measured);
+        assert_eq!((d.inputs.arrival_rate, d.inputs.completion_rate), (100.0, 40.0));
+        // (100 + 800 / 2) / (20 · 0.8) = 31.25, capped at maxReplicas 10 and at 4 more in one step.
+        assert_eq!((d.recommendation, d.desired, d.reason), (10, 6, ScaleReason::Backlog));
+    }
+
+    #[test]
+    fn a_seed_from_status_is_used_at_once() {
+        let spec = PolicySpec::from_spec(&Default::default());
+        let mut scaler = Autoscaler::new(Some(50.0));
+        let obs = scaler.observe(Some(sample(0.0, 0, 0, 1, 0, 0)), 0.0);
+        let d = scaler.decide(&obs, ReplicaCounts { current: 1, ready: 1 }, &spec, 0.0);
+        assert_eq!((d.inputs.per_replica_throughput, d.inputs.throughput_source), (50.0, ThroughputSource::Measured));
+    }
+
+    #[test]
+    fn after_a_restart_the_pool_is_not_shrunk_before_the_scale_down_delay() {
+        let spec = PolicySpec::from_spec(&Default::default());
+        let mut scaler = Autoscaler::new(Some(20.0));
+        let counts = ReplicaCounts { current: 8, ready: 8 };
+        for i in 0..=12u64 {
+            let at = 5.0 * i as f64;
+            let obs = scaler.observe(Some(sample(at, 0, 0, 8, 10 * i, 10 * i)), at);
+            assert_eq!(scaler.decide(&obs, counts, &spec, at).desired, 8, "at {at}s");
+        }
+        let obs = scaler.observe(Some(sample(65.0, 0, 0, 8, 130, 130)), 65.0);
+        assert_eq!(scaler.decide(&obs, counts, &spec, 65.0).desired, 1);
+    }
+
+    #[test]
+    fn unavailable_metrics_keep_the_pool() {
+        let spec = PolicySpec::from_spec(&Default::default());
+        let mut scaler = Autoscaler::new(None);
+        let obs = scaler.observe(None, 0.0);
+        let d = scaler.decide(&obs, ReplicaCounts { current: 4, ready: 3 }, &spec, 0.0);
+        assert_eq!((d.desired, d.reason), (4, ScaleReason::MetricsUnavailable));
+        assert_eq!(d.reason.to_string(), "MetricsUnavailable");
+    }
+}

@@ -1,0 +1,598 @@
+//! The scaling rule, a pure function of what was observed, the small state kept per service, the replica counts
+//! and the spec.
+//!
+//! ```text
+//! desired = ceil( (λ + B / T) / (μ · u) )   clamped to [minReplicas, maxReplicas]
+//! ```
+//!
+//! λ arrival rate, B backlog, T target queueing delay, μ one worker's throughput, u target utilisation. Never
+//! below what the in-flight requests occupy (ceil(unacked / prefetch)); 1 as soon as anything waits. Up at once
+//! (bounded per decision), down only to the highest recommendation of the scale-down delay, with a tolerance band
+//! against flapping that a real backlog overrides.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::rates::Observation;
+use super::throughput::{ThroughputEstimate, ThroughputSource};
+use crate::crd::{RpcServiceSpec, ScalingSpec};
+
+/// Relative changes smaller than this are ignored unless a backlog demands them (HPA's default is the same).
+pub const DEFAULT_TOLERANCE: f64 = 0.1;
+/// One decision may at most multiply the replicas by this...
+pub const DEFAULT_MAX_SCALE_UP_FACTOR: f64 = 2.0;
+/// ...or add this many, whichever is more.
+pub const DEFAULT_MAX_SCALE_UP_PODS: i32 = 4;
+/// A backlog the ready workers need more than this share of T to drain overrides the tolerance band.
+pub const URGENT_BACKLOG_SHARE: f64 = 0.1;
+
+/// The policy's parameters: the CRD's `scaling` plus the worker prefetch, and the fixed tuning.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySpec {
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    /// T: the queueing delay callers tolerate (seconds).
+    pub target_queue_delay_seconds: f64,
+    /// How long the pool only shrinks to the highest recommendation seen (seconds).
+    pub scale_down_delay_seconds: f64,
+    /// u: the share of μ the sizing plans to use.
+    pub target_utilization: f64,
+    /// μ to use until it is measured.
+    pub per_replica_throughput_hint: Option<f64>,
+    /// Requests one worker holds unacknowledged (and runs concurrently).
+    pub prefetch: u32,
+    pub tolerance: f64,
+    pub max_scale_up_factor: f64,
+    pub max_scale_up_pods: i32,
+}
+
+impl PolicySpec {
+    /// From the CRD's scaling section and the worker's prefetch, with out-of-range values made safe.
+    pub fn new(scaling: &ScalingSpec, prefetch: i32) -> Self {
+        let min_replicas = scaling.min_replicas.max(0);
+        Self {
+            min_replicas,
+            max_replicas: scaling.max_replicas.max(min_replicas).max(1),
+            target_queue_delay_seconds: finite_or(scaling.target_queue_delay_seconds, 2.0).max(0.01),
+            scale_down_delay_seconds: scaling.scale_down_delay_seconds.max(0) as f64,
+            target_utilization: finite_or(scaling.target_utilization, 0.8).clamp(0.1, 1.0),
+            per_replica_throughput_hint: scaling.per_replica_throughput_hint.filter(|h| h.is_finite() && *h > 0.0),
+            prefetch: prefetch.max(1) as u32,
+            tolerance: DEFAULT_TOLERANCE,
+            max_scale_up_factor: DEFAULT_MAX_SCALE_UP_FACTOR,
+            max_scale_up_pods: DEFAULT_MAX_SCALE_UP_PODS,
+        }
+    }
+
+    pub fn from_spec(spec: &RpcServiceSpec) -> Self {
+        Self::new(&spec.scaling, spec.worker.prefetch)
+    }
+
+    /// The most replicas one decision may go to from `current`.
+    pub fn scale_up_limit(&self, current: i32) -> i32 {
+        let by_factor = (current as f64 * self.max_scale_up_factor).ceil().min(i32::MAX as f64) as i32;
+        by_factor.max(current.saturating_add(self.max_scale_up_pods))
+    }
+}
+
+impl From<&RpcServiceSpec> for PolicySpec {
+    fn from(spec: &RpcServiceSpec) -> Self {
+        Self::from_spec(spec)
+    }
+}
+
+fn finite_or(x: f64, default: f64) -> f64 {
+    if x.is_finite() { x } else { default }
+}
+
+/// The worker pods: `current` exist (or are asked for), `ready` of them serve.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaCounts {
+    pub current: i32,
+    pub ready: i32,
+}
+
+/// Why a decision is what it is, in a word (for status reasons and events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScaleReason {
+    /// The backlog has to drain within the target delay.
+    Backlog,
+    /// The arrival rate needs this many workers at the target utilisation.
+    ArrivalRate,
+    /// The requests in flight occupy this many workers' prefetch.
+    InFlight,
+    /// Load fell, but the pool only shrinks to the highest recommendation of the scale-down delay.
+    ScaleDownDelay,
+    MinReplicas,
+    MaxReplicas,
+    /// The change would be within the tolerance band.
+    Steady,
+    /// No figures from the broker: the pool is kept as it is.
+    MetricsUnavailable,
+    /// A request waits and no worker runs.
+    ScaleFromZero,
+    /// Nothing arrives, waits or runs.
+    Idle,
+}
+
+impl fmt::Display for ScaleReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The figures a decision was computed from.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionInputs {
+    /// Ready requests (0 when metrics are unavailable).
+    pub backlog: u64,
+    /// Unacked requests (0 when metrics are unavailable).
+    pub in_flight: u64,
+    /// Requests/s arriving (0 until two polls give a rate; see `rates_known`).
+    pub arrival_rate: f64,
+    /// Requests/s completed (0 until two polls give a rate).
+    pub completion_rate: f64,
+    pub rates_known: bool,
+    /// μ used, requests/s per replica.
+    pub per_replica_throughput: f64,
+    pub throughput_source: ThroughputSource,
+    pub current_replicas: i32,
+    pub ready_replicas: i32,
+}
+
+/// What the policy decided, why, and from what.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDecision {
+    /// The replicas to run.
+    pub desired: i32,
+    pub reason: ScaleReason,
+    /// What this observation alone calls for (before the step limit, tolerance and scale-down delay); it is
+    /// what the scale-down window remembers.
+    pub recommendation: i32,
+    pub inputs: DecisionInputs,
+    /// One sentence with the figures, for status and events.
+    pub message: String,
+}
+
+/// Recent recommendations: the pool shrinks only to the highest of the scale-down delay.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecommendationWindow {
+    entries: VecDeque<(f64, i32)>,
+}
+
+impl RecommendationWindow {
+    /// Remembers a recommendation and forgets those older than `keep_seconds`.
+    pub fn record(&mut self, at: f64, replicas: i32, keep_seconds: f64) {
+        self.entries.push_back((at, replicas));
+        while self.entries.front().is_some_and(|(t, _)| *t < at - keep_seconds) {
+            self.entries.pop_front();
+        }
+    }
+
+    /// The highest recommendation made at or after `since`.
+    pub fn highest_since(&self, since: f64) -> Option<i32> {
+        self.entries.iter().filter(|(t, _)| *t >= since).map(|(_, r)| *r).max()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// What the operator keeps per service between decisions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyState {
+    pub throughput: ThroughputEstimate,
+    pub recommendations: RecommendationWindow,
+}
+
+/// `ceil` that ignores float noise just above an integer.
+fn ceil_replicas(x: f64) -> i32 {
+    if x.is_nan() || x <= 0.0 {
+        return 0;
+    }
+    (x - 1e-9).ceil().min(i32::MAX as f64) as i32
+}
+
+/// The rule. Pure: the same inputs always give the same decision.
+pub fn decide(
+    state: &PolicyState,
+    obs: &Observation,
+    replicas: ReplicaCounts,
+    spec: &PolicySpec,
+    now: f64,
+) -> ScaleDecision {
+    let (mu, source) = state.throughput.resolve(spec.per_replica_throughput_hint);
+    let current = replicas.current.max(0);
+    let (min, max) = (spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
+    let mut inputs = DecisionInputs {
+        backlog: 0,
+        in_flight: 0,
+        arrival_rate: 0.0,
+        completion_rate: 0.0,
+        rates_known: false,
+        per_replica_throughput: mu,
+        throughput_source: source,
+        current_replicas: replicas.current,
+        ready_replicas: replicas.ready,
+    };
+
+    let Some(q) = &obs.queue else {
+        // Never act on missing data, and in particular never scale to zero on it.
+        let desired = current.clamp(min, max);
+        let message = format!("queue metrics are unavailable; keeping {}", plural(desired));
+        return ScaleDecision { desired, reason: ScaleReason::MetricsUnavailable, recommendation: desired, inputs, message };
+    };
+    inputs.backlog = q.backlog;
+    inputs.in_flight = q.in_flight;
+    inputs.rates_known = q.arrival_rate.is_some();
+    inputs.arrival_rate = q.arrival_rate.unwrap_or(0.0).max(0.0);
+    inputs.completion_rate = q.completion_rate.unwrap_or(0.0).max(0.0);
+
+    // What this observation calls for.
+    let t = spec.target_queue_delay_seconds;
+    let per_replica = mu * spec.target_utilization;
+    let lambda = inputs.arrival_rate;
+    let backlog = q.backlog as f64;
+    let for_rate = ceil_replicas(lambda / per_replica);
+    let for_backlog = ceil_replicas((lambda + backlog / t) / per_replica);
+    let for_in_flight = ceil_replicas(q.in_flight as f64 / spec.prefetch as f64);
+    let busy = i32::from(q.backlog > 0 || q.in_flight > 0 || lambda > 0.0);
+    let need = for_backlog.max(for_in_flight).max(busy);
+    let mut need_reason = if need == 0 {
+        ScaleReason::Idle
+    } else if for_in_flight > for_backlog {
+        ScaleReason::InFlight
+    } else if for_backlog > for_rate {
+        ScaleReason::Backlog
+    } else {
+        ScaleReason::ArrivalRate
+    };
+    let mut why = explain(need_reason, need, &inputs, spec, q.backlog > 0);
+    if !inputs.rates_known && need < current {
+        // One poll shows no rate: never shrink on it.
+        why = format!("{why}, but the arrival rate is not known yet");
+        need_reason = ScaleReason::Steady;
+    }
+    let demand_reason = need_reason;
+    let unclamped = if inputs.rates_known { need } else { need.max(current) };
+    let recommendation = unclamped.clamp(min, max);
+    if recommendation > unclamped {
+        need_reason = ScaleReason::MinReplicas;
+        why = format!("{why}; minReplicas is {min}");
+    } else if recommendation < unclamped {
+        need_reason = ScaleReason::MaxReplicas;
+        why = format!("{why}; maxReplicas is {max}");
+    }
+
+    // What the pool does about it.
+    let (desired, reason, message) = if recommendation > current {
+        let drain_rate = replicas.ready.max(0) as f64 * mu;
+        let urgent = q.backlog > 0 && backlog >= URGENT_BACKLOG_SHARE * t * drain_rate;
+        let beyond_tolerance = recommendation as f64 >= current as f64 * (1.0 + spec.tolerance) - 1e-9;
+        if current == 0 || beyond_tolerance || urgent {
+            let desired = recommendation.min(spec.scale_up_limit(current)).max(1);
+            let reason = if current == 0 && busy > 0 && need_reason != ScaleReason::MinReplicas {
+                ScaleReason::ScaleFromZero
+            } else if desired < recommendation {
+                demand_reason // the step limit binds, not a bound
+            } else {
+                need_reason
+            };
+            let limited = if desired < recommendation { format!(" (at most {desired} in one step)") } else { String::new() };
+            (desired, reason, format!("scaling from {current} to {desired}: {why}{limited}"))
+        } else {
+            let pct = spec.tolerance * 100.0;
+            (current, ScaleReason::Steady, format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)))
+        }
+    } else if recommendation < current {
+        let delay = spec.scale_down_delay_seconds;
+        let highest = state.recommendations.highest_since(now - delay).unwrap_or(recommendation).max(recommendation);
+        if highest >= current {
+            let message = format!("keeping {}: {why}, but {highest} were recommended within the last {delay:.0}s", plural(current));
+            (current, ScaleReason::ScaleDownDelay, message)
+        } else if ((current - highest) as f64) < current as f64 * spec.tolerance - 1e-9 {
+            let pct = spec.tolerance * 100.0;
+            (current, ScaleReason::Steady, format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)))
+        } else if highest > recommendation {
+            let message = format!("scaling from {current} to {highest}, the most recommended within the last {delay:.0}s: {why}");
+            (highest, ScaleReason::ScaleDownDelay, message)
+        } else {
+            (recommendation, need_reason, format!("scaling from {current} to {recommendation}: {why}"))
+        }
+    } else {
+        (current, need_reason, format!("keeping {}: {why}", plural(current)))
+    };
+
+    // A spec changed under a running pool: its bounds apply at once.
+    let (desired, reason, message) = if desired > max {
+        (max, ScaleReason::MaxReplicas, format!("{message}; maxReplicas is {max}"))
+    } else if desired < min {
+        (min, ScaleReason::MinReplicas, format!("{message}; minReplicas is {min}"))
+    } else {
+        (desired, reason, message)
+    };
+    ScaleDecision { desired, reason, recommendation, inputs, message }
+}
+
+fn plural(n: i32) -> String {
+    if n == 1 { "1 replica".to_owned() } else { format!("{n} replicas") }
+}
+
+/// The figures behind a recommendation, as a clause.
+fn explain(reason: ScaleReason, need: i32, i: &DecisionInputs, spec: &PolicySpec, waiting: bool) -> String {
+    let mu = format!("{:.1} req/s per replica ({})", i.per_replica_throughput, i.throughput_source);
+    let u = spec.target_utilization * 100.0;
+    let t = spec.target_queue_delay_seconds;
+    match reason {
+        ScaleReason::Idle => "no requests arrive, wait or run".to_owned(),
+        ScaleReason::InFlight => format!(
+            "{} requests in flight occupy {} at prefetch {}",
+            i.in_flight,
+            plural(need),
+            spec.prefetch
+        ),
+        ScaleReason::Backlog => format!(
+            "{} waiting and {:.1} req/s arriving need {} at {mu} to drain within {t}s at {u:.0}% utilisation",
+            i.backlog,
+            i.arrival_rate,
+            plural(need)
+        ),
+        _ if waiting || i.arrival_rate > 0.0 => format!(
+            "{:.1} req/s arriving ({} waiting) need {} at {mu} and {u:.0}% utilisation",
+            i.arrival_rate,
+            i.backlog,
+            plural(need)
+        ),
+        _ => format!("{} in flight need {}", i.in_flight, plural(need)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autoscale::rates::{ObservedQueue, WindowFigures};
+    use proptest::prelude::*;
+
+    fn spec() -> PolicySpec {
+        let scaling = ScalingSpec {
+            min_replicas: 1,
+            max_replicas: 50,
+            target_queue_delay_seconds: 2.0,
+            scale_down_delay_seconds: 60,
+            target_utilization: 0.8,
+            per_replica_throughput_hint: Some(20.0),
+            ..ScalingSpec::default()
+        };
+        PolicySpec::new(&scaling, 4)
+    }
+
+    fn obs(at: f64, backlog: u64, in_flight: u64, arrival: f64) -> Observation {
+        Observation {
+            at,
+            queue: Some(ObservedQueue {
+                backlog,
+                in_flight,
+                consumers: 0,
+                arrival_rate: Some(arrival),
+                completion_rate: Some(arrival),
+                window: Some(WindowFigures {
+                    span: 5.0,
+                    min_backlog: backlog,
+                    min_in_flight: in_flight,
+                    max_consumers: 0,
+                    steady_consumers: true,
+                }),
+            }),
+        }
+    }
+
+    fn counts(current: i32) -> ReplicaCounts {
+        ReplicaCounts { current, ready: current }
+    }
+
+    fn decide_fresh(o: &Observation, current: i32, spec: &PolicySpec) -> ScaleDecision {
+        decide(&PolicyState::default(), o, counts(current), spec, o.at)
+    }
+
+    #[test]
+    fn arrival_rate_sizes_the_pool_at_the_target_utilisation() {
+        // 100 req/s at 20 req/s per replica and 80 %: 6.25 → 7.
+        let d = decide_fresh(&obs(0.0, 0, 10, 100.0), 7, &spec());
+        assert_eq!((d.desired, d.reason), (7, ScaleReason::ArrivalRate));
+        assert_eq!(d.inputs.throughput_source, ThroughputSource::Hint);
+    }
+
+    #[test]
+    fn backlog_is_drained_within_the_target_delay() {
+        // (100 + 320 / 2) / 16 = 16.25 → 17.
+        let d = decide_fresh(&obs(0.0, 320, 40, 100.0), 10, &spec());
+        assert_eq!((d.desired, d.reason), (17, ScaleReason::Backlog));
+        assert!(d.message.contains("320 waiting"), "{}", d.message);
+        assert!(d.message.contains("20.0 req/s per replica (hint)"), "{}", d.message);
+    }
+
+    #[test]
+    fn one_step_at_most_doubles_or_adds_four() {
+        let d = decide_fresh(&obs(0.0, 5000, 8, 200.0), 2, &spec());
+        assert_eq!(d.desired, 6);
+        assert_eq!(d.recommendation, 50);
+        let d = decide_fresh(&obs(0.0, 5000, 8, 200.0), 10, &spec());
+        assert_eq!(d.desired, 20);
+    }
+
+    #[test]
+    fn in_flight_work_is_never_cut() {
+        let d = decide_fresh(&obs(0.0, 0, 40, 0.0), 12, &spec());
+        assert_eq!((d.desired, d.reason), (10, ScaleReason::InFlight));
+    }
+
+    #[test]
+    fn a_waiting_request_brings_a_pool_back_from_zero() {
+        let spec = PolicySpec { min_replicas: 0, per_replica_throughput_hint: Some(1000.0), ..spec() };
+        let d = decide_fresh(&obs(0.0, 1, 0, 0.0), 0, &spec);
+        assert_eq!((d.desired, d.reason), (1, ScaleReason::ScaleFromZero));
+    }
+
+    #[test]
+    fn an_idle_pool_goes_to_zero_only_after_the_scale_down_delay() {
+        let spec = PolicySpec { min_replicas: 0, ..spec() };
+        let mut scaler = super::super::Autoscaler::new(Some(20.0));
+        let mut desired = 3;
+        for i in 0..=12 {
+            let at = 5.0 * i as f64;
+            desired = scaler.decide(&obs(at, 0, 0, 0.0), counts(desired), &spec, at).desired;
+            assert_eq!(desired, 3, "at {at}s");
+        }
+        let d = scaler.decide(&obs(65.0, 0, 0, 0.0), counts(3), &spec, 65.0);
+        assert_eq!((d.desired, d.reason), (0, ScaleReason::Idle));
+    }
+
+    #[test]
+    fn missing_metrics_keep_the_pool_and_never_scale_to_zero() {
+        let spec = PolicySpec { min_replicas: 0, ..spec() };
+        let d = decide_fresh(&Observation::unavailable(0.0), 3, &spec);
+        assert_eq!((d.desired, d.reason), (3, ScaleReason::MetricsUnavailable));
+        let d = decide_fresh(&Observation::unavailable(0.0), 60, &spec);
+        assert_eq!(d.desired, 50, "bounds still apply");
+    }
+
+    #[test]
+    fn the_first_poll_without_rates_never_shrinks_the_pool() {
+        let mut o = obs(0.0, 0, 0, 0.0);
+        o.queue.as_mut().unwrap().arrival_rate = None;
+        let d = decide_fresh(&o, 8, &spec());
+        assert_eq!(d.desired, 8);
+        let mut o = obs(0.0, 400, 0, 0.0);
+        o.queue.as_mut().unwrap().arrival_rate = None;
+        assert_eq!(decide_fresh(&o, 8, &spec()).desired, 13, "but a backlog still scales it up");
+    }
+
+    #[test]
+    fn small_changes_are_ignored_unless_a_backlog_demands_them() {
+        // 330 req/s needs 21 at 16 req/s per replica: +5 % on 20.
+        let d = decide_fresh(&obs(0.0, 0, 60, 330.0), 20, &spec());
+        assert_eq!((d.desired, d.reason), (20, ScaleReason::Steady));
+        // 80 waiting would take the 20 ready replicas 0.2 s = 10 % of T to drain.
+        let d = decide_fresh(&obs(0.0, 80, 80, 300.0), 20, &spec());
+        assert_eq!((d.desired, d.reason), (22, ScaleReason::Backlog));
+    }
+
+    #[test]
+    fn scale_down_waits_for_the_highest_recent_recommendation() {
+        let spec = spec();
+        let mut state = PolicyState::default();
+        state.recommendations.record(0.0, 20, 60.0);
+        state.recommendations.record(30.0, 12, 60.0);
+        let d = decide(&state, &obs(50.0, 0, 10, 50.0), counts(20), &spec, 50.0);
+        assert_eq!((d.desired, d.reason), (20, ScaleReason::ScaleDownDelay));
+        let d = decide(&state, &obs(70.0, 0, 10, 50.0), counts(20), &spec, 70.0);
+        assert_eq!((d.desired, d.reason), (12, ScaleReason::ScaleDownDelay));
+        let d = decide(&state, &obs(95.0, 0, 10, 50.0), counts(12), &spec, 95.0);
+        assert_eq!((d.desired, d.reason), (4, ScaleReason::ArrivalRate));
+    }
+
+    #[test]
+    fn bounds_are_reported_as_the_reason() {
+        let d = decide_fresh(&obs(0.0, 0, 0, 2000.0), 50, &spec());
+        assert_eq!((d.desired, d.reason), (50, ScaleReason::MaxReplicas));
+        let spec = PolicySpec { min_replicas: 5, ..spec() };
+        let d = decide_fresh(&obs(0.0, 0, 0, 1.0), 5, &spec);
+        assert_eq!((d.desired, d.reason), (5, ScaleReason::MinReplicas));
+        let d = decide_fresh(&obs(0.0, 0, 0, 1.0), 0, &spec);
+        assert_eq!(d.desired, 5, "a spec's new minimum applies at once");
+    }
+
+    #[test]
+    fn spec_from_the_crd_uses_its_fields_and_the_prefetch() {
+        let mut crd = RpcServiceSpec::default();
+        crd.scaling.per_replica_throughput_hint = Some(3.0);
+        crd.worker.prefetch = 16;
+        let p = PolicySpec::from(&crd);
+        assert_eq!((p.min_replicas, p.max_replicas, p.prefetch), (1, 10, 16));
+        assert_eq!((p.target_queue_delay_seconds, p.scale_down_delay_seconds, p.target_utilization), (2.0, 60.0, 0.8));
+        assert_eq!(p.per_replica_throughput_hint, Some(3.0));
+    }
+
+    prop_compose! {
+        fn any_spec()(min in 0..20i32, extra in 0..80i32, t in 0.05..30.0f64, delay in 0..600i32,
+                      u in 0.1..1.0f64, hint in 0.01..2000.0f64, prefetch in 1..200i32) -> PolicySpec {
+            let scaling = ScalingSpec {
+                min_replicas: min,
+                max_replicas: (min + extra).max(1),
+                target_queue_delay_seconds: t,
+                scale_down_delay_seconds: delay,
+                target_utilization: u,
+                per_replica_throughput_hint: Some(hint),
+                ..ScalingSpec::default()
+            };
+            PolicySpec::new(&scaling, prefetch)
+        }
+    }
+
+    prop_compose! {
+        fn any_state()(recs in proptest::collection::vec((0.0..600.0f64, 0..120i32), 0..20)) -> PolicyState {
+            let mut state = PolicyState::default();
+            let mut recs = recs;
+            recs.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for (at, r) in recs {
+                state.recommendations.record(at, r, 600.0);
+            }
+            state
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn always_within_bounds(spec in any_spec(), state in any_state(), current in 0..200i32, ready_share in 0.0..1.0f64,
+                                backlog in 0..1_000_000u64, in_flight in 0..100_000u64, arrival in 0.0..100_000.0f64,
+                                available in any::<bool>()) {
+            let o = if available { obs(600.0, backlog, in_flight, arrival) } else { Observation::unavailable(600.0) };
+            let ready = (current as f64 * ready_share) as i32;
+            let d = decide(&state, &o, ReplicaCounts { current, ready }, &spec, 600.0);
+            prop_assert!(d.desired >= spec.min_replicas && d.desired <= spec.max_replicas, "{d:?}");
+        }
+
+        #[test]
+        fn monotone_in_backlog(spec in any_spec(), state in any_state(), current in 0..120i32, ready_share in 0.0..1.0f64,
+                               b1 in 0..100_000u64, b2 in 0..100_000u64, in_flight in 0..10_000u64, arrival in 0.0..10_000.0f64) {
+            let (lo, hi) = (b1.min(b2), b1.max(b2));
+            let c = ReplicaCounts { current, ready: (current as f64 * ready_share) as i32 };
+            let d_lo = decide(&state, &obs(600.0, lo, in_flight, arrival), c, &spec, 600.0);
+            let d_hi = decide(&state, &obs(600.0, hi, in_flight, arrival), c, &spec, 600.0);
+            prop_assert!(d_lo.desired <= d_hi.desired, "backlog {lo} → {}, {hi} → {}", d_lo.desired, d_hi.desired);
+        }
+
+        #[test]
+        fn monotone_in_arrival_rate(spec in any_spec(), state in any_state(), current in 0..120i32, ready_share in 0.0..1.0f64,
+                                    backlog in 0..100_000u64, in_flight in 0..10_000u64, a1 in 0.0..10_000.0f64, a2 in 0.0..10_000.0f64) {
+            let (lo, hi) = (a1.min(a2), a1.max(a2));
+            let c = ReplicaCounts { current, ready: (current as f64 * ready_share) as i32 };
+            let d_lo = decide(&state, &obs(600.0, backlog, in_flight, lo), c, &spec, 600.0);
+            let d_hi = decide(&state, &obs(600.0, backlog, in_flight, hi), c, &spec, 600.0);
+            prop_assert!(d_lo.desired <= d_hi.desired, "rate {lo} → {}, {hi} → {}", d_lo.desired, d_hi.desired);
+        }
+
+        #[test]
+        fn constant_load_settles_and_stays(spec in any_spec(), start in 0..120i32, backlog in 0..10_000u64,
+                                           in_flight in 0..5_000u64, arrival in 0.0..5_000.0f64) {
+            let mut scaler = super::super::Autoscaler::new(None);
+            let mut current = start;
+            let mut history = Vec::new();
+            // Long enough for the step limit to climb from 0 to 100 and for the longest scale-down delay.
+            for i in 0..400 {
+                let at = 5.0 * i as f64;
+                current = scaler.decide(&obs(at, backlog, in_flight, arrival), counts(current), &spec, at).desired;
+                history.push(current);
+            }
+            let tail = &history[300..];
+            prop_assert!(tail.iter().all(|r| *r == tail[0]), "still moving: {:?}", &history[250..]);
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Arrival and completion rates from the broker's cumulative counters.
+//!
+//! The management API's own `rate` fields are averaged over its stats interval and jump when a sample lands on
+//! either side of a stats emission, so rates here come from the `publish` and `ack` counters of the operator's
+//! own successive polls. A counter that goes down was reset (the queue was re-created or the broker restarted):
+//! the window starts over from that sample instead of producing a negative or made-up rate.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// One poll of a request queue on the management API.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueSample {
+    /// When it was taken, in seconds on a monotonic clock with any fixed origin (e.g. the operator's start).
+    pub at: f64,
+    /// Requests waiting to be delivered (`messages_ready`): the backlog.
+    pub ready: u64,
+    /// Requests delivered and not yet acknowledged (`messages_unacknowledged`): in flight.
+    pub unacked: u64,
+    /// Consumers attached: one per worker that is consuming.
+    pub consumers: u64,
+    /// `message_stats.publish`: requests published to the queue since it (or the broker) started.
+    pub published_total: u64,
+    /// `message_stats.ack`: requests acknowledged since it (or the broker) started.
+    pub acked_total: u64,
+}
+
+/// The queue over the rate window: what saturation and per-worker throughput are judged on.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowFigures {
+    /// Seconds between the oldest and newest sample of the window.
+    pub span: f64,
+    /// The smallest backlog of any sample in the window.
+    pub min_backlog: u64,
+    /// The smallest in-flight count of any sample in the window.
+    pub min_in_flight: u64,
+    /// The most consumers of any sample in the window.
+    pub max_consumers: u64,
+    /// Whether every sample in the window had the same number of consumers.
+    pub steady_consumers: bool,
+}
+
+/// The figures of one poll, with the rates over the window that ends at it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObservedQueue {
+    pub backlog: u64,
+    pub in_flight: u64,
+    pub consumers: u64,
+    /// Requests arriving per second; `None` until two samples span a window (first poll, after a reset).
+    pub arrival_rate: Option<f64>,
+    /// Requests completed (acked) per second; `None` when `arrival_rate` is.
+    pub completion_rate: Option<f64>,
+    /// The window the rates cover; `None` when they are.
+    pub window: Option<WindowFigures>,
+}
+
+/// What the autoscaler knows of a queue at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    /// When (seconds, same clock as [`QueueSample::at`]).
+    pub at: f64,
+    /// `None` when the metrics are unavailable (management API down, queue missing).
+    pub queue: Option<ObservedQueue>,
+}
+
+impl Observation {
+    pub fn unavailable(at: f64) -> Self {
+        Self { at, queue: None }
+    }
+}
+
+/// The operator's recent samples of one queue.
+#[derive(Clone, Debug)]
+pub struct RateTracker {
+    samples: VecDeque<QueueSample>,
+    window: f64,
+}
+
+/// The span rates are computed over by default: two 5 s polls, so a sample that lands just before the broker's
+/// stats emission (every 5 s by default) does not halve or double a rate.
+pub const DEFAULT_RATE_WINDOW: f64 = 10.0;
+
+impl Default for RateTracker {
+    fn default() -> Self {
+        Self::new(DEFAULT_RATE_WINDOW)
+    }
+}
+
+impl RateTracker {
+    /// Rates are computed over at least `window` seconds of samples once that many are held.
+    pub fn new(window: f64) -> Self {
+        Self { samples: VecDeque::new(), window: window.max(0.0) }
+    }
+
+    /// The longest gap between two polls that still gives a rate; longer means the rate would be stale.
+    fn max_gap(&self) -> f64 {
+        (3.0 * self.window).max(60.0)
+    }
+
+    /// Adds a poll and returns the figures with the rates over the window ending at it.
+    pub fn push(&mut self, sample: QueueSample) -> ObservedQueue {
+        if let Some(last) = self.samples.back() {
+            let reset = sample.published_total < last.published_total || sample.acked_total < last.acked_total;
+            let gap = sample.at - last.at;
+            if reset || !(gap > 0.0) || gap > self.max_gap() {
+                self.samples.clear();
+            }
+        }
+        self.samples.push_back(sample);
+        let cutoff = sample.at - self.window;
+        while self.samples.len() > 2 && self.samples[1].at <= cutoff {
+            self.samples.pop_front();
+        }
+        self.figures()
+    }
+
+    /// Forgets all samples (e.g. the queue was deleted): the next rate needs two new polls.
+    pub fn clear(&mut self) {
+        self.samples.clear();
+    }
+
+    fn figures(&self) -> ObservedQueue {
+        let newest = *self.samples.back().expect("push adds a sample before computing figures");
+        let oldest = *self.samples.front().expect("non-empty");
+        let mut figures = ObservedQueue {
+            backlog: newest.ready,
+            in_flight: newest.unacked,
+            consumers: newest.consumers,
+            arrival_rate: None,
+            completion_rate: None,
+            window: None,
+        };
+        let span = newest.at - oldest.at;
+        if self.samples.len() < 2 || span <= 0.0 {
+            return figures;
+        }
+        // Counters only grow within the window: push() restarts it at a reset.
+        figures.arrival_rate = Some((newest.published_total - oldest.published_total) as f64 / span);
+        figures.completion_rate = Some((newest.acked_total - oldest.acked_total) as f64 / span);
+        figures.window = Some(WindowFigures {
+            span,
+            min_backlog: self.samples.iter().map(|s| s.ready).min().unwrap_or(0),
+            min_in_flight: self.samples.iter().map(|s| s.unacked).min().unwrap_or(0),
+            max_consumers: self.samples.iter().map(|s| s.consumers).max().unwrap_or(0),
+            steady_consumers: self.samples.iter().all(|s| s.consumers == newest.consumers),
+        });
+        figures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at: f64, published: u64, acked: u64) -> QueueSample {
+        QueueSample { at, ready: 0, unacked: 0, consumers: 1, published_total: published, acked_total: acked }
+    }
+
+    #[test]
+    fn first_sample_has_figures_but_no_rates() {
+        let mut t = RateTracker::new(10.0);
+        let f = t.push(QueueSample { ready: 7, unacked: 3, ..sample(0.0, 100, 90) });
+        assert_eq!((f.backlog, f.in_flight, f.consumers), (7, 3, 1));
+        assert_eq!(f.arrival_rate, None);
+        assert_eq!(f.completion_rate, None);
+        assert_eq!(f.window, None);
+    }
+
+    #[test]
+    fn rates_are_counter_deltas_over_the_elapsed_time() {
+        let mut t = RateTracker::new(5.0);
+        t.push(sample(0.0, 100, 50));
+        let f = t.push(sample(5.0, 600, 300));
+        assert_eq!(f.arrival_rate, Some(100.0));
+        assert_eq!(f.completion_rate, Some(50.0));
+    }
+
+    #[test]
+    fn rates_span_the_window_not_just_the_last_poll() {
+        let mut t = RateTracker::new(10.0);
+        t.push(sample(0.0, 0, 0));
+        t.push(sample(5.0, 0, 0)); // the broker's stats had not been emitted yet
+        let f = t.push(sample(10.0, 1000, 1000));
+        assert_eq!(f.arrival_rate, Some(100.0));
+        assert_eq!(f.window.unwrap().span, 10.0);
+        let f = t.push(sample(15.0, 1500, 1500));
+        assert_eq!(f.arrival_rate, Some(150.0), "the window slides: samples at 5, 10 and 15 s");
+    }
+
+    #[test]
+    fn a_counter_that_goes_down_is_a_reset_not_a_negative_rate() {
+        let mut t = RateTracker::new(5.0);
+        t.push(sample(0.0, 10_000, 10_000));
+        let f = t.push(sample(5.0, 40, 30));
+        assert_eq!(f.arrival_rate, None, "the reset time is unknown, so no rate from this pair");
+        let f = t.push(sample(10.0, 540, 530));
+        assert_eq!(f.arrival_rate, Some(100.0));
+        assert_eq!(f.completion_rate, Some(100.0));
+    }
+
+    #[test]
+    fn a_long_gap_or_a_clock_going_back_gives_no_rate() {
+        let mut t = RateTracker::new(5.0);
+        t.push(sample(0.0, 0, 0));
+        assert_eq!(t.push(sample(500.0, 1000, 1000)).arrival_rate, None);
+        assert_eq!(t.push(sample(400.0, 2000, 2000)).arrival_rate, None);
+        assert_eq!(t.push(sample(405.0, 2500, 2500)).arrival_rate, Some(100.0));
+    }
+
+    #[test]
+    fn window_figures_tell_whether_the_workers_stayed_busy() {
+        let mut t = RateTracker::new(10.0);
+        t.push(QueueSample { ready: 50, unacked: 8, consumers: 2, ..sample(0.0, 0, 0) });
+        t.push(QueueSample { ready: 0, unacked: 8, consumers: 2, ..sample(5.0, 0, 0) });
+        let f = t.push(QueueSample { ready: 20, unacked: 12, consumers: 3, ..sample(10.0, 0, 0) });
+        let w = f.window.unwrap();
+        assert_eq!((w.min_backlog, w.min_in_flight, w.max_consumers, w.steady_consumers), (0, 8, 3, false));
+    }
+}

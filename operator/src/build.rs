@@ -1,0 +1,314 @@
+//! The build step: pure functions from a validated RpcService to what the operator applies — the queue
+//! options and the worker Deployment. No client, no broker: unit-tested with fixtures.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use warren_client::topology::{QueueKind, QueueOptions};
+
+use crate::crd::{QueueType, RpcService};
+
+/// The port of the worker's `/metrics`, `/healthz` and `/readyz`.
+pub const WORKER_METRICS_PORT: i32 = 9090;
+/// Label every worker pod carries with its RpcService's name.
+pub const SERVICE_LABEL: &str = "warren.dev/service";
+const NAME_LABEL: &str = "app.kubernetes.io/name";
+const WORKER_APP: &str = "warren-worker";
+/// The worker runs as this uid (the image's non-root user).
+const WORKER_UID: i64 = 65532;
+
+/// Everything the build step needs besides the RpcService itself, all already resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildInputs {
+    /// The Secret holding the broker's `uri` (mounted into workers through `secretKeyRef`, never copied).
+    pub broker_secret: String,
+    /// The worker image when the spec names none.
+    pub default_worker_image: String,
+    /// The replica count to ask for.
+    pub replicas: i32,
+}
+
+/// The request queue's declaration options from the spec.
+pub fn queue_options(svc: &RpcService) -> QueueOptions {
+    let q = &svc.spec.queue;
+    QueueOptions {
+        kind: match q.queue_type {
+            QueueType::Quorum => QueueKind::Quorum,
+            QueueType::Classic => QueueKind::Classic,
+        },
+        delivery_limit: Some(i64::from(q.delivery_limit)),
+        max_length: q.max_length,
+        message_ttl_ms: q.message_ttl_seconds.map(|s| s.saturating_mul(1000)),
+    }
+}
+
+/// The labels that select a service's worker pods.
+pub fn selector_labels(svc: &RpcService) -> BTreeMap<String, String> {
+    BTreeMap::from([(NAME_LABEL.to_owned(), WORKER_APP.to_owned()), (SERVICE_LABEL.to_owned(), svc.name_any())])
+}
+
+/// The label selector as the string the scale subresource reports in `status.selector`.
+pub fn selector_string(svc: &RpcService) -> String {
+    selector_labels(svc).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// The worker's `--handler` argument and its default method.
+fn handler_args(svc: &RpcService) -> (String, Option<String>) {
+    let spec = &svc.spec.worker;
+    match (&spec.handler.http, spec.handler.builtin) {
+        (Some(http), _) => {
+            let path = if http.path.starts_with('/') { http.path.clone() } else { format!("/{}", http.path) };
+            (format!("http://127.0.0.1:{}{}", http.port, path), spec.default_method.clone())
+        }
+        (None, builtin) => {
+            let default = spec.default_method.clone().or_else(|| builtin.map(|b| b.method().to_owned()));
+            ("builtin".to_owned(), default)
+        }
+    }
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".to_owned()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+fn worker_container(svc: &RpcService, inputs: &BuildInputs) -> Container {
+    let spec = &svc.spec.worker;
+    let (handler, default_method) = handler_args(svc);
+    let mut args = vec![
+        "--queue".to_owned(),
+        svc.queue_name(),
+        "--handler".to_owned(),
+        handler,
+        "--prefetch".to_owned(),
+        spec.prefetch.to_string(),
+        "--metrics-addr".to_owned(),
+        format!("0.0.0.0:{WORKER_METRICS_PORT}"),
+    ];
+    if let Some(method) = default_method {
+        args.extend(["--default-method".to_owned(), method]);
+    }
+    let mut env = vec![EnvVar {
+        name: "WARREN_BROKER_URI".to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: inputs.broker_secret.clone(),
+                key: "uri".to_owned(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    env.extend(spec.env.iter().cloned());
+    Container {
+        name: "worker".to_owned(),
+        image: Some(spec.image.clone().unwrap_or_else(|| inputs.default_worker_image.clone())),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".to_owned()),
+            container_port: WORKER_METRICS_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 2)),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(WORKER_UID),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The worker Deployment: named like the RpcService, owned by it (garbage-collected with it).
+pub fn deployment(svc: &RpcService, inputs: &BuildInputs) -> Deployment {
+    let labels = selector_labels(svc);
+    let mut pod_labels = labels.clone();
+    pod_labels.insert("app.kubernetes.io/managed-by".to_owned(), "warren-operator".to_owned());
+    let mut containers = vec![worker_container(svc, inputs)];
+    if let Some(http) = &svc.spec.worker.handler.http {
+        containers.push(http.container.clone());
+    }
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(svc.name_any()),
+            namespace: svc.namespace(),
+            labels: Some(pod_labels.clone()),
+            owner_references: svc.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(inputs.replicas),
+            selector: LabelSelector { match_labels: Some(labels), ..Default::default() },
+            // New workers first, then drain old ones: capacity never dips during a rollout.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".to_owned())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([
+                        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+                        ("prometheus.io/port".to_owned(), WORKER_METRICS_PORT.to_string()),
+                    ])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers,
+                    termination_grace_period_seconds: Some(svc.spec.worker.termination_grace_period_seconds),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::RpcServiceSpec;
+
+    fn fixture(yaml: &str) -> RpcService {
+        let spec: RpcServiceSpec = serde_yaml::from_str(yaml).expect("fixture parses");
+        let mut svc = RpcService::new("calculator", spec);
+        svc.metadata.namespace = Some("shop".into());
+        svc.metadata.uid = Some("0000-1111".into());
+        svc
+    }
+
+    fn inputs() -> BuildInputs {
+        BuildInputs {
+            broker_secret: "rabbitmq".into(),
+            default_worker_image: "ghcr.io/warren-dev/warren-worker:0.1.0".into(),
+            replicas: 3,
+        }
+    }
+
+    #[test]
+    fn minimal_spec_builds_a_quorum_queue_named_after_namespace_and_name() {
+        let svc = fixture("broker: { secretRef: { name: rabbitmq } }");
+        assert_eq!(svc.queue_name(), "shop.calculator");
+        let options = queue_options(&svc);
+        assert_eq!(options.kind, QueueKind::Quorum);
+        assert_eq!(options.delivery_limit, Some(5));
+        assert_eq!(options.max_length, None);
+    }
+
+    #[test]
+    fn ttl_is_converted_to_milliseconds() {
+        let svc = fixture("queue: { type: classic, messageTtlSeconds: 30, maxLength: 100 }");
+        let options = queue_options(&svc);
+        assert_eq!(options.kind, QueueKind::Classic);
+        assert_eq!(options.message_ttl_ms, Some(30_000));
+        assert_eq!(options.max_length, Some(100));
+    }
+
+    #[test]
+    fn deployment_runs_the_builtin_worker_with_the_broker_uri_from_the_secret() {
+        let svc = fixture("worker: { handler: { builtin: add }, prefetch: 8 }");
+        let d = deployment(&svc, &inputs());
+        assert_eq!(d.metadata.name.as_deref(), Some("calculator"));
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("RpcService", Some(true)));
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.containers.len(), 1);
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/warren-dev/warren-worker:0.1.0"));
+        assert_eq!(
+            c.args.clone().unwrap(),
+            [
+                "--queue",
+                "shop.calculator",
+                "--handler",
+                "builtin",
+                "--prefetch",
+                "8",
+                "--metrics-addr",
+                "0.0.0.0:9090",
+                "--default-method",
+                "add"
+            ]
+        );
+        let env = &c.env.as_ref().unwrap()[0];
+        assert_eq!(env.name, "WARREN_BROKER_URI");
+        assert!(env.value.is_none(), "credentials are never inlined");
+        let secret = env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("rabbitmq", "uri"));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+        assert_eq!(pod.termination_grace_period_seconds, Some(60));
+    }
+
+    #[test]
+    fn http_handler_adds_the_user_container_and_points_the_worker_at_it() {
+        let svc = fixture(
+            r#"
+worker:
+  image: registry.example/worker:dev
+  handler:
+    http: { port: 8000, path: rpc, container: { name: app, image: registry.example/app:1 } }
+"#,
+        );
+        let d = deployment(&svc, &inputs());
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers.len(), 2);
+        assert_eq!(pod.containers[1].name, "app");
+        let args = pod.containers[0].args.clone().unwrap();
+        assert_eq!(args[3], "http://127.0.0.1:8000/rpc");
+        assert!(!args.contains(&"--default-method".to_owned()));
+        assert_eq!(pod.containers[0].image.as_deref(), Some("registry.example/worker:dev"));
+    }
+
+    #[test]
+    fn selector_matches_the_pod_labels() {
+        let svc = fixture("{}");
+        assert_eq!(selector_string(&svc), "app.kubernetes.io/name=warren-worker,warren.dev/service=calculator");
+        let d = deployment(&svc, &inputs());
+        let pod_labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        for (k, v) in selector_labels(&svc) {
+            assert_eq!(pod_labels.get(&k), Some(&v));
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Wires the reconciler to the API server: watches RpcServices, the Deployments they own and the Secrets they
+//! reference, plus the autoscaler's triggers; runs until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::Api;
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::reflector::ObjectRef;
+use kube::core::PartialObjectMeta;
+use kube::runtime::{Controller, WatchStreamExt, wait, watcher};
+use kube::{Client, ResourceExt};
+
+use crate::context::Context;
+use crate::crd::RpcService;
+use crate::reconcile;
+
+/// Blocks until the RpcService CRD is installed and Established, logging while it waits.
+pub async fn wait_for_crd(client: Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    let name = "rpcservices.warren.dev";
+    loop {
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            wait::await_condition(crds.clone(), name, wait::conditions::is_crd_established()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => tracing::warn!("waiting for CRD {name}: {e}"),
+            Err(_) => tracing::warn!("CRD {name} is not established yet; install it with `kubectl apply -f crds/`"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    concurrency: u16,
+    triggers: impl Stream<Item = ObjectRef<RpcService>> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (services, deployments, secrets): (Api<RpcService>, Api<Deployment>, Api<PartialObjectMeta<Secret>>) = match &namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+    };
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
+    let controller = Controller::new(services, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(concurrency));
+    let store = controller.store();
+    // Secrets as metadata only: the operator never caches credentials, it reads them when it reconciles.
+    let secret_changes = watcher(secrets, watcher::Config::default()).touched_objects();
+    controller
+        .owns(deployments, managed)
+        .watches_stream(secret_changes, move |secret| {
+            let (ns, name) = (secret.namespace(), secret.name_any());
+            store
+                .state()
+                .into_iter()
+                .filter(|svc| svc.namespace() == ns && references_secret(svc, &name))
+                .map(|svc| ObjectRef::from_obj(svc.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+/// Whether the Secret named `name` is this service's broker Secret (or the default one it falls back to).
+fn references_secret(svc: &RpcService, name: &str) -> bool {
+    match &svc.spec.broker.secret_ref {
+        Some(r) => r.name == name,
+        // A service on the default Secret: any Secret may be it; reconciling it once more is cheap.
+        None => true,
+    }
+}
