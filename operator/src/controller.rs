@@ -12,7 +12,7 @@ use kube::api::Api;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::ObjectRef;
 use kube::core::PartialObjectMeta;
-use kube::runtime::{Controller, WatchStreamExt, wait, watcher};
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, wait, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::context::Context;
@@ -52,9 +52,19 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
     };
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
-    let controller = Controller::new(services, watcher::Config::default().any_semantic())
+    // Status writes do not bump the generation: filtering on it keeps the operator's own status patches from
+    // triggering another reconcile (a loop while the broker is down). Deletion and annotation changes still pass.
+    let (store, writer) = reflector::store();
+    let changes = watcher(services, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
+            Default::default(),
+        );
+    let controller = Controller::for_stream(changes, store.clone())
         .with_config(ControllerConfig::default().concurrency(concurrency));
-    let store = controller.store();
     // Secrets as metadata only: the operator never caches credentials, it reads them when it reconciles.
     let secret_changes = watcher(secrets, watcher::Config::default()).touched_objects();
     controller

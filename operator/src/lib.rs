@@ -16,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod scaling;
+pub mod simulate;
 pub mod status;
 
 pub use crd::{RpcService, RpcServiceSpec, RpcServiceStatus};

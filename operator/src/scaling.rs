@@ -27,6 +27,8 @@ pub struct ServiceRegistration {
     enabled: bool,
     policy: PolicySpec,
     replicas: ReplicaCounts,
+    /// Worker pods that exist (the Deployment's status), for the scale subresource.
+    pods: i32,
     /// Replicas of the existing Deployment, the starting point before the first decision.
     deployed: Option<i32>,
     seed_throughput: Option<f64>,
@@ -41,10 +43,12 @@ impl ServiceRegistration {
             queue: svc.queue_name(),
             enabled: svc.spec.scaling.enabled,
             policy: PolicySpec::from_spec(&svc.spec),
+            // The policy counts what was asked for: pods being created count, or it would ask again.
             replicas: ReplicaCounts {
-                current: status.and_then(|s| s.replicas).unwrap_or(0),
+                current: current.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(0),
                 ready: status.and_then(|s| s.ready_replicas).unwrap_or(0),
             },
+            pods: status.and_then(|s| s.replicas).unwrap_or(0),
             deployed: current.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas),
             seed_throughput: svc.status.as_ref().and_then(|s| s.per_replica_throughput),
         }
@@ -54,6 +58,7 @@ impl ServiceRegistration {
 /// What the reconcile reads back: the replicas to apply and everything status shows.
 pub struct ServiceView {
     pub desired_replicas: i32,
+    /// Pods that exist and pods that are ready.
     pub replicas: ReplicaCounts,
     pub figures: Option<QueueFigures>,
     pub arrival_rate: Option<f64>,
@@ -276,7 +281,7 @@ fn view(state: &mut ServiceState) -> ServiceView {
     });
     ServiceView {
         desired_replicas: desired,
-        replicas: reg.replicas,
+        replicas: ReplicaCounts { current: reg.pods, ready: reg.replicas.ready },
         figures: state.figures.clone(),
         arrival_rate: state.decision.as_ref().map(|d| d.inputs.arrival_rate),
         completion_rate: state.decision.as_ref().map(|d| d.inputs.completion_rate),

@@ -1,0 +1,354 @@
+//! `warren-operator simulate`: warren's autoscaler against KEDA + HPA on the same load traces, in a queue model
+//! (docs/autoscaling.md, "Simulation").
+//!
+//! Both policies see the same requests (same arrival times, same service times), the same pod start delay, the
+//! same bounds and the same knowledge of one pod's throughput; warren runs the operator's own [`Autoscaler`].
+
+pub mod keda;
+pub mod model;
+pub mod trace;
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+pub use keda::KedaHpa;
+pub use model::{Cluster, Outcome, ScalingPolicy, TimelinePoint};
+pub use trace::{Request, ServiceTime, TRACE_NAMES, Trace};
+
+use crate::autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts};
+use crate::crd::ScalingSpec;
+
+/// The simulated world and the policies' settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Requests one worker runs at once (its prefetch).
+    pub prefetch: u32,
+    pub service: ServiceTime,
+    pub pod_start_delay: f64,
+    /// warren's observation period: the operator's management API poll.
+    pub poll_interval: f64,
+    /// targetQueueDelaySeconds, also the wait `over_target_fraction` counts against.
+    pub target_queue_delay: f64,
+    pub scale_down_delay: i32,
+    pub target_utilization: f64,
+    /// Give warren the true per-replica throughput as `perReplicaThroughputHint` (KEDA always gets it).
+    pub warren_hint: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            prefetch: 4,
+            service: ServiceTime { mean_seconds: 0.2, sigma: 0.5 },
+            pod_start_delay: 10.0,
+            poll_interval: 5.0,
+            target_queue_delay: 2.0,
+            scale_down_delay: 60,
+            target_utilization: 0.8,
+            warren_hint: true,
+        }
+    }
+}
+
+impl SimConfig {
+    /// μ: requests per second one worker completes when busy.
+    pub fn per_replica_throughput(&self) -> f64 {
+        self.prefetch as f64 / self.service.mean_seconds
+    }
+
+    fn cluster(&self) -> Cluster {
+        Cluster {
+            prefetch: self.prefetch,
+            pod_start_delay: self.pod_start_delay,
+            target_queue_delay: self.target_queue_delay,
+        }
+    }
+
+    /// warren's spec for a trace, as an RpcService would state it.
+    pub fn warren_spec(&self, trace: &Trace) -> PolicySpec {
+        let scaling = ScalingSpec {
+            enabled: true,
+            min_replicas: trace.min_replicas,
+            max_replicas: trace.max_replicas,
+            target_queue_delay_seconds: self.target_queue_delay,
+            scale_down_delay_seconds: self.scale_down_delay,
+            target_utilization: self.target_utilization,
+            per_replica_throughput_hint: self.warren_hint.then(|| self.per_replica_throughput()),
+        };
+        PolicySpec::new(&scaling, self.prefetch as i32)
+    }
+
+    /// The pool both policies start with: what the trace's first rate needs at the target utilisation.
+    fn initial_replicas(&self, trace: &Trace) -> i32 {
+        let need = trace.rate_at(0.0) / (self.per_replica_throughput() * self.target_utilization);
+        (need.ceil() as i32).clamp(trace.min_replicas, trace.max_replicas)
+    }
+
+    /// Where in their periods the policies' clocks start, drawn from the seed so no trace edge lines up with a tick.
+    fn phase(&self, salt: u64) -> f64 {
+        let x = (self.seed ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The operator's autoscaler, polled like the operator polls the management API.
+pub struct WarrenPolicy {
+    scaler: Autoscaler,
+    spec: PolicySpec,
+    poll_interval: f64,
+    next: f64,
+}
+
+impl WarrenPolicy {
+    pub fn new(spec: PolicySpec, poll_interval: f64, first_poll: f64) -> Self {
+        Self { scaler: Autoscaler::new(None), spec, poll_interval, next: first_poll }
+    }
+}
+
+impl ScalingPolicy for WarrenPolicy {
+    fn next_tick(&self) -> f64 {
+        self.next
+    }
+
+    fn tick(&mut self, now: f64, sample: QueueSample, replicas: ReplicaCounts) -> Option<i32> {
+        self.next += self.poll_interval;
+        let observation = self.scaler.observe(Some(sample), now);
+        Some(self.scaler.decide(&observation, replicas, &self.spec, now).desired)
+    }
+}
+
+/// The policies compared.
+pub const POLICIES: [&str; 2] = ["warren", "keda"];
+
+/// One (trace, policy) result: exactly what `--json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunResult {
+    pub trace: String,
+    pub policy: String,
+    pub requests: u64,
+    pub over_target_fraction: f64,
+    pub p99_wait_seconds: f64,
+    pub replica_seconds: f64,
+    pub scale_events: u64,
+}
+
+/// A policy's run of a trace, point by point.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timeline {
+    pub policy: String,
+    pub points: Vec<TimelinePoint>,
+}
+
+fn policy_for(name: &str, config: &SimConfig, trace: &Trace) -> Box<dyn ScalingPolicy> {
+    match name {
+        "warren" => Box::new(WarrenPolicy::new(
+            config.warren_spec(trace),
+            config.poll_interval,
+            config.phase(1) * config.poll_interval,
+        )),
+        "keda" => Box::new(KedaHpa::new(
+            config.target_queue_delay * config.per_replica_throughput(),
+            trace.min_replicas,
+            trace.max_replicas,
+            config.phase(2),
+        )),
+        other => panic!("unknown policy {other}"),
+    }
+}
+
+/// Runs both policies on one trace; with `timeline_step`, also returns their timelines.
+pub fn run_trace(config: &SimConfig, trace: &Trace, timeline_step: Option<f64>) -> (Vec<RunResult>, Vec<Timeline>) {
+    let requests = trace.requests(&config.service, config.seed);
+    let mut results = Vec::new();
+    let mut timelines = Vec::new();
+    for name in POLICIES {
+        let mut policy = policy_for(name, config, trace);
+        let mut points = Vec::new();
+        let timeline = timeline_step.map(|step| (&mut points, step));
+        let o = model::run(trace, &requests, config.cluster(), config.initial_replicas(trace), policy.as_mut(), timeline);
+        results.push(RunResult {
+            trace: trace.name.to_owned(),
+            policy: name.to_owned(),
+            requests: o.requests,
+            over_target_fraction: o.over_target_fraction,
+            p99_wait_seconds: o.p99_wait_seconds,
+            replica_seconds: o.replica_seconds,
+            scale_events: o.scale_events,
+        });
+        if timeline_step.is_some() {
+            timelines.push(Timeline { policy: name.to_owned(), points });
+        }
+    }
+    (results, timelines)
+}
+
+/// Runs both policies on the named traces (all when empty).
+pub fn run_traces(config: &SimConfig, names: &[&str]) -> Result<Vec<RunResult>, UnknownTrace> {
+    let names: Vec<&str> = if names.is_empty() { TRACE_NAMES.to_vec() } else { names.to_vec() };
+    let mut results = Vec::new();
+    for name in names {
+        let trace = Trace::named(name, config.seed).ok_or_else(|| UnknownTrace(name.to_owned()))?;
+        results.extend(run_trace(config, &trace, None).0);
+    }
+    Ok(results)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown trace {0:?}; the traces are {names}", names = TRACE_NAMES.join(", "))]
+pub struct UnknownTrace(pub String);
+
+/// The goal per trace: warren's over-target share at most this share of KEDA's...
+pub const GOAL_OVER_TARGET_RATIO: f64 = 0.2;
+/// ...at most this share of its replica-seconds.
+pub const GOAL_REPLICA_SECONDS_RATIO: f64 = 1.1;
+
+/// warren against KEDA on one trace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparison {
+    pub trace: String,
+    pub over_target_ratio: f64,
+    pub replica_seconds_ratio: f64,
+}
+
+impl Comparison {
+    pub fn meets_goal(&self) -> bool {
+        self.over_target_ratio <= GOAL_OVER_TARGET_RATIO && self.replica_seconds_ratio <= GOAL_REPLICA_SECONDS_RATIO
+    }
+}
+
+/// warren/KEDA ratios per trace. A trace on which neither misses the target has an over-target ratio of 0.
+pub fn compare(results: &[RunResult]) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    for w in results.iter().filter(|r| r.policy == "warren") {
+        let Some(k) = results.iter().find(|r| r.policy == "keda" && r.trace == w.trace) else { continue };
+        let over_target_ratio = match (w.over_target_fraction, k.over_target_fraction) {
+            (0.0, _) => 0.0,
+            (_, 0.0) => f64::INFINITY,
+            (a, b) => a / b,
+        };
+        out.push(Comparison {
+            trace: w.trace.clone(),
+            over_target_ratio,
+            replica_seconds_ratio: w.replica_seconds / k.replica_seconds,
+        });
+    }
+    out
+}
+
+/// The results as a table, with warren/KEDA ratios and whether the goal is met.
+pub fn table(results: &[RunResult], config: &SimConfig) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<8} {:<7} {:>8} {:>12} {:>9} {:>12} {:>7}",
+        "trace", "policy", "requests", "over_target", "p99_wait", "replica_s", "scales"
+    );
+    for r in results {
+        let _ = writeln!(
+            s,
+            "{:<8} {:<7} {:>8} {:>11.2}% {:>8.2}s {:>12.0} {:>7}",
+            r.trace,
+            r.policy,
+            r.requests,
+            r.over_target_fraction * 100.0,
+            r.p99_wait_seconds,
+            r.replica_seconds,
+            r.scale_events
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "warren/keda: over-target share (goal ≤ {GOAL_OVER_TARGET_RATIO}), replica-seconds (goal ≤ {GOAL_REPLICA_SECONDS_RATIO})"
+    );
+    for c in compare(results) {
+        let _ = writeln!(
+            s,
+            "{:<8} {:>6.3} {:>6.3}  {}",
+            c.trace,
+            c.over_target_ratio,
+            c.replica_seconds_ratio,
+            if c.meets_goal() { "goal met" } else { "goal missed" }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nseed {}, μ {:.1} req/s per replica (prefetch {}, service {:.0} ms mean, lognormal σ {}), pod start {} s, \
+         poll {} s, T {} s, scale-down delay {} s, u {}, warren hint {}",
+        config.seed,
+        config.per_replica_throughput(),
+        config.prefetch,
+        config.service.mean_seconds * 1000.0,
+        config.service.sigma,
+        config.pod_start_delay,
+        config.poll_interval,
+        config.target_queue_delay,
+        config.scale_down_delay,
+        config.target_utilization,
+        if config.warren_hint { "on" } else { "off" }
+    );
+    s
+}
+
+/// `warren-operator simulate`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SimulateArgs {
+    /// Run only this trace (step, ramp, burst, diurnal, noisy, sparse); all when omitted.
+    #[arg(long)]
+    pub trace: Option<String>,
+    /// Print a JSON list of {trace, policy, requests, over_target_fraction, p99_wait_seconds, replica_seconds,
+    /// scale_events} instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the trace's run second by second as JSON (both policies), for plots; needs --trace.
+    #[arg(long, requires = "trace")]
+    pub timeline_json: bool,
+    /// Seed of the arrivals, service times and policy clock phases.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Don't tell warren one worker's throughput: it starts from the prior and measures it.
+    #[arg(long)]
+    pub no_hint: bool,
+    /// Seconds from a pod's creation to its first request.
+    #[arg(long, default_value_t = 10.0)]
+    pub pod_start_delay: f64,
+    /// Seconds between warren's polls of the queue.
+    #[arg(long, default_value_t = 5.0)]
+    pub poll_interval: f64,
+}
+
+/// Runs the command and returns what it prints.
+pub fn execute(args: &SimulateArgs) -> anyhow::Result<String> {
+    anyhow::ensure!(args.pod_start_delay >= 0.0, "--pod-start-delay must not be negative");
+    anyhow::ensure!(args.poll_interval > 0.0, "--poll-interval must be positive");
+    let config = SimConfig {
+        seed: args.seed,
+        warren_hint: !args.no_hint,
+        pod_start_delay: args.pod_start_delay,
+        poll_interval: args.poll_interval,
+        ..SimConfig::default()
+    };
+    if args.timeline_json {
+        let name = args.trace.as_deref().expect("clap requires --trace");
+        let trace = Trace::named(name, config.seed).ok_or_else(|| UnknownTrace(name.to_owned()))?;
+        let (results, series) = run_trace(&config, &trace, Some(1.0));
+        let doc = serde_json::json!({
+            "trace": trace.name,
+            "description": trace.description,
+            "target_queue_delay_seconds": config.target_queue_delay,
+            "results": results,
+            "series": series,
+        });
+        return Ok(serde_json::to_string(&doc)? + "\n");
+    }
+    let names: Vec<&str> = args.trace.as_deref().into_iter().collect();
+    let results = run_traces(&config, &names)?;
+    if args.json {
+        Ok(serde_json::to_string_pretty(&results)? + "\n")
+    } else {
+        Ok(table(&results, &config))
+    }
+}

@@ -1,0 +1,80 @@
+//! The real `warren-operator run` as a child process, scoped to one test's namespace.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// A running operator; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct OperatorProcess {
+    child: Child,
+    pub metrics_port: u16,
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+impl OperatorProcess {
+    /// Starts the operator watching only `namespace`, polling the broker every second, without leader election
+    /// unless `extra` turns it on.
+    pub fn start(namespace: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let metrics_port = free_port();
+        let mut cmd = Command::new(crate::bin_path("warren-operator"));
+        cmd.args(["run", "--namespace", namespace, "--poll-interval", "1s", "--worker-image", "warren-worker:test"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]);
+        if !extra.iter().any(|a| *a == "--leader-election") {
+            cmd.args(["--leader-election", "false"]);
+        }
+        cmd.args(extra)
+            .env("KUBECONFIG", crate::cluster::kubeconfig_path())
+            .env("POD_NAMESPACE", namespace)
+            .env("RUST_LOG", std::env::var("WARREN_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
+            .stdin(Stdio::null());
+        if std::env::var_os("WARREN_TEST_QUIET").is_some() {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = cmd.spawn().context("starting warren-operator")?;
+        Ok(Self { child, metrics_port })
+    }
+
+    /// The operator's /metrics text, or None while it is not serving yet.
+    pub async fn metrics(&self) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        reqwest::get(url).await.ok()?.text().await.ok()
+    }
+
+    /// A counter or gauge's value from /metrics (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the operator with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,322 @@
+//! The operator against the real API server and the real broker: queues, Deployment, status, deletion policy,
+//! failures and leader election. Each test runs its own operator process scoped to its own namespace.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use warren_operator::RpcService;
+use warren_tests::broker;
+use warren_tests::cluster::{self, TestNamespace, wait_for};
+use warren_tests::operator_process::OperatorProcess;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn setup(prefix: &str) -> anyhow::Result<(Client, TestNamespace)> {
+    let client = cluster::client().await?;
+    cluster::install_crd(&client).await?;
+    let ns = TestNamespace::create(&client, prefix).await?;
+    Ok((client, ns))
+}
+
+async fn create_service(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> anyhow::Result<RpcService> {
+    let svc: RpcService = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "RpcService",
+        "metadata": { "name": name },
+        "spec": spec,
+    }))?;
+    Ok(ns.api::<RpcService>().create(&PostParams::default(), &svc).await?)
+}
+
+fn condition<'a>(svc: &'a RpcService, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    svc.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Waits until condition `type_` has `status` and `reason`; returns the object then.
+async fn wait_condition(ns: &TestNamespace, name: &str, type_: &str, status: &str, reason: &str) -> anyhow::Result<RpcService> {
+    let api = ns.api::<RpcService>();
+    wait_for(&format!("{name} {type_}={status} ({reason})"), WAIT, || async {
+        let svc = api.get(name).await?;
+        Ok(condition(&svc, type_).filter(|c| c.status == status && c.reason == reason).map(|_| svc.clone()))
+    })
+    .await
+}
+
+fn queue_name(ns: &TestNamespace, name: &str) -> String {
+    format!("{}.{name}", ns.name())
+}
+
+async fn wait_queue(name: &str) -> anyhow::Result<serde_json::Value> {
+    wait_for(&format!("queue {name} on the broker"), WAIT, || async { broker::queue("/", name).await }).await
+}
+
+#[tokio::test]
+async fn minimal_service_gets_its_queues_a_deployment_and_a_status() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-minimal").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "calc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+
+    let svc = wait_condition(&ns, "calc", "QueueReady", "True", "Declared").await?;
+    assert_eq!(svc.status.as_ref().unwrap().observed_generation, svc.metadata.generation);
+
+    let queue = wait_queue(&queue_name(&ns, "calc")).await?;
+    let args = &queue["arguments"];
+    assert_eq!(args["x-queue-type"], "quorum");
+    assert_eq!(args["x-delivery-limit"], 5);
+    assert_eq!(args["x-dead-letter-exchange"], "");
+    assert_eq!(args["x-dead-letter-routing-key"], format!("{}.dead", queue_name(&ns, "calc")));
+    assert_eq!(queue["durable"], true);
+    let dead = wait_queue(&format!("{}.dead", queue_name(&ns, "calc"))).await?;
+    assert_eq!(dead["arguments"]["x-queue-type"], "quorum");
+
+    let deployment = ns.api::<Deployment>().get("calc").await?;
+    let owner = &deployment.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("RpcService", "calc", Some(true)));
+    let pod = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let worker = &pod.containers[0];
+    let args = worker.args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--queue".to_owned(), queue_name(&ns, "calc")]), "{args:?}");
+    assert!(args.windows(2).any(|w| w == ["--prefetch", "32"]), "{args:?}");
+    let env = worker.env.as_ref().unwrap().iter().find(|e| e.name == "WARREN_BROKER_URI").unwrap();
+    assert!(env.value.is_none());
+    let secret_ref = env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    assert_eq!((secret_ref.name.as_str(), secret_ref.key.as_str()), ("rabbitmq", "uri"));
+    assert_eq!(deployment.spec.as_ref().unwrap().replicas, Some(1));
+
+    // The credentials appear nowhere in status.
+    let status = serde_json::to_string(&svc.status)?;
+    assert!(!status.contains("guest:guest"), "{status}");
+    let selector = svc.status.as_ref().unwrap().selector.clone().unwrap();
+    assert_eq!(selector, "app.kubernetes.io/name=warren-worker,warren.dev/service=calc");
+
+    // observedGeneration follows a spec change, and the Deployment follows the spec.
+    let patch = json!({ "spec": { "worker": { "prefetch": 7 } } });
+    let changed = ns.api::<RpcService>().patch("calc", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let generation = changed.metadata.generation;
+    let api = ns.api::<RpcService>();
+    wait_for("observedGeneration to follow", WAIT, || async {
+        let svc = api.get("calc").await?;
+        Ok((svc.status.as_ref().and_then(|s| s.observed_generation) == generation).then_some(()))
+    })
+    .await?;
+    let deployment = ns.api::<Deployment>().get("calc").await?;
+    let args = deployment.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--prefetch", "7"]), "{args:?}");
+
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn deployment_deleted_or_edited_by_hand_is_restored() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-restore").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": { "enabled": false }, "worker": { "replicas": 2 } })).await?;
+    let deployments = ns.api::<Deployment>();
+    let first = wait_for("the Deployment", WAIT, || async { Ok(deployments.get_opt("svc").await?) }).await?;
+
+    deployments.delete("svc", &DeleteParams::default()).await?;
+    let restored = wait_for("the Deployment to come back", WAIT, || async {
+        Ok(deployments.get_opt("svc").await?.filter(|d| d.metadata.uid != first.metadata.uid))
+    })
+    .await?;
+    assert_eq!(restored.spec.unwrap().replicas, Some(2));
+
+    // An edit by someone else is overwritten on the next pass (server-side apply with force).
+    let edit = json!({ "spec": { "replicas": 9 } });
+    deployments.patch("svc", &PatchParams::default(), &Patch::Merge(&edit)).await?;
+    wait_for("replicas to be restored", WAIT, || async {
+        Ok((deployments.get("svc").await?.spec.unwrap().replicas == Some(2)).then_some(()))
+    })
+    .await?;
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn queue_deleted_on_the_broker_is_declared_again() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-redeclare").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    let queue = queue_name(&ns, "svc");
+    wait_queue(&queue).await?;
+
+    broker::delete_queue("/", &queue).await?;
+    assert!(broker::queue("/", &queue).await?.is_none());
+    let back = wait_queue(&queue).await?;
+    assert_eq!(back["arguments"]["x-queue-type"], "quorum");
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn conflicting_queue_is_reported_and_not_retried_in_a_hot_loop() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-conflict").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let queue = queue_name(&ns, "svc");
+    // Someone already declared the queue with other arguments.
+    let conn = lapin::Connection::connect(&warren_tests::broker_uri(), Default::default()).await?;
+    let channel = conn.create_channel().await?;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(10));
+    args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+    channel
+        .queue_declare(queue.as_str().into(), lapin::options::QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await?;
+
+    let operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    let svc = wait_condition(&ns, "svc", "QueueReady", "False", "QueueConflict").await?;
+    let message = &condition(&svc, "QueueReady").unwrap().message;
+    assert!(message.contains("x-max-length") || message.contains("x-dead-letter"), "{message}");
+    let ready = condition(&svc, "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "QueueConflict"));
+
+    // A permanent error waits for a change: a handful of attempts over several seconds, not hundreds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let failures = operator.metric("warren_operator_reconcile_failures_total{reason=\"QueueConflict\"}").await;
+    assert!((1.0..=5.0).contains(&failures), "QueueConflict reconciles: {failures}");
+
+    broker::delete_queue("/", &queue).await?;
+    conn.close(200, "done".into()).await?;
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn deletion_policy_retain_keeps_queues_and_delete_removes_them() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-delete").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "kept", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    create_service(&ns, "gone", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "queue": { "deletionPolicy": "Delete" } })).await?;
+    let (kept, gone) = (queue_name(&ns, "kept"), queue_name(&ns, "gone"));
+    wait_condition(&ns, "kept", "QueueReady", "True", "Declared").await?;
+    wait_condition(&ns, "gone", "QueueReady", "True", "Declared").await?;
+    let api = ns.api::<RpcService>();
+    assert!(api.get("kept").await?.finalizers().contains(&"warren.dev/queues".to_owned()));
+
+    api.delete("kept", &DeleteParams::default()).await?;
+    api.delete("gone", &DeleteParams::default()).await?;
+    wait_for("both RpcServices to be gone", WAIT, || async {
+        Ok((api.get_opt("kept").await?.is_none() && api.get_opt("gone").await?.is_none()).then_some(()))
+    })
+    .await?;
+    assert!(broker::queue("/", &kept).await?.is_some(), "Retain keeps the request queue");
+    assert!(broker::queue("/", &format!("{kept}.dead")).await?.is_some(), "Retain keeps the dead-letter queue");
+    assert!(broker::queue("/", &gone).await?.is_none(), "Delete removes the request queue");
+    assert!(broker::queue("/", &format!("{gone}.dead")).await?.is_none(), "Delete removes the dead-letter queue");
+
+    broker::delete_queue("/", &kept).await?;
+    broker::delete_queue("/", &format!("{kept}.dead")).await?;
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn missing_secret_is_reported_and_heals_when_it_appears() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-secret").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "later" } } })).await?;
+    let svc = wait_condition(&ns, "svc", "QueueReady", "False", "SecretNotFound").await?;
+    assert!(condition(&svc, "QueueReady").unwrap().message.contains("later"));
+
+    // The Secret watch brings the object back without waiting for a periodic retry.
+    ns.create_broker_secret("later").await?;
+    wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
+    assert!(ns.api::<Deployment>().get_opt("svc").await?.is_some());
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn broker_outage_is_reported_and_the_service_recovers() -> anyhow::Result<()> {
+    let _broker = broker::disruption().await;
+    let (_client, ns) = setup("op-outage").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
+
+    let restart = broker::RestartOnDrop;
+    broker::stop_app()?;
+    // Any change makes the operator try the broker; the periodic observer would too.
+    let patch = json!({ "spec": { "worker": { "prefetch": 9 } } });
+    ns.api::<RpcService>().patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let svc = wait_condition(&ns, "svc", "QueueReady", "False", "BrokerUnavailable").await?;
+    assert_eq!(condition(&svc, "Ready").unwrap().status, "False");
+    let failed_during_outage = operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;
+
+    drop(restart);
+    broker::wait_until_up(WAIT).await?;
+    wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
+    assert!(failed_during_outage >= 1.0);
+    // Retries backed off: a broker outage of seconds costs a handful of reconciles, not a storm.
+    let failed = operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;
+    assert!(failed <= 15.0, "BrokerUnavailable reconciles: {failed}");
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-leader").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let lease = ["--leader-election", "true", "--lease-name", "warren-test"];
+    let mut first = OperatorProcess::start(ns.name(), &lease)?;
+    let second = OperatorProcess::start(ns.name(), &lease)?;
+    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
+
+    let (a, b) = (first.metric("warren_operator_leader").await, second.metric("warren_operator_leader").await);
+    assert_eq!(a + b, 1.0, "exactly one leader (first {a}, second {b})");
+    let (ra, rb) = (
+        first.metric("warren_operator_reconciles_total").await,
+        second.metric("warren_operator_reconciles_total").await,
+    );
+    let (leader, standby) = if a == 1.0 { (ra, rb) } else { (rb, ra) };
+    assert!(leader >= 1.0 && standby == 0.0, "leader reconciled {leader}, standby {standby}");
+
+    // The standby takes over when the leader goes away.
+    if a == 1.0 {
+        first.stop();
+        let api = ns.api::<RpcService>();
+        let patch = json!({ "spec": { "worker": { "prefetch": 3 } } });
+        api.patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        wait_for("the standby to take over", Duration::from_secs(90), || async {
+            Ok((second.metric("warren_operator_reconciles_total").await >= 1.0).then_some(()))
+        })
+        .await?;
+    }
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn scale_subresource_drives_replicas_when_autoscaling_is_off() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-scale").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": { "enabled": false } })).await?;
+    wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
+    cluster::run_kubectl(&["-n", ns.name(), "scale", "rpcservice/svc", "--replicas=4"])?;
+    let deployments = ns.api::<Deployment>();
+    wait_for("the Deployment to follow kubectl scale", WAIT, || async {
+        Ok((deployments.get("svc").await?.spec.unwrap().replicas == Some(4)).then_some(()))
+    })
+    .await?;
+    let svc = ns.api::<RpcService>().get("svc").await?;
+    let scaling = condition(&svc, "Scaling").context("Scaling condition")?;
+    if scaling.reason != "Disabled" {
+        bail!("Scaling reason {} while autoscaling is off", scaling.reason);
+    }
+    ns.cleanup().await
+}
