@@ -1,4 +1,23 @@
 //! warren-client: the wire protocol types, the queue topology shared with the operator, and the caller library.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), warren_client::CallError> {
+//! use std::time::Duration;
+//! let client = warren_client::Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let sum = client.call("default.calculator", Some("add"), serde_json::json!([1, 2]), Duration::from_secs(5)).await?;
+//! assert_eq!(sum, 3);
+//! # Ok(()) }
+//! ```
 
+pub mod bench;
+pub mod bench_report;
+mod client;
+pub mod envelope;
+mod error;
+mod pending;
 pub mod protocol;
 pub mod topology;
+
+pub use client::{CallOptions, Client, NOTIFY_TIMEOUT, RECONNECT_INTERVAL};
+pub use envelope::TraceContext;
+pub use error::{CallError, ErrorKind};

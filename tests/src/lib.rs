@@ -1,6 +1,11 @@
 //! Test support: the environment `scripts/env up` starts (a real RabbitMQ and a real kube-apiserver), reached
 //! through the variables it exports, with defaults that match it.
 
+pub mod broker;
+pub mod cluster;
+pub mod operator_process;
+pub mod worker_process;
+
 use std::path::PathBuf;
 
 /// AMQP URI of the test broker (`WARREN_BROKER_URI`).

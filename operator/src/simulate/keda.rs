@@ -127,14 +127,16 @@ impl ScalingPolicy for KedaHpa {
         let messages = (sample.ready + sample.unacked) as f64;
         let mut current = replicas.current;
         let mut changed = None;
-        if now >= self.next_poll {
+        // The model's clock is in whole microseconds: a tick a hair before its time is that tick.
+        let now_ish = now + 1e-3;
+        if now_ish >= self.next_poll {
             self.next_poll += KEDA_POLLING_SECONDS;
             if let Some(r) = self.keda_poll(now, messages, current) {
                 current = r;
                 changed = Some(r);
             }
         }
-        if now >= self.next_sync {
+        if now_ish >= self.next_sync {
             self.next_sync += HPA_SYNC_SECONDS;
             if let Some(r) = self.hpa_sync(now, messages, current) {
                 changed = Some(r);

@@ -306,6 +306,7 @@ pub fn run(
             if let Some(desired) = policy.tick(seconds(t), world.sample(), replicas) {
                 world.scale_to(desired);
             }
+            assert!(micros(policy.next_tick()) > t, "a policy must move its next tick past {}s", seconds(t));
         } else if let Some((points, step)) = timeline.as_mut() {
             points.push(world.point(trace));
             next_point = micros(seconds(next_point) + *step);

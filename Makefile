@@ -1,0 +1,95 @@
+# warren's entry points. `make test` and `make demo` work on a fresh Debian machine as root: they install and start
+# what they need (scripts/env up installs RabbitMQ and builds the control plane when missing).
+#
+#   make test              everything CI runs (.ci/run calls exactly this)
+#   make demo              the environment, the operator, an RpcService, a call, a scaled burst (scripts/demo)
+#   make generate          regenerate crds/ and the chart's CRD copy from `warren-operator crd`
+#   make env-up / env-down start / stop the local environment (scripts/env)
+#
+# Knobs: CARGO_TARGET_DIR (default ./target), CARGO_FLAGS (e.g. --locked), TEST_THREADS (cargo test's
+# --test-threads), PYTEST_FLAGS.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+CARGO ?= cargo
+CARGO_FLAGS ?=
+TEST_THREADS ?=
+PYTEST_FLAGS ?=
+# The Kubernetes version the chart is rendered and linted for: the one scripts/env runs.
+CHART_KUBE_VERSION ?= 1.34.4
+CACHE := $(or $(WARREN_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/warren)
+VENV := $(CACHE)/venv
+OPERATOR := $(CARGO_TARGET_DIR)/debug/warren-operator
+CRD := crds/rpcservice.yaml
+CHART_CRD := charts/warren/crds/rpcservice.yaml
+# Each step that talks to the environment starts it if needed (idempotent, about a second when it runs).
+WITH_ENV := eval "$$(scripts/env up)";
+step = @echo; echo "==> $(1)"
+
+.PHONY: help test demo env-up env-down env-status build generate check-generated cargo-test python-test chart-check
+
+help:
+	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
+
+test: env-up build check-generated cargo-test python-test chart-check
+	$(call step,make test: all passed)
+
+demo: env-up build
+	$(call step,demo)
+	$(WITH_ENV) scripts/demo
+
+env-up:
+	$(call step,environment: RabbitMQ + etcd + kube-apiserver (scripts/env up))
+	scripts/env up >/dev/null
+	scripts/env status
+
+env-down:
+	scripts/env down
+
+env-status:
+	scripts/env status
+
+build:
+	$(call step,cargo build --workspace --bins)
+	$(CARGO) build $(CARGO_FLAGS) --workspace --bins
+
+generate: build
+	$(OPERATOR) crd > $(CRD)
+	cp $(CRD) $(CHART_CRD)
+	@echo "regenerated $(CRD) and $(CHART_CRD)"
+
+check-generated: build
+	$(call step,generated files match warren-operator crd)
+	@$(OPERATOR) crd | diff -u $(CRD) - || { echo "$(CRD) is stale: run 'make generate'"; exit 1; }
+	@diff -u $(CRD) $(CHART_CRD) || { echo "$(CHART_CRD) differs from $(CRD): run 'make generate'"; exit 1; }
+	@echo "crds up to date"
+
+cargo-test: build
+	$(call step,cargo test --workspace)
+	$(WITH_ENV) $(CARGO) test $(CARGO_FLAGS) --workspace -- $(if $(TEST_THREADS),--test-threads=$(TEST_THREADS))
+
+# The interop tests in Python (pika), in a venv outside the repo (tests/python/run makes it); skipped until
+# tests/python has tests.
+python-test: build
+	$(call step,Python interop tests (tests/python))
+	@if ! find tests/python \( -name 'test_*.py' -o -name '*_test.py' \) 2>/dev/null | grep -q .; then \
+	  echo "tests/python has no tests yet: skipping pytest"; exit 0; \
+	fi; \
+	$(WITH_ENV) WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug WARREN_VENV=$(VENV) tests/python/run $(PYTEST_FLAGS)
+
+# helm lint + template, and the rendered manifests validated by the real API server (server-side dry run).
+chart-check:
+	$(call step,Helm chart (helm lint, helm template, server-side dry run))
+	@helm=$$(scripts/build-helm); \
+	$$helm lint --strict --kube-version $(CHART_KUBE_VERSION) charts/warren; \
+	$$helm template warren charts/warren --kube-version $(CHART_KUBE_VERSION) --namespace default > $(CACHE)/chart-rendered.yaml; \
+	$$helm template warren charts/warren --kube-version $(CHART_KUBE_VERSION) --set defaultBrokerSecret=rabbitmq --set replicaCount=2 \
+	  --set metrics.serviceMonitor.enabled=true --set serviceAccount.create=false --set rbac.create=false >/dev/null; \
+	if $$helm template warren charts/warren --kube-version $(CHART_KUBE_VERSION) --set replicaCount=2 --set leaderElection.enabled=false >/dev/null 2>&1; then \
+	  echo "the chart must refuse replicaCount > 1 without leader election"; exit 1; fi; \
+	$(WITH_ENV) kubectl apply --server-side --dry-run=server -f $(CHART_CRD) >/dev/null; \
+	kubectl apply --dry-run=server -f $(CACHE)/chart-rendered.yaml; \
+	echo "chart ok"

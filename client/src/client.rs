@@ -1,0 +1,417 @@
+//! The caller: one connection, one channel, many concurrent calls multiplexed over direct reply-to.
+//!
+//! Why no publisher confirms on calls: the reply itself proves the request arrived, and `mandatory` makes the broker
+//! return a request no queue takes. lapin 4 keeps such returns on the channel (without confirms it has no callback
+//! for them), so while calls wait a background task collects them every [`RETURN_POLL_INTERVAL`] and fails their
+//! calls with `NoSuchService`. One-way calls have no reply, so `notify` uses a second channel, in confirm mode.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lapin::message::{Delivery, DeliveryResult};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ConsumerDelegate};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{Notify, OnceCell};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::envelope::{self, RequestMeta, TraceContext};
+use crate::error::CallError;
+use crate::pending::{Outcome, PendingCalls};
+use crate::protocol::DIRECT_REPLY_TO;
+
+/// After a failed reconnect, calls fail at once with [`CallError::Connection`] for this long before the next try.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long [`Client::notify`] waits for the broker to take the request.
+pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often returned requests are collected while calls wait: a call to a missing queue fails within about this.
+pub const RETURN_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Per-call settings beyond the method and params.
+#[derive(Clone, Debug)]
+pub struct CallOptions {
+    /// How long to wait for the reply; also sent as `expiration` and `x-deadline`.
+    pub timeout: Duration,
+    /// W3C trace context to send with the request.
+    pub trace: Option<TraceContext>,
+}
+
+impl CallOptions {
+    pub fn timeout(timeout: Duration) -> Self {
+        Self { timeout, trace: None }
+    }
+}
+
+/// A connection to the broker that calls warren services. Cheap to clone; clones share the connection.
+///
+/// When the connection is lost every waiting call fails with [`CallError::Connection`]; the next call opens a new
+/// connection (at most one attempt per [`RECONNECT_INTERVAL`]; in between, calls fail at once).
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    uri: String,
+    session: RwLock<Arc<Session>>,
+    /// Serialises reconnects and remembers the last failed one.
+    reconnect: tokio::sync::Mutex<Option<(Instant, lapin::Error)>>,
+    unmatched_replies: Arc<AtomicU64>,
+}
+
+impl Client {
+    /// Connects to the broker at `uri` (`amqp://user:pass@host:port/vhost`).
+    pub async fn connect(uri: &str) -> Result<Client, CallError> {
+        let unmatched_replies = Arc::new(AtomicU64::new(0));
+        let session = Session::open(uri, unmatched_replies.clone()).await?;
+        Ok(Client {
+            shared: Arc::new(Shared {
+                uri: uri.to_owned(),
+                session: RwLock::new(Arc::new(session)),
+                reconnect: tokio::sync::Mutex::new(None),
+                unmatched_replies,
+            }),
+        })
+    }
+
+    /// Calls `method` (`None` = the service's default method) of the service on `queue` and waits up to `timeout`
+    /// for its result.
+    pub async fn call(
+        &self,
+        queue: &str,
+        method: Option<&str>,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<Value, CallError> {
+        self.call_with(queue, method, &params, &CallOptions::timeout(timeout)).await
+    }
+
+    /// [`Client::call`] with any serialisable params and a trace context.
+    pub async fn call_with<P: Serialize + ?Sized>(
+        &self,
+        queue: &str,
+        method: Option<&str>,
+        params: &P,
+        options: &CallOptions,
+    ) -> Result<Value, CallError> {
+        let now = Instant::now();
+        // Duration::MAX means "wait as long as it takes": a year is that on any human scale.
+        let deadline = now.checked_add(options.timeout).unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
+        let body = encode_params(params)?;
+        let routing_key = envelope::short_string("queue", queue)?;
+        let outcome = tokio::time::timeout_at(deadline, async {
+            let session = self.live_session().await?;
+            let mut waiter = session.calls.register()?;
+            if waiter.first {
+                session.returns_wakeup.notify_one();
+            }
+            let props = envelope::request_properties(RequestMeta {
+                method,
+                correlation_id: Some(waiter.seq.to_string().into()),
+                reply_to: Some(DIRECT_REPLY_TO.into()),
+                message_id: session.message_id(waiter.seq),
+                timeout: Some(options.timeout),
+                now_unix_ms: envelope::unix_ms_now(),
+                trace: options.trace.as_ref(),
+            })?;
+            let mandatory = BasicPublishOptions { mandatory: true, ..Default::default() };
+            // Not confirmed: the reply is the confirmation, and a return is collected by `watch_returns`.
+            drop(session.channel.basic_publish("".into(), routing_key, mandatory, &body, props).await?);
+            Ok::<_, CallError>(waiter.outcome().await)
+        })
+        .await
+        .map_err(|_| CallError::Timeout)??;
+        match outcome {
+            Outcome::Reply(delivery) => envelope::decode_reply(&delivery.properties, &delivery.data),
+            Outcome::Unroutable => Err(CallError::NoSuchService { queue: queue.to_owned() }),
+            Outcome::Lost(error) => Err(CallError::Connection(error)),
+        }
+    }
+
+    /// Sends a one-way call (no `reply_to`, nothing comes back). Returns once the broker has taken the request:
+    /// [`CallError::NoSuchService`] when no queue has that name, [`CallError::Rejected`] when the queue is full.
+    pub async fn notify(&self, queue: &str, method: Option<&str>, params: Value) -> Result<(), CallError> {
+        self.notify_with(queue, method, &params, None).await
+    }
+
+    /// [`Client::notify`] with any serialisable params and a trace context.
+    pub async fn notify_with<P: Serialize + ?Sized>(
+        &self,
+        queue: &str,
+        method: Option<&str>,
+        params: &P,
+        trace: Option<&TraceContext>,
+    ) -> Result<(), CallError> {
+        let body = encode_params(params)?;
+        let routing_key = envelope::short_string("queue", queue)?;
+        let confirmation = tokio::time::timeout(NOTIFY_TIMEOUT, async {
+            let session = self.live_session().await?;
+            let seq = session.one_way.fetch_add(1, Ordering::Relaxed);
+            let props = envelope::request_properties(RequestMeta {
+                method,
+                correlation_id: None,
+                reply_to: None,
+                message_id: session.message_id_one_way(seq),
+                timeout: None,
+                now_unix_ms: envelope::unix_ms_now(),
+                trace,
+            })?;
+            let mandatory = BasicPublishOptions { mandatory: true, ..Default::default() };
+            let channel = session.confirmed_channel().await?;
+            let confirm = channel.basic_publish("".into(), routing_key, mandatory, &body, props).await?;
+            Ok::<_, CallError>(confirm.await?)
+        })
+        .await
+        .map_err(|_| CallError::Timeout)??;
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
+                Err(CallError::NoSuchService { queue: queue.to_owned() })
+            }
+            Confirmation::Nack(None) => Err(CallError::Rejected { queue: queue.to_owned() }),
+        }
+    }
+
+    /// Replies that matched no waiting call (late after a timeout, duplicates after a redelivery, foreign ids),
+    /// dropped since this client was created.
+    pub fn unmatched_replies(&self) -> u64 {
+        self.shared.unmatched_replies.load(Ordering::Relaxed)
+    }
+
+    /// Calls sent and still waiting for their reply.
+    pub fn pending_calls(&self) -> usize {
+        self.current().calls.len()
+    }
+
+    /// The current connection's name, as the management UI shows it (`warren-client <uuid>`).
+    pub fn connection_name(&self) -> String {
+        self.current().connection_name()
+    }
+
+    /// Closes the connection; waiting calls fail with [`CallError::Connection`], later calls reconnect.
+    pub async fn close(&self) -> Result<(), CallError> {
+        let session = self.current();
+        session.calls.close(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+            lapin::ConnectionState::Closed,
+        )));
+        session.connection.close(200, "client closed".into()).await?;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Session> {
+        self.shared.session.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The open session, reconnecting first when the last one died.
+    async fn live_session(&self) -> Result<Arc<Session>, CallError> {
+        let session = self.current();
+        if !session.calls.is_closed() {
+            return Ok(session);
+        }
+        let mut last_failure = self.shared.reconnect.lock().await;
+        // Another call may have reconnected while this one waited for the lock.
+        let session = self.current();
+        if !session.calls.is_closed() {
+            return Ok(session);
+        }
+        if let Some((at, error)) = last_failure.as_ref() {
+            if at.elapsed() < RECONNECT_INTERVAL {
+                return Err(CallError::Connection(error.clone()));
+            }
+        }
+        match Session::open(&self.shared.uri, self.shared.unmatched_replies.clone()).await {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                *self.shared.session.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+                *last_failure = None;
+                debug!("reconnected to the broker");
+                Ok(fresh)
+            }
+            Err(error) => {
+                *last_failure = Some((Instant::now(), error.clone()));
+                Err(CallError::Connection(error))
+            }
+        }
+    }
+}
+
+fn encode_params<P: Serialize + ?Sized>(params: &P) -> Result<Vec<u8>, CallError> {
+    serde_json::to_vec(params).map_err(|e| CallError::InvalidRequest(format!("params are not JSON: {e}")))
+}
+
+/// One connection and its channel, with what routes replies and returned requests to waiting calls.
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    calls: Arc<PendingCalls>,
+    /// Wakes `watch_returns` when calls start waiting.
+    returns_wakeup: Arc<Notify>,
+    returns_watch: JoinHandle<()>,
+    end_watch: JoinHandle<()>,
+    /// The channel of one-way calls, in confirm mode; opened on the first `notify`.
+    confirmed: OnceCell<Channel>,
+    /// Makes message ids unique across clients and reconnects.
+    instance: String,
+    one_way: AtomicU64,
+    /// Dropping the consumer cancels it; it lives as long as the session.
+    _replies: Consumer,
+}
+
+impl Session {
+    async fn open(uri: &str, unmatched_replies: Arc<AtomicU64>) -> Result<Session, lapin::Error> {
+        let instance = uuid::Uuid::new_v4().simple().to_string();
+        let properties =
+            ConnectionProperties::default().with_connection_name(format!("warren-client {instance}").into());
+        let connection = Connection::connect(uri, properties).await?;
+        let channel = connection.create_channel().await?;
+        // Direct reply-to must be consumed, with no-ack, on the channel that publishes the requests.
+        let replies: Consumer = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "warren-replies".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let calls = Arc::new(PendingCalls::default());
+        let router = ReplyRouter { calls: calls.clone(), unmatched: unmatched_replies };
+        replies.set_delegate(router.clone());
+        let end_watch = tokio::spawn(watch_reply_consumer_end(replies.clone(), router));
+        let returns_wakeup = Arc::new(Notify::new());
+        let returns_watch = tokio::spawn(watch_returns(channel.clone(), calls.clone(), returns_wakeup.clone()));
+        Ok(Session {
+            connection,
+            channel,
+            calls,
+            returns_wakeup,
+            returns_watch,
+            end_watch,
+            confirmed: OnceCell::new(),
+            instance,
+            one_way: AtomicU64::new(0),
+            _replies: replies,
+        })
+    }
+
+    fn connection_name(&self) -> String {
+        format!("warren-client {}", self.instance)
+    }
+
+    fn message_id(&self, seq: u64) -> ShortString {
+        format!("{}-{seq}", self.instance).into()
+    }
+
+    fn message_id_one_way(&self, seq: u64) -> ShortString {
+        format!("{}-n{seq}", self.instance).into()
+    }
+
+    async fn confirmed_channel(&self) -> Result<&Channel, lapin::Error> {
+        self.confirmed
+            .get_or_try_init(|| async {
+                let channel = self.connection.create_channel().await?;
+                channel.confirm_select(ConfirmSelectOptions::default()).await?;
+                Ok(channel)
+            })
+            .await
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The watchers hold channel and consumer handles; stopping them lets the connection close.
+        self.returns_watch.abort();
+        self.end_watch.abort();
+    }
+}
+
+/// Hands each reply to the call waiting on its correlation id and drops the rest. It runs inline on lapin's I/O
+/// thread (a delegate, not a stream read by a task), so a reply wakes its caller directly, with no hop in between.
+#[derive(Clone)]
+struct ReplyRouter {
+    calls: Arc<PendingCalls>,
+    unmatched: Arc<AtomicU64>,
+}
+
+impl ConsumerDelegate for ReplyRouter {
+    fn on_new_delivery(&self, delivery: DeliveryResult) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        match delivery {
+            Ok(Some(reply)) => self.route(reply),
+            Ok(None) => self.lost(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                lapin::ChannelState::Closed,
+                "the reply consumer was cancelled",
+            ))),
+            Err(error) => self.lost(error),
+        }
+        Box::pin(std::future::ready(()))
+    }
+}
+
+impl ReplyRouter {
+    fn route(&self, reply: Delivery) {
+        let id = reply.properties.correlation_id().as_ref().map(ShortString::as_str);
+        match id.and_then(|id| id.parse::<u64>().ok()) {
+            Some(seq) => {
+                if !self.calls.resolve(seq, Outcome::Reply(reply)) {
+                    self.unmatched.fetch_add(1, Ordering::Relaxed);
+                    debug!(correlation_id = seq, "dropped a reply no call waits for (late or duplicate)");
+                }
+            }
+            None => {
+                self.unmatched.fetch_add(1, Ordering::Relaxed);
+                warn!(correlation_id = ?id, "dropped a reply with a correlation id this client never sent");
+            }
+        }
+    }
+
+    fn lost(&self, error: lapin::Error) {
+        if self.calls.is_closed() {
+            debug!(%error, "reply channel closed");
+        } else {
+            warn!(%error, pending = self.calls.len(), "lost the reply channel; failing the waiting calls");
+            self.calls.close(error);
+        }
+    }
+}
+
+/// Fails the waiting calls when the reply consumer ends. lapin 4 drops a consumer's delegate as soon as a graceful
+/// close starts (e.g. the broker closing the connection), so the end then reaches only the consumer's stream.
+async fn watch_reply_consumer_end(mut replies: Consumer, router: ReplyRouter) {
+    use futures::StreamExt;
+    while let Some(item) = replies.next().await {
+        match item {
+            Ok(reply) => router.route(reply),
+            Err(error) => router.lost(error),
+        }
+    }
+    router.lost(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+        lapin::ChannelState::Closed,
+        "the reply consumer was cancelled",
+    )));
+}
+
+/// Fails the calls whose request the broker returned (`mandatory`, no queue of that name), polling only while
+/// calls wait.
+async fn watch_returns(channel: Channel, calls: Arc<PendingCalls>, wakeup: Arc<Notify>) {
+    while !calls.is_closed() {
+        if calls.len() == 0 {
+            wakeup.notified().await;
+            continue;
+        }
+        tokio::time::sleep(RETURN_POLL_INTERVAL).await;
+        // Without confirm mode this only takes the returns lapin has stored; it never waits.
+        let Ok(returned) = channel.wait_for_confirms().await else { return };
+        for message in returned {
+            let id = message.delivery.properties.correlation_id().as_ref().map(ShortString::as_str);
+            if let Some(seq) = id.and_then(|id| id.parse::<u64>().ok()) {
+                calls.resolve(seq, Outcome::Unroutable);
+            }
+        }
+    }
+}

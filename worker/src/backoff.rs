@@ -1,0 +1,59 @@
+//! Reconnect delays: capped exponential with jitter, so a fleet of workers does not reconnect in lockstep
+//! after a broker restart.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The delay ceiling of the first retry.
+    pub initial: Duration,
+    /// No delay exceeds this.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { initial: Duration::from_millis(100), max: Duration::from_secs(5) }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0-based), given `jitter` in `[0, 1)`: "equal jitter", i.e.
+    /// between half and all of `min(max, initial · 2^attempt)`.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let ceiling = self.initial.saturating_mul(2u32.saturating_pow(attempt.min(31))).min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+
+    /// [`delay`](Self::delay) with a random jitter.
+    pub fn random_delay(&self, attempt: u32) -> Duration {
+        self.delay(attempt, rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_exponentially_then_caps() {
+        let backoff = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(5) };
+        assert_eq!(backoff.delay(0, 1.0), Duration::from_millis(100));
+        assert_eq!(backoff.delay(1, 1.0), Duration::from_millis(200));
+        assert_eq!(backoff.delay(3, 1.0), Duration::from_millis(800));
+        assert_eq!(backoff.delay(10, 1.0), Duration::from_secs(5));
+        assert_eq!(backoff.delay(u32::MAX, 1.0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn jitter_stays_between_half_and_the_ceiling() {
+        let backoff = Backoff::default();
+        assert_eq!(backoff.delay(2, 0.0), Duration::from_millis(200));
+        for attempt in 0..40 {
+            let delay = backoff.random_delay(attempt);
+            let ceiling = backoff.delay(attempt, 1.0);
+            assert!(delay >= ceiling / 2 && delay <= ceiling, "{attempt}: {delay:?} vs {ceiling:?}");
+        }
+    }
+}

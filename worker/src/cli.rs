@@ -1,0 +1,144 @@
+//! The `warren-worker` command line.
+
+use std::net::SocketAddr;
+
+use clap::{Parser, ValueEnum};
+use warren_client::topology::{QueueKind, QueueOptions};
+
+use crate::builtin;
+use crate::handler::Handlers;
+use crate::http_handler::{HttpHandler, HttpHandlerError};
+use crate::worker::{DEFAULT_PREFETCH, Worker, WorkerBuilder};
+
+/// Serves RPC requests from a RabbitMQ queue: runs the handler, replies, acks.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "warren-worker", version)]
+pub struct Args {
+    /// The request queue to consume.
+    #[arg(long, env = "WARREN_QUEUE")]
+    pub queue: String,
+
+    /// `builtin` (echo, add, sleep, fail) or the URL of an HTTP handler, e.g. http://127.0.0.1:8080/rpc
+    /// (each request is POSTed to <URL>/<method>).
+    #[arg(long, env = "WARREN_HANDLER", default_value = "builtin")]
+    pub handler: String,
+
+    /// The method of requests that name none (no AMQP `type` property).
+    #[arg(long, env = "WARREN_DEFAULT_METHOD")]
+    pub default_method: Option<String>,
+
+    /// Requests held unacked at once, which is also how many run concurrently.
+    #[arg(long, env = "WARREN_PREFETCH", default_value_t = DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Declare the queue and its dead-letter queue `<queue>.dead` (as the operator would) before consuming.
+    #[arg(long, env = "WARREN_DECLARE")]
+    pub declare: bool,
+
+    /// Queue type used by --declare.
+    #[arg(long, value_enum, default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
+
+    /// Deliveries before a request is dead-lettered (quorum queues; used by --declare).
+    #[arg(long, default_value_t = 5)]
+    pub delivery_limit: i64,
+
+    /// Most requests the queue holds; past it new requests are refused (used by --declare).
+    #[arg(long)]
+    pub max_length: Option<i64>,
+
+    /// How long a request may wait in the queue (used by --declare).
+    #[arg(long)]
+    pub message_ttl_seconds: Option<i64>,
+
+    /// AMQP URI of the broker.
+    #[arg(long, env = "WARREN_BROKER_URI")]
+    pub broker_uri: String,
+
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "WARREN_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// FOR TESTS ONLY: serve a `crash` method that aborts the process (to test poison-message dead-lettering).
+    #[arg(long, env = "WARREN_ENABLE_CRASH_METHOD", hide = true)]
+    pub enable_crash_method: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl Args {
+    /// The handlers `--handler` names.
+    pub fn handlers(&self) -> Result<Handlers, HttpHandlerError> {
+        let handlers = if self.handler == "builtin" {
+            builtin::handlers()
+        } else {
+            HttpHandler::new(&self.handler)?.into_handlers()
+        };
+        Ok(if self.enable_crash_method { handlers.merge(builtin::crash_handler()) } else { handlers })
+    }
+
+    /// The queue arguments `--declare` uses, or `None` without it.
+    pub fn queue_options(&self) -> Option<QueueOptions> {
+        self.declare.then(|| QueueOptions {
+            kind: match self.queue_type {
+                QueueType::Quorum => QueueKind::Quorum,
+                QueueType::Classic => QueueKind::Classic,
+            },
+            delivery_limit: Some(self.delivery_limit),
+            max_length: self.max_length,
+            message_ttl_ms: self.message_ttl_seconds.map(|s| s.saturating_mul(1000)),
+        })
+    }
+
+    /// A worker configured from the arguments, with `handlers`.
+    pub fn worker(&self, handlers: Handlers) -> WorkerBuilder {
+        let mut builder = Worker::builder(&self.broker_uri, &self.queue).prefetch(self.prefetch).handlers(handlers);
+        if let Some(method) = &self.default_method {
+            builder = builder.default_method(method);
+        }
+        if let Some(options) = self.queue_options() {
+            builder = builder.declare(options);
+        }
+        builder
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(["warren-worker", "--broker-uri", "amqp://localhost"].iter().chain(args)).unwrap()
+    }
+
+    #[test]
+    fn declare_defaults_match_the_crd() {
+        let args = parse(&["--queue", "q", "--declare"]);
+        assert_eq!(args.queue_options(), Some(QueueOptions::default()));
+        assert_eq!(parse(&["--queue", "q"]).queue_options(), None);
+    }
+
+    #[test]
+    fn ttl_is_given_in_seconds() {
+        let args = parse(&["--queue", "q", "--declare", "--queue-type", "classic", "--message-ttl-seconds", "30"]);
+        let options = args.queue_options().unwrap();
+        assert_eq!(options.kind, QueueKind::Classic);
+        assert_eq!(options.message_ttl_ms, Some(30_000));
+    }
+
+    #[test]
+    fn crash_is_served_only_when_enabled() {
+        assert!(!parse(&["--queue", "q"]).handlers().unwrap().serves("crash"));
+        assert!(parse(&["--queue", "q", "--enable-crash-method"]).handlers().unwrap().serves("crash"));
+    }
+
+    #[test]
+    fn prefetch_zero_is_refused() {
+        let args = ["warren-worker", "--broker-uri", "amqp://x", "--queue", "q", "--prefetch", "0"];
+        assert!(Args::try_parse_from(args).is_err());
+    }
+}
