@@ -415,3 +415,9 @@ async fn watch_returns(channel: Channel, calls: Arc<PendingCalls>, wakeup: Arc<N
         }
     }
 }
+
+// The contract with callers: one `Client` shared across tasks and threads.
+const _: () = {
+    const fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<Client>();
+};

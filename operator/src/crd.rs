@@ -5,6 +5,8 @@
 //! object with only `spec.broker.secretRef.name` is complete. What the API server can reject (ranges, immutable
 //! fields, min <= max) is expressed as OpenAPI bounds and CEL rules rather than checked in the operator.
 
+#![allow(clippy::duplicated_attributes)] // printcolumn(...) repeats by design
+
 use k8s_openapi::api::core::v1::{Container, EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};

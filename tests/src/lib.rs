@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod cluster;
+pub mod local_runtime;
 pub mod operator_process;
 pub mod worker_process;
 

@@ -256,7 +256,13 @@ async fn broker_outage_is_reported_and_the_service_recovers() -> anyhow::Result<
 
     drop(restart);
     broker::wait_until_up(WAIT).await?;
-    wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
+    // Recovery waits for the backed-off retry (at most a minute) or the observer's next poll.
+    let api = ns.api::<RpcService>();
+    wait_for("QueueReady=True after the outage", Duration::from_secs(150), || async {
+        let svc = api.get("svc").await?;
+        Ok(condition(&svc, "QueueReady").filter(|c| c.status == "True").map(|_| ()))
+    })
+    .await?;
     assert!(failed_during_outage >= 1.0);
     // Retries backed off: a broker outage of seconds costs a handful of reconciles, not a storm.
     let failed = operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;

@@ -1,0 +1,322 @@
+//! The autoscaler's closed loop on real parts: the real operator (polling the management API every second), the
+//! real broker, real `warren-worker` processes run by [`LocalRuntime`] one per replica the operator asks for (with
+//! a pod start delay), and a step load from the real `warren bench`. The test asserts behaviour — the pool grows
+//! to what the rate needs, the backlog drains, the pool shrinks back after the scale-down delay, every call is
+//! answered and nothing is lost or requeued on scale-in — and prints the figures (reaction time in observation
+//! periods, the replica timeline) that docs/autoscaling.md quotes.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use warren_operator::RpcService;
+use warren_operator::crd::RpcServiceStatus;
+use warren_tests::broker;
+use warren_tests::cluster::{self, TestNamespace, wait_for};
+use warren_tests::local_runtime::{LocalRuntime, ReplicaChange, RuntimeOptions};
+use warren_tests::operator_process::OperatorProcess;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// The operator's poll interval in tests (`OperatorProcess` passes `--poll-interval 1s`): one observation period.
+const POLL: Duration = Duration::from_secs(1);
+
+// The service: `sleep` 100 ms at prefetch 4, so one worker completes at most 4 / 0.1 s = 40 requests/s.
+const SLEEP_MS: u64 = 100;
+const PREFETCH: i32 = 4;
+const MIN_REPLICAS: i32 = 1;
+const MAX_REPLICAS: i32 = 8;
+const TARGET_DELAY_S: f64 = 2.0;
+const SCALE_DOWN_DELAY_S: i32 = 10;
+/// A rough guess, below the real 40/s: the operator measures μ once the workers are saturated.
+const THROUGHPUT_HINT: f64 = 30.0;
+/// Image pull and container start, as a real cluster would take.
+const POD_START_DELAY: Duration = Duration::from_secs(2);
+
+// The step: 3× one worker's capacity, open loop. Concurrency is far above rate × the worst queueing delay, so the
+// bench never runs out of callers and the load stays a fixed rate however long the queue gets.
+const RATE: f64 = 120.0;
+const CALLS: u64 = 3600;
+const CONCURRENCY: usize = 1000;
+const CALL_TIMEOUT: &str = "60s";
+
+fn worker_capacity() -> f64 {
+    PREFETCH as f64 * 1000.0 / SLEEP_MS as f64
+}
+
+/// The bench schedules call k at k / RATE and stops at the duration: ending half a slot after the last call keeps a
+/// late timer from dropping it, so exactly [`CALLS`] calls are made.
+fn load_duration() -> Duration {
+    Duration::from_secs_f64((CALLS as f64 - 0.5) / RATE)
+}
+
+/// What the test saw every half second: the RpcService's status and the queue on the management API.
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Instant,
+    status: Option<RpcServiceStatus>,
+    queue: Option<Value>,
+}
+
+impl Sample {
+    fn queue_u64(&self, field: &str) -> Option<u64> {
+        self.queue.as_ref()?.get(field)?.as_u64()
+    }
+}
+
+fn stat(queue: &Value, name: &str) -> u64 {
+    queue["message_stats"][name].as_u64().unwrap_or(0)
+}
+
+fn secs(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64()
+}
+
+fn print_timeline(step: Instant, timeline: &[ReplicaChange]) {
+    eprintln!("replica timeline (seconds from the step; desired = spec.replicas, pods = starting or running):");
+    for c in timeline {
+        let t = if c.at >= step { format!("+{:.1}", secs(step, c.at)) } else { format!("-{:.1}", secs(c.at, step)) };
+        eprintln!("  {t:>7}s  desired {:>2}  pods {:>2}  ready {:>2}  processes {:>2}", c.desired, c.pods, c.ready, c.processes);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_load_scales_out_drains_the_backlog_and_scales_back_in() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let client = cluster::client().await?;
+    cluster::install_crd(&client).await?;
+    let ns = TestNamespace::create(&client, "autoscale-step").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let queue = format!("{}.sleepy", ns.name());
+    let result = closed_loop(&client, &ns, &queue).await;
+    broker::delete_queue("/", &queue).await?;
+    broker::delete_queue("/", &format!("{queue}.dead")).await?;
+    result?;
+    ns.cleanup().await
+}
+
+async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow::Result<()> {
+    let operator = OperatorProcess::start(ns.name(), &[])?;
+    let runtime = LocalRuntime::start(client.clone(), ns.name(), RuntimeOptions::default().start_delay(POD_START_DELAY))?;
+    let svc: RpcService = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "RpcService",
+        "metadata": { "name": "sleepy" },
+        "spec": {
+            "broker": { "secretRef": { "name": "rabbitmq" } },
+            "worker": { "handler": { "builtin": "sleep" }, "prefetch": PREFETCH, "terminationGracePeriodSeconds": 30 },
+            "scaling": {
+                "minReplicas": MIN_REPLICAS,
+                "maxReplicas": MAX_REPLICAS,
+                "targetQueueDelaySeconds": TARGET_DELAY_S,
+                "scaleDownDelaySeconds": SCALE_DOWN_DELAY_S,
+                "perReplicaThroughputHint": THROUGHPUT_HINT,
+            },
+        },
+    }))?;
+    let services = ns.api::<RpcService>();
+    services.create(&PostParams::default(), &svc).await?;
+
+    // Settled before the step: one ready worker, the operator has seen it, the broker shows its consumer.
+    runtime.wait_settled("sleepy", MIN_REPLICAS as usize, WAIT).await?;
+    wait_for("WorkersReady and a first scaling decision", WAIT, || async {
+        let svc = services.get("sleepy").await?;
+        let status = svc.status.unwrap_or_default();
+        let workers_ready = status.conditions.iter().any(|c| c.type_ == "WorkersReady" && c.reason == "AllReplicasReady");
+        let decided = status.scaling.as_ref().is_some_and(|s| s.desired_replicas == MIN_REPLICAS);
+        Ok((workers_ready && decided && status.ready_replicas == MIN_REPLICAS).then_some(()))
+    })
+    .await?;
+    wait_for("the worker's consumer on the management API", WAIT, || async {
+        Ok(broker::queue("/", queue).await?.filter(|q| q["consumers"].as_u64() == Some(1)).map(|_| ()))
+    })
+    .await?;
+
+    // Record status and queue figures in the background for the whole run.
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let recorder = {
+        let (samples, services, queue) = (samples.clone(), services.clone(), queue.to_owned());
+        tokio::spawn(async move {
+            loop {
+                let status = services.get("sleepy").await.ok().and_then(|s| s.status);
+                let q = broker::queue("/", &queue).await.ok().flatten();
+                samples.lock().unwrap().push(Sample { at: Instant::now(), status, queue: q });
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    // The step: 0 → RATE calls/s.
+    let step = Instant::now();
+    let bench = tokio::process::Command::new(warren_tests::bin_path("warren"))
+        .args(["bench", queue, "sleep", &format!("{{\"ms\":{SLEEP_MS}}}")])
+        .args(["--concurrency", &CONCURRENCY.to_string(), "--rate", &RATE.to_string()])
+        .args(["--duration", &format!("{}ms", load_duration().as_millis()), "--timeout", CALL_TIMEOUT, "--json"])
+        .env("WARREN_BROKER_URI", warren_tests::broker_uri())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(load_duration() + Duration::from_secs(120), bench)
+        .await
+        .context("warren bench did not finish")??;
+    let load_end = step + load_duration();
+    let done = Instant::now();
+    ensure!(output.status.success(), "warren bench failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).context("bench JSON")?;
+    eprintln!("bench: {report}");
+
+    // Every call answered.
+    let errors: u64 = report["errors"].as_object().context("errors")?.values().filter_map(Value::as_u64).sum();
+    assert_eq!(errors, 0, "calls failed: {}", report["errors"]);
+    assert_eq!(report["calls"].as_u64(), Some(CALLS), "every scheduled call was made");
+    assert_eq!(report["ok"].as_u64(), Some(CALLS), "every call was answered");
+
+    // After the load the pool goes back to minReplicas, and only those processes are left.
+    runtime.wait_settled("sleepy", MIN_REPLICAS as usize, Duration::from_secs(120)).await?;
+    let settled = Instant::now();
+    // Nothing lost and nothing requeued: each call published once, acked once, never redelivered, queue empty.
+    let final_queue = wait_for("the queue to be empty with every request acked", WAIT, || async {
+        let q = broker::queue("/", queue).await?.context("queue missing")?;
+        let drained = q["messages_ready"].as_u64() == Some(0) && q["messages_unacknowledged"].as_u64() == Some(0);
+        Ok((drained && stat(&q, "publish") == CALLS && stat(&q, "ack") == CALLS).then_some(q))
+    })
+    .await?;
+    recorder.abort();
+    let stats = runtime.stop();
+    drop(operator);
+    let samples = samples.lock().unwrap().clone();
+
+    print_timeline(step, &stats.timeline_of("sleepy"));
+    let desired = stats.desired_changes("sleepy");
+
+    // Reaction: the first scale-up the runtime saw after the step, in observation periods.
+    let (first_up_at, first_up) =
+        *desired.iter().find(|(at, d)| *at >= step && *d > MIN_REPLICAS).context("the pool was never scaled up")?;
+    let reaction = secs(step, first_up_at);
+    eprintln!(
+        "first scale-up ({MIN_REPLICAS} → {first_up}) {reaction:.1} s after the step = {:.1} observation periods of {:?}",
+        reaction / POLL.as_secs_f64(),
+        POLL
+    );
+
+    // Up to what the rate needs, never above the maximum.
+    let peak = desired.iter().map(|(_, d)| *d).max().unwrap_or(0);
+    let needed = (RATE / worker_capacity()).ceil() as i32;
+    eprintln!("peak desired {peak} (the rate alone needs {needed} at full utilisation); most pods {}, most processes {}", stats.max_pods, stats.max_processes);
+    assert!(peak >= needed && peak <= MAX_REPLICAS, "peak {peak} outside {needed}..={MAX_REPLICAS}");
+    assert!(stats.max_pods <= MAX_REPLICAS as usize, "{} pods at once", stats.max_pods);
+    assert!(stats.max_processes <= MAX_REPLICAS as usize, "{} processes at once", stats.max_processes);
+
+    // The backlog drained: after its peak, the queueing delay (backlog ÷ what the consumers drain) went under the
+    // target while the load still ran, and the last figures of the load show it there.
+    let during: Vec<&Sample> = samples.iter().filter(|s| s.at >= step && s.at <= load_end).collect();
+    let delay = |s: &Sample| {
+        let consumers = s.queue_u64("consumers").unwrap_or(0).max(1) as f64;
+        s.queue_u64("messages_ready").unwrap_or(0) as f64 / (consumers * worker_capacity())
+    };
+    let (peak_index, peak_sample) = during
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| s.queue_u64("messages_ready").unwrap_or(0))
+        .context("no samples during the load")?;
+    let peak_backlog = peak_sample.queue_u64("messages_ready").unwrap_or(0);
+    eprintln!("peak backlog {peak_backlog} at +{:.1}s", secs(step, peak_sample.at));
+    assert!(peak_backlog > 0, "the step never built a backlog: not a test of scaling");
+    let drained = during[peak_index..].iter().find(|s| delay(s) < TARGET_DELAY_S).context("the backlog never drained")?;
+    eprintln!(
+        "queueing delay under the {TARGET_DELAY_S}s target again at +{:.1}s (backlog {}, {} consumers)",
+        secs(step, drained.at),
+        drained.queue_u64("messages_ready").unwrap_or(0),
+        drained.queue_u64("consumers").unwrap_or(0)
+    );
+    let last = during.last().context("no samples during the load")?;
+    assert!(delay(last) < TARGET_DELAY_S, "at the end of the load: {:?}", last.queue);
+    let status_ready: Vec<i64> =
+        during[peak_index..].iter().filter_map(|s| s.status.as_ref()?.queue.as_ref().map(|q| q.ready)).collect();
+    assert!(
+        status_ready.iter().min().is_some_and(|m| (*m as u64) < peak_backlog),
+        "status.queue.ready never dropped after the peak: {status_ready:?}"
+    );
+
+    // The decision, with its inputs, is visible in status.
+    let decision = samples
+        .iter()
+        .filter_map(|s| s.status.as_ref())
+        .find(|st| {
+            st.scaling.as_ref().is_some_and(|d| {
+                d.desired_replicas > MIN_REPLICAS
+                    && ["Backlog", "ArrivalRate", "MaxReplicas", "InFlight"].contains(&d.reason.as_str())
+                    && (d.backlog > 0 || d.arrival_rate > 0.0)
+                    && d.per_replica_throughput > 0.0
+            })
+        })
+        .context("no scale-up decision with its inputs in status.scaling")?;
+    let scaling = decision.scaling.as_ref().unwrap();
+    eprintln!(
+        "status.scaling: desired {} reason {} backlog {} inFlight {} arrivalRate {} perReplicaThroughput {}: {}",
+        scaling.desired_replicas,
+        scaling.reason,
+        scaling.backlog,
+        scaling.in_flight,
+        scaling.arrival_rate,
+        scaling.per_replica_throughput,
+        scaling.message
+    );
+    assert_eq!(decision.desired_replicas, Some(scaling.desired_replicas));
+    assert!(decision.last_scale_time.is_some() && decision.last_scale_reason.is_some(), "{decision:?}");
+    let condition = decision.conditions.iter().find(|c| c.type_ == "Scaling").context("Scaling condition")?;
+    assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("True", scaling.reason.as_str()));
+    let measured = samples.iter().rev().find_map(|s| s.status.as_ref()?.per_replica_throughput);
+    eprintln!("status.perReplicaThroughput at the end: {measured:?} (true capacity {} req/s)", worker_capacity());
+
+    // Events: each change is announced once, up and down.
+    let events = Client::clone(client);
+    let events: kube::Api<Event> = kube::Api::namespaced(events, ns.name());
+    let scaled: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Scaled") && e.involved_object.name.as_deref() == Some("sleepy"))
+        .map(|e| e.message.unwrap_or_default())
+        .collect();
+    eprintln!("Scaled events: {scaled:#?}");
+    assert!(scaled.iter().any(|m| m.starts_with(&format!("{MIN_REPLICAS} → "))), "no scale-up event: {scaled:?}");
+    assert!(scaled.iter().any(|m| m.contains(&format!(" → {MIN_REPLICAS} replicas"))), "no scale-down event: {scaled:?}");
+
+    // Down only after the scale-down delay: no decrease sooner than the delay after the last increase (1 s of slack
+    // for the watch latency of two observations), and never below the minimum.
+    let mut last_up: Option<Instant> = None;
+    for pair in desired.windows(2) {
+        let ((_, before), (at, after)) = (pair[0], pair[1]);
+        if after > before {
+            last_up = Some(at);
+        } else if let Some(up) = last_up {
+            let after_up = secs(up, at);
+            assert!(after_up >= SCALE_DOWN_DELAY_S as f64 - 1.0, "{before} → {after} only {after_up:.1}s after a scale-up");
+        }
+        assert!(after >= MIN_REPLICAS, "scaled to {after}");
+    }
+    eprintln!(
+        "load ended at +{:.1}s, bench returned at +{:.1}s, back to {MIN_REPLICAS} worker at +{:.1}s",
+        secs(step, load_end),
+        secs(step, done),
+        secs(step, settled)
+    );
+
+    // No request lost on scale-in: every stopped worker drained on SIGTERM and exited 0, none was killed, none
+    // died on its own, and the broker redelivered nothing.
+    let stopped = stats.terminations.iter().filter(|t| t.deployment == "sleepy").collect::<Vec<_>>();
+    for t in &stopped {
+        if !t.clean() {
+            bail!("{} did not stop cleanly: {:?} killed {} requested {}\n{}", t.pod, t.status, t.killed, t.requested, t.log_tail);
+        }
+    }
+    let drains: Vec<String> = stopped.iter().filter_map(|t| t.drain).map(|d| format!("{:.0}ms", d.as_secs_f64() * 1000.0)).collect();
+    eprintln!("{} workers stopped, all with exit code 0; SIGTERM → exit: {drains:?}", stopped.len());
+    assert!(stopped.len() >= (peak - MIN_REPLICAS) as usize, "{} stopped for a peak of {peak}", stopped.len());
+    assert!(stats.errors.is_empty(), "local runtime errors: {:#?}", stats.errors);
+    assert_eq!(stat(&final_queue, "redeliver"), 0, "requests were redelivered: {}", final_queue["message_stats"]);
+    Ok(())
+}
