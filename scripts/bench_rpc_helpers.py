@@ -1,7 +1,8 @@
 """Helpers of scripts/bench-rpc that need pika: the RabbitMQ tutorial's RPC pair, worker start-up probing, and the
 report. Run with the venv's python (scripts/bench-rpc sets it up).
 
-  tutorial-server QUEUE                      the tutorial's RPC server (prefetch 1, JSON echo), until killed
+  tutorial-server QUEUE [quorum]             the tutorial's RPC server (prefetch 1, JSON echo), until killed; on a
+                                             quorum queue instead of the tutorial's classic one when asked
   tutorial-client QUEUE DURATION_S WARMUP_S  the tutorial's RPC client in a loop; prints one JSON object
   startup QUEUE LOG -- CMD...                starts CMD, prints {"pid", "startup_ms", "idle_rss_kib"} once QUEUE has
                                              a consumer (the process keeps running)
@@ -30,10 +31,13 @@ def connect():
 # --- the RabbitMQ tutorial's RPC pair (tutorial six), echoing JSON instead of computing Fibonacci numbers ---------
 
 
-def tutorial_server(queue):
+def tutorial_server(queue, queue_type="classic"):
     connection = connect()
     channel = connection.channel()
-    channel.queue_declare(queue=queue)
+    if queue_type == "quorum":  # the one change from the tutorial: the queue type warren services use
+        channel.queue_declare(queue=queue, durable=True, arguments={"x-queue-type": "quorum"})
+    else:
+        channel.queue_declare(queue=queue)
 
     def on_request(ch, method, props, body):
         response = json.loads(body)
@@ -178,7 +182,8 @@ def report(results_path, benchmarks_path):
     bare1, bare64, shared64 = r["bare_c1"], r["bare_c64"], r["bare_shared_c64"]
     w1, w64 = r["warren_c1"], r["warren_c64"]
     wb1, wb64 = r["warren_client_bare_responder_c1"], r["warren_client_bare_responder_c64"]
-    py = r["tutorial_c1"]
+    py, py_classic = r["tutorial_quorum_c1"], r["tutorial_classic_c1"]
+    wc1, wc64 = r["warren_classic_c1"], r["warren_classic_c64"]
     su = r["startup"]
     m = r["machine"]
 
@@ -186,8 +191,10 @@ def report(results_path, benchmarks_path):
         return x["latency_us"]
 
     def row(name, x, note=""):
+        cpu = x.get("client_cpu_us_per_call")
+        cpu = f"{cpu:,.0f}" if cpu else "–"
         return (f"| {name} | {x['concurrency']} | {x['calls_per_sec']:,.0f} | {lat(x)['p50']:,.0f} | "
-                f"{lat(x)['p90']:,.0f} | {lat(x)['p99']:,.0f} | {lat(x)['max']:,.0f} | {note} |")
+                f"{lat(x)['p90']:,.0f} | {lat(x)['p99']:,.0f} | {lat(x)['max']:,.0f} | {cpu} | {note} |")
 
     # The reference is the faster of the two bare callers, so the ratio never flatters warren.
     best_bare64 = max(bare64, shared64, key=lambda x: x["calls_per_sec"])
@@ -196,6 +203,11 @@ def report(results_path, benchmarks_path):
     p50_delta = lat(w1)["p50"] - lat(bare1)["p50"]
     client_p50_delta = lat(wb1)["p50"] - lat(bare1)["p50"]
     python_ratio = w64["calls_per_sec"] / py["calls_per_sec"]
+    python_classic_ratio = wc64["calls_per_sec"] / py_classic["calls_per_sec"]
+
+    def cpu(x):
+        value = x.get("client_cpu_us_per_call")
+        return f"{value:,.0f}" if value else "?"
 
     def verdict(ok):
         return "met" if ok else "**not met**"
@@ -210,10 +222,11 @@ def report(results_path, benchmarks_path):
         f"each variant once per round in rotated order, {r['duration']} measured after a {r['warmup']} warm-up; the "
         "table shows the median over the rounds (max: the largest). The callers, the responders and RabbitMQ share "
         "the CPUs. Latency in µs, end to end (publish to reply received), closed loop: each of the N callers sends "
-        "its next call when its reply arrives. Every call echoes `[1,2]` through a quorum queue.",
+        "its next call when its reply arrives. Every call echoes `[1,2]`; through a quorum queue (what warren "
+        "services use) unless the row says classic.",
         "",
-        "| caller → responder | in flight | calls/s | p50 | p90 | p99 | max | |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| caller → responder | in flight | calls/s | p50 | p90 | p99 | max | caller CPU µs/call | |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         row("bare lapin → bare lapin", bare1),
         row("warren-client → bare lapin", wb1),
         row("warren-client → warren-worker", w1),
@@ -222,20 +235,31 @@ def report(results_path, benchmarks_path):
         row("warren-client → bare lapin", wb64),
         row("warren-client → warren-worker", w64),
         row("tutorial pika → tutorial pika", py, "cannot pipeline: one call at a time"),
+        row("warren-client → warren-worker, classic queue", wc1),
+        row("warren-client → warren-worker, classic queue", wc64),
+        row("tutorial pika → tutorial pika, classic queue", py_classic, "as in the tutorial"),
+        "",
+        "*Caller CPU µs/call* is the CPU time (user + system, every thread, lapin's I/O thread included) the caller "
+        "process spent per call in the measured window: what the client itself costs, which moves far less with "
+        "the machine's load than throughput and latency do.",
         "",
         "Against the design's targets:",
         "",
         f"- Throughput at {w64['concurrency']} in flight: warren (client + worker) = **{throughput_ratio:.0%}** of the "
         f"faster bare lapin loop (target ≥ 90 %: {verdict(throughput_ratio >= 0.9)}); warren-client alone, against "
-        f"the bare responder, = {client_ratio:.0%}.",
+        f"the bare responder, = {client_ratio:.0%}. Caller CPU per call at 64 in flight: warren-client "
+        f"{cpu(wb64)} µs, bare lapin {cpu(bare64)} µs (a channel per caller) and {cpu(shared64)} µs (one channel).",
         f"- Sequential round trip: warren's p50 is **{p50_delta:+,.0f} µs** from the bare loop's (target within "
         f"50 µs: {verdict(p50_delta <= 50)}); warren-client alone {client_p50_delta:+,.0f} µs. Per round (bare / "
         "warren p50): " + ", ".join(f"{b['p50']:,.0f} / {w['p50']:,.0f}" for b, w in zip(bare1["rounds"], w1["rounds"]))
         + ".",
-        f"- Against the RabbitMQ tutorial's Python pair: warren at {w64['concurrency']} in flight does "
-        f"**{python_ratio:.0f}×** its calls/s (target ≥ 10×: {verdict(python_ratio >= 10)}). The tutorial client "
-        "waits for each reply before it sends the next request (it cannot pipeline), so it runs at 1 in flight only; "
-        f"at 1 in flight warren does {w1['calls_per_sec'] / py['calls_per_sec']:.1f}× its calls/s.",
+        f"- Against the RabbitMQ tutorial's Python pair on the same (quorum) queue type: warren at "
+        f"{w64['concurrency']} in flight does **{python_ratio:.0f}×** its calls/s (target ≥ 10×: "
+        f"{verdict(python_ratio >= 10)}); on classic queues, as the tutorial declares them, "
+        f"{python_classic_ratio:.0f}×. The tutorial client waits for each reply before it sends the next request "
+        "(it cannot pipeline), so it runs at 1 in flight only; at 1 in flight warren does "
+        f"{w1['calls_per_sec'] / py['calls_per_sec']:.1f}× its calls/s (classic: "
+        f"{wc1['calls_per_sec'] / py_classic['calls_per_sec']:.1f}×).",
         f"- warren-worker idle RSS: **{su['idle_rss_kib'] / 1024:.1f} MiB** (VmRSS 1 s after it started consuming; "
         f"target ≤ 15 MiB: {verdict(su['idle_rss_kib'] <= 15 * 1024)}). Start to consuming: **{su['startup_ms']:.0f} "
         f"ms** (median of {su['runs']} starts, from spawning the process until a passive `queue.declare` reports a "
@@ -252,8 +276,9 @@ def report(results_path, benchmarks_path):
         "`x-deadline`, `expiration`, `message_id`. *warren-worker* is `warren-worker --handler builtin "
         "--prefetch 64` on a queue it declared (`--declare`: quorum, dead-lettering, delivery limit); it waits for "
         "the publisher confirm of each reply before it acks the request. The tutorial pair is the RabbitMQ Python "
-        "RPC tutorial (a classic queue it declares, prefetch 1, a private exclusive reply queue) echoing JSON "
-        "(`scripts/bench_rpc_helpers.py`).",
+        "RPC tutorial (prefetch 1, a private exclusive reply queue, no headers) echoing JSON "
+        "(`scripts/bench_rpc_helpers.py`), once on a quorum queue and once on the classic queue the tutorial "
+        "declares.",
         "",
         "Reproduce with `scripts/bench-rpc` (about 3 minutes after the release build). On a small machine shared with "
         "other work the numbers move from run to run: compare rows of one run, not runs.",
@@ -276,7 +301,7 @@ def report(results_path, benchmarks_path):
 def main(argv):
     command, args = argv[1], argv[2:]
     if command == "tutorial-server":
-        tutorial_server(args[0])
+        tutorial_server(*args[:2])
     elif command == "tutorial-client":
         tutorial_client(args[0], float(args[1]), float(args[2]))
     elif command == "startup":

@@ -67,6 +67,10 @@ async fn main() -> anyhow::Result<()> {
         Mode::Caller { queue, concurrency, duration, warmup, body, shared_channel } => {
             let started = Instant::now();
             let window = (started + warmup, started + warmup + duration);
+            let cpu_at_start = tokio::spawn(async move {
+                tokio::time::sleep_until(window.0.into()).await;
+                process_cpu_time()
+            });
             let tallies = if shared_channel {
                 call_shared(&connection, &queue, concurrency, window, body.into_bytes()).await?
             } else {
@@ -79,6 +83,10 @@ async fn main() -> anyhow::Result<()> {
                 last = last.max(done);
             }
             let elapsed = last.saturating_duration_since(window.0).as_secs_f64().max(1e-6);
+            let cpu_us = match (cpu_at_start.await?, process_cpu_time()) {
+                (Some(start), Some(end)) => Some(end.saturating_sub(start).as_secs_f64() * 1e6),
+                _ => None,
+            };
             let us = |q: f64| (latency.value_at_quantile(q) as f64 / 100.0).round() / 10.0;
             let report = serde_json::json!({
                 "concurrency": concurrency,
@@ -87,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
                 "elapsed_s": elapsed,
                 "calls_per_sec": (latency.len() as f64 / elapsed * 10.0).round() / 10.0,
                 "latency_us": { "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "max": us(1.0) },
+                "client_cpu_us_per_call": cpu_us.map(|cpu| (cpu / latency.len().max(1) as f64 * 10.0).round() / 10.0),
             });
             println!("{report}");
             // The per-caller channels may still be closing; the report is out, so a close error changes nothing.
@@ -94,6 +103,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// CPU time of this process, all threads (user + system), from /proc/self/stat in 1/100 s ticks.
+fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -107,8 +124,9 @@ async fn respond(connection: &Connection, queue: &str, prefetch: u16, queue_type
     args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(queue_type)));
     channel.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await?;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let consumer =
-        channel.basic_consume(queue.into(), "bare".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+    let consumer = channel
+        .basic_consume(queue.into(), "bare".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
     eprintln!("consuming {queue}");
     consumer
         .for_each_concurrent(usize::from(prefetch), |delivery| {
@@ -121,7 +139,13 @@ async fn respond(connection: &Connection, queue: &str, prefetch: u16, queue_type
                         props = props.with_correlation_id(id.clone());
                     }
                     let _ = channel
-                        .basic_publish("".into(), reply_to.clone(), BasicPublishOptions::default(), &delivery.data, props)
+                        .basic_publish(
+                            "".into(),
+                            reply_to.clone(),
+                            BasicPublishOptions::default(),
+                            &delivery.data,
+                            props,
+                        )
                         .await;
                 }
                 let _ = delivery.ack(BasicAckOptions::default()).await;

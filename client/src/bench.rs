@@ -49,6 +49,10 @@ pub async fn run(client: &Client, spec: &BenchSpec) -> BenchReport {
     let measured_from = start + spec.warmup;
     let end = measured_from + spec.duration;
     let next_slot = Arc::new(AtomicU64::new(0));
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measured_from).await;
+        process_cpu_time()
+    });
     let callers: Vec<_> = (0..spec.concurrency.max(1))
         .map(|_| {
             let (client, spec, next_slot) = (client.clone(), spec.clone(), next_slot.clone());
@@ -69,7 +73,32 @@ pub async fn run(client: &Client, spec: &BenchSpec) -> BenchReport {
         last_done = last_done.max(tally.last_done.unwrap_or(measured_from));
     }
     let elapsed = last_done.saturating_duration_since(measured_from).max(Duration::from_micros(1));
-    BenchReport::new(spec.queue.clone(), spec.method.clone(), spec.concurrency, spec.rate, elapsed, ok, errors, &latency_ns)
+    let cpu = match (cpu_at_start.await.ok().flatten(), process_cpu_time()) {
+        (Some(start), Some(end)) => end.checked_sub(start),
+        _ => None,
+    };
+    let mut report = BenchReport::new(
+        spec.queue.clone(),
+        spec.method.clone(),
+        spec.concurrency,
+        spec.rate,
+        elapsed,
+        ok,
+        errors,
+        &latency_ns,
+    );
+    report.set_client_cpu(cpu);
+    report
+}
+
+/// CPU time this process has used (user + system, all threads), from /proc on Linux; `None` elsewhere.
+pub fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ: the unit of these fields is 1/100 s on every Linux architecture warren runs on.
+    Some(Duration::from_millis(ticks * 10))
 }
 
 async fn caller(

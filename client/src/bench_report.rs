@@ -92,6 +92,9 @@ pub struct BenchReport {
     /// Completed calls (ok or not) per second of the measured window.
     pub calls_per_sec: f64,
     pub latency_us: LatencySummary,
+    /// CPU time of the whole bench process (all threads, lapin's I/O thread included) per call, in µs: what the
+    /// client costs, steadier than throughput on a busy machine. `null` where it cannot be read.
+    pub client_cpu_us_per_call: Option<f64>,
 }
 
 impl BenchReport {
@@ -119,7 +122,14 @@ impl BenchReport {
             errors,
             calls_per_sec: round1(calls as f64 / elapsed_s),
             latency_us: LatencySummary::from_nanos(latency_ns),
+            client_cpu_us_per_call: None,
         }
+    }
+
+    /// Records the process CPU time spent in the measured window.
+    pub fn set_client_cpu(&mut self, cpu: Option<Duration>) {
+        self.client_cpu_us_per_call =
+            cpu.filter(|_| self.calls > 0).map(|cpu| round1(cpu.as_secs_f64() * 1e6 / self.calls as f64));
     }
 }
 
@@ -145,6 +155,9 @@ impl fmt::Display for BenchReport {
             "latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
         )?;
+        if let Some(cpu) = self.client_cpu_us_per_call {
+            writeln!(f, "client CPU  {cpu:.1} µs per call")?;
+        }
         if self.errors.total() > 0 {
             let by_kind: Vec<String> = self.errors.0.iter().map(|(k, n)| format!("{k} {n}")).collect();
             writeln!(f, "errors  {}", by_kind.join(", "))?;
@@ -206,5 +219,8 @@ mod tests {
         assert_eq!(json["method"], serde_json::Value::Null);
         assert!(json["latency_us"]["p99"].as_f64().unwrap() >= 299.0);
         assert!(report.to_string().contains("errors  timeout 1"));
+        let mut report = report;
+        report.set_client_cpu(Some(Duration::from_millis(3)));
+        assert_eq!(report.client_cpu_us_per_call, Some(1000.0));
     }
 }

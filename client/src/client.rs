@@ -198,9 +198,9 @@ impl Client {
     /// Closes the connection; waiting calls fail with [`CallError::Connection`], later calls reconnect.
     pub async fn close(&self) -> Result<(), CallError> {
         let session = self.current();
-        session.calls.close(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-            lapin::ConnectionState::Closed,
-        )));
+        session
+            .calls
+            .close(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed)));
         session.connection.close(200, "client closed".into()).await?;
         Ok(())
     }
@@ -221,10 +221,10 @@ impl Client {
         if !session.calls.is_closed() {
             return Ok(session);
         }
-        if let Some((at, error)) = last_failure.as_ref() {
-            if at.elapsed() < RECONNECT_INTERVAL {
-                return Err(CallError::Connection(error.clone()));
-            }
+        if let Some((at, error)) = last_failure.as_ref()
+            && at.elapsed() < RECONNECT_INTERVAL
+        {
+            return Err(CallError::Connection(error.clone()));
         }
         match Session::open(&self.shared.uri, self.shared.unmatched_replies.clone()).await {
             Ok(fresh) => {

@@ -58,9 +58,8 @@ fn ceil_millis(timeout: Duration) -> u64 {
 
 /// The properties of a request.
 pub fn request_properties(meta: RequestMeta<'_>) -> Result<BasicProperties, CallError> {
-    let mut props = BasicProperties::default()
-        .with_content_type(CONTENT_TYPE_JSON.into())
-        .with_message_id(meta.message_id);
+    let mut props =
+        BasicProperties::default().with_content_type(CONTENT_TYPE_JSON.into()).with_message_id(meta.message_id);
     if let Some(method) = meta.method {
         props = props.with_type(short_string("method", method)?);
     }
@@ -147,8 +146,7 @@ pub fn reply_properties(request: &BasicProperties, ok: bool) -> BasicProperties 
             headers.insert(name.into(), value.clone());
         }
     }
-    let mut props =
-        BasicProperties::default().with_content_type(CONTENT_TYPE_JSON.into()).with_headers(headers);
+    let mut props = BasicProperties::default().with_content_type(CONTENT_TYPE_JSON.into()).with_headers(headers);
     if let Some(id) = request.correlation_id() {
         props = props.with_correlation_id(id.clone());
     }

@@ -63,10 +63,10 @@ pub fn request_queue_arguments(queue: &str, options: &QueueOptions) -> Vec<(&'st
         ("x-dead-letter-exchange", ArgValue::Str(String::new())),
         ("x-dead-letter-routing-key", ArgValue::Str(dead_letter_queue_name(queue))),
     ];
-    if options.kind == QueueKind::Quorum {
-        if let Some(limit) = options.delivery_limit {
-            args.push(("x-delivery-limit", ArgValue::Int(limit)));
-        }
+    if options.kind == QueueKind::Quorum
+        && let Some(limit) = options.delivery_limit
+    {
+        args.push(("x-delivery-limit", ArgValue::Int(limit)));
     }
     if let Some(max) = options.max_length {
         args.push(("x-max-length", ArgValue::Int(max)));

@@ -307,7 +307,8 @@ struct Management {
 
 impl Management {
     fn new() -> Self {
-        let uri = std::env::var("WARREN_MANAGEMENT_URI").unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into());
+        let uri =
+            std::env::var("WARREN_MANAGEMENT_URI").unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into());
         let mut base = reqwest::Url::parse(&uri).unwrap();
         let user = base.username().to_owned();
         let password = base.password().unwrap_or_default().to_owned();
@@ -334,8 +335,7 @@ impl Management {
             if let Some(name) = ours.and_then(|c| c["name"].as_str()) {
                 let mut url = self.base.join("api/connections/").unwrap();
                 url.path_segments_mut().unwrap().pop_if_empty().push(name);
-                let response =
-                    self.http.delete(url).basic_auth(&self.user, Some(&self.password)).send().await.unwrap();
+                let response = self.http.delete(url).basic_auth(&self.user, Some(&self.password)).send().await.unwrap();
                 assert!(response.status().is_success(), "closing {name}: {}", response.status());
                 return;
             }

@@ -13,7 +13,7 @@ pub enum Error {
     #[error("no broker Secret: spec.broker.secretRef is empty and the operator has no --default-broker-secret")]
     NoBrokerSecret,
 
-    #[error("failed to reach the broker: {0}")]
+    #[error("broker: {0}")]
     Broker(#[source] BrokerError),
 
     #[error("failed to call the Kubernetes API: {0}")]

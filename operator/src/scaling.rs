@@ -224,8 +224,9 @@ fn observe(
     let figures_changed = match (&state.figures, &found) {
         (Some(a), Some(b)) => (a.ready, a.unacked, a.consumers) != (b.ready, b.unacked, b.consumers)
             || a.published_total != b.published_total,
-        (None, None) => false,
-        _ => true,
+        (None, Some(_)) => true,
+        // No figures this round: the availability change below says so, once.
+        (_, None) => false,
     };
     let availability_changed = state.metrics_unavailable.is_some() != unavailable.is_some();
     state.metrics_unavailable = unavailable;

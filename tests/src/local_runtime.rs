@@ -253,7 +253,14 @@ impl State {
             if w.last_recorded != Some(counts) {
                 w.last_recorded = Some(counts);
                 let (desired, pods, ready, processes) = counts;
-                self.timeline.push(ReplicaChange { at: now, deployment: name.to_owned(), desired, pods, ready, processes });
+                self.timeline.push(ReplicaChange {
+                    at: now,
+                    deployment: name.to_owned(),
+                    desired,
+                    pods,
+                    ready,
+                    processes,
+                });
             }
         }
         let (pods, processes) = self.totals();
@@ -336,9 +343,13 @@ impl LocalRuntime {
 
     /// Waits until `deployment` runs exactly `ready` ready pods and no other process; bounded by `timeout`.
     pub async fn wait_settled(&self, deployment: &str, ready: usize, timeout: Duration) -> anyhow::Result<()> {
-        crate::cluster::wait_for(&format!("{deployment} to run {ready} ready workers and nothing else"), timeout, || async {
-            Ok(self.counts(deployment).filter(|&(_, p, r, q)| p == ready && r == ready && q == ready).map(|_| ()))
-        })
+        crate::cluster::wait_for(
+            &format!("{deployment} to run {ready} ready workers and nothing else"),
+            timeout,
+            || async {
+                Ok(self.counts(deployment).filter(|&(_, p, r, q)| p == ready && r == ready && q == ready).map(|_| ()))
+            },
+        )
         .await
     }
 
@@ -410,7 +421,10 @@ fn terminate(pod: Pod, now: Instant, grace: Duration) -> Option<Pod> {
         Phase::Starting { .. } => None,
         Phase::Running { process, .. } => {
             signal(&process.child, Signal::SIGTERM);
-            Some(Pod { name: pod.name, phase: Phase::Terminating { process, since: now, deadline: now + grace, killed: false } })
+            Some(Pod {
+                name: pod.name,
+                phase: Phase::Terminating { process, since: now, deadline: now + grace, killed: false },
+            })
         }
         terminating @ Phase::Terminating { .. } => Some(Pod { name: pod.name, phase: terminating }),
     }
@@ -619,7 +633,11 @@ impl Inner {
                     && at <= now
                     && let Some(container) = &container
                 {
-                    spawns.push(SpawnRequest { deployment: name.clone(), pod: pod.name.clone(), container: container.clone() });
+                    spawns.push(SpawnRequest {
+                        deployment: name.clone(),
+                        pod: pod.name.clone(),
+                        container: container.clone(),
+                    });
                 }
             }
             state.next_pod = next_pod;
@@ -649,11 +667,8 @@ impl Inner {
         };
         let port = crate::operator_process::free_port();
         let log = self.log_dir.join(format!("{}.log", request.pod));
-        let process = start_process(&request.container, env, port, &log, &self.options.worker_log).map(|child| Process {
-            child,
-            port,
-            log,
-        });
+        let process = start_process(&request.container, env, port, &log, &self.options.worker_log)
+            .map(|child| Process { child, port, log });
         let mut state = self.lock();
         let process = match process {
             Ok(process) => process,
@@ -700,7 +715,9 @@ impl Inner {
                 }
                 let bytes = secrets[&sel.name].as_ref().and_then(|s| s.data.as_ref()).and_then(|d| d.get(&sel.key));
                 match bytes {
-                    Some(b) => out.push((name.clone(), String::from_utf8(b.0.clone()).context("Secret value is not UTF-8")?)),
+                    Some(b) => {
+                        out.push((name.clone(), String::from_utf8(b.0.clone()).context("Secret value is not UTF-8")?))
+                    }
                     None if sel.optional == Some(true) => {}
                     None => bail!("env {name}: key {} of Secret {} not found", sel.key, sel.name),
                 }
@@ -884,7 +901,9 @@ mod tests {
     #[test]
     fn metrics_addr_is_moved_to_loopback() {
         let c = Container {
-            args: Some(["--queue", "q", "--metrics-addr", "0.0.0.0:9090", "--prefetch", "4"].map(String::from).to_vec()),
+            args: Some(
+                ["--queue", "q", "--metrics-addr", "0.0.0.0:9090", "--prefetch", "4"].map(String::from).to_vec(),
+            ),
             ..Default::default()
         };
         assert_eq!(local_args(&c, 4242), ["--queue", "q", "--metrics-addr", "127.0.0.1:4242", "--prefetch", "4"]);

@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use k8s_openapi::api::core::v1::Event;
+use kube::Client;
 use kube::api::{ListParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use warren_operator::RpcService;
 use warren_operator::crd::RpcServiceStatus;
@@ -43,6 +42,7 @@ const CALLS: u64 = 3600;
 const CONCURRENCY: usize = 1000;
 const CALL_TIMEOUT: &str = "60s";
 
+/// At most: the reply and the ack add to the 100 ms, and more so on a busy machine.
 fn worker_capacity() -> f64 {
     PREFETCH as f64 * 1000.0 / SLEEP_MS as f64
 }
@@ -53,7 +53,7 @@ fn load_duration() -> Duration {
     Duration::from_secs_f64((CALLS as f64 - 0.5) / RATE)
 }
 
-/// What the test saw every half second: the RpcService's status and the queue on the management API.
+/// What the test saw every quarter second: the RpcService's status and the queue on the management API.
 #[derive(Clone, Debug)]
 struct Sample {
     at: Instant,
@@ -71,6 +71,34 @@ fn stat(queue: &Value, name: &str) -> u64 {
     queue["message_stats"][name].as_u64().unwrap_or(0)
 }
 
+/// `(first seen, value)` each time the queue's `message_stats.<name>` counter changed: the broker publishes new
+/// figures every `collect_statistics_interval` (5 s by default), so these are the moments new figures appeared.
+fn counter_steps(samples: &[Sample], name: &str) -> Vec<(Instant, u64)> {
+    let mut steps: Vec<(Instant, u64)> = Vec::new();
+    for s in samples {
+        let Some(q) = &s.queue else { continue };
+        let value = stat(q, name);
+        if steps.last().is_none_or(|(_, v)| *v != value) {
+            steps.push((s.at, value));
+        }
+    }
+    steps
+}
+
+/// The queueing delay a request arriving at `s` would see (Little's law): the backlog ÷ the rate the consumers
+/// drain the queue, i.e. acks/s between the last two figures of the ack counter seen by then.
+fn queueing_delay(s: &Sample, acks: &[(Instant, u64)]) -> f64 {
+    let backlog = s.queue_u64("messages_ready").unwrap_or(0) as f64;
+    if backlog == 0.0 {
+        return 0.0;
+    }
+    let seen: Vec<&(Instant, u64)> = acks.iter().filter(|(at, _)| *at <= s.at).collect();
+    match seen.as_slice() {
+        [.., a, b] if b.1 > a.1 => backlog / ((b.1 - a.1) as f64 / secs(a.0, b.0)),
+        _ => f64::INFINITY,
+    }
+}
+
 fn secs(from: Instant, to: Instant) -> f64 {
     to.saturating_duration_since(from).as_secs_f64()
 }
@@ -79,7 +107,42 @@ fn print_timeline(step: Instant, timeline: &[ReplicaChange]) {
     eprintln!("replica timeline (seconds from the step; desired = spec.replicas, pods = starting or running):");
     for c in timeline {
         let t = if c.at >= step { format!("+{:.1}", secs(step, c.at)) } else { format!("-{:.1}", secs(c.at, step)) };
-        eprintln!("  {t:>7}s  desired {:>2}  pods {:>2}  ready {:>2}  processes {:>2}", c.desired, c.pods, c.ready, c.processes);
+        eprintln!(
+            "  {t:>7}s  desired {:>2}  pods {:>2}  ready {:>2}  processes {:>2}",
+            c.desired, c.pods, c.ready, c.processes
+        );
+    }
+}
+
+/// The status decisions and broker figures the test saw, one line each time either changed.
+fn print_samples(step: Instant, samples: &[Sample]) {
+    eprintln!("status.scaling and the queue on the management API (seconds from the step):");
+    let mut last = String::new();
+    for s in samples {
+        let decision = s.status.as_ref().and_then(|st| st.scaling.as_ref()).map_or("-".to_owned(), |d| {
+            format!(
+                "desired {:>2} {:<14} backlog {:>4} inFlight {:>3} λ {:>6.1} μ {:>5.1}",
+                d.desired_replicas, d.reason, d.backlog, d.in_flight, d.arrival_rate, d.per_replica_throughput
+            )
+        });
+        let q = s.queue.as_ref().map_or("-".to_owned(), |q| {
+            format!(
+                "ready {:>4} unacked {:>3} consumers {} publish {:>4} ack {:>4} redeliver {}",
+                q["messages_ready"],
+                q["messages_unacknowledged"],
+                q["consumers"],
+                stat(q, "publish"),
+                stat(q, "ack"),
+                stat(q, "redeliver")
+            )
+        });
+        let line = format!("{decision} | {q}");
+        if line != last {
+            let t =
+                if s.at >= step { format!("+{:.1}", secs(step, s.at)) } else { format!("-{:.1}", secs(s.at, step)) };
+            eprintln!("  {t:>7}s  {line}");
+            last = line;
+        }
     }
 }
 
@@ -100,7 +163,8 @@ async fn step_load_scales_out_drains_the_backlog_and_scales_back_in() -> anyhow:
 
 async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow::Result<()> {
     let operator = OperatorProcess::start(ns.name(), &[])?;
-    let runtime = LocalRuntime::start(client.clone(), ns.name(), RuntimeOptions::default().start_delay(POD_START_DELAY))?;
+    let runtime =
+        LocalRuntime::start(client.clone(), ns.name(), RuntimeOptions::default().start_delay(POD_START_DELAY))?;
     let svc: RpcService = serde_json::from_value(json!({
         "apiVersion": "warren.dev/v1alpha1",
         "kind": "RpcService",
@@ -125,7 +189,8 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
     wait_for("WorkersReady and a first scaling decision", WAIT, || async {
         let svc = services.get("sleepy").await?;
         let status = svc.status.unwrap_or_default();
-        let workers_ready = status.conditions.iter().any(|c| c.type_ == "WorkersReady" && c.reason == "AllReplicasReady");
+        let workers_ready =
+            status.conditions.iter().any(|c| c.type_ == "WorkersReady" && c.reason == "AllReplicasReady");
         let decided = status.scaling.as_ref().is_some_and(|s| s.desired_replicas == MIN_REPLICAS);
         Ok((workers_ready && decided && status.ready_replicas == MIN_REPLICAS).then_some(()))
     })
@@ -144,7 +209,7 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
                 let status = services.get("sleepy").await.ok().and_then(|s| s.status);
                 let q = broker::queue("/", &queue).await.ok().flatten();
                 samples.lock().unwrap().push(Sample { at: Instant::now(), status, queue: q });
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
     };
@@ -167,28 +232,32 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
     let report: Value = serde_json::from_slice(&output.stdout).context("bench JSON")?;
     eprintln!("bench: {report}");
 
-    // Every call answered.
-    let errors: u64 = report["errors"].as_object().context("errors")?.values().filter_map(Value::as_u64).sum();
-    assert_eq!(errors, 0, "calls failed: {}", report["errors"]);
-    assert_eq!(report["calls"].as_u64(), Some(CALLS), "every scheduled call was made");
-    assert_eq!(report["ok"].as_u64(), Some(CALLS), "every call was answered");
+    let calls = report["calls"].as_u64().context("calls")?;
 
-    // After the load the pool goes back to minReplicas, and only those processes are left.
-    runtime.wait_settled("sleepy", MIN_REPLICAS as usize, Duration::from_secs(120)).await?;
-    let settled = Instant::now();
-    // Nothing lost and nothing requeued: each call published once, acked once, never redelivered, queue empty.
+    // After the load the pool goes back to minReplicas, and only those processes are left; the queue empties.
+    let settled =
+        runtime.wait_settled("sleepy", MIN_REPLICAS as usize, Duration::from_secs(120)).await.map(|()| Instant::now());
     let final_queue = wait_for("the queue to be empty with every request acked", WAIT, || async {
         let q = broker::queue("/", queue).await?.context("queue missing")?;
         let drained = q["messages_ready"].as_u64() == Some(0) && q["messages_unacknowledged"].as_u64() == Some(0);
-        Ok((drained && stat(&q, "publish") == CALLS && stat(&q, "ack") == CALLS).then_some(q))
+        Ok((drained && stat(&q, "publish") == calls && stat(&q, "ack") == calls).then_some(q))
     })
-    .await?;
+    .await;
     recorder.abort();
     let stats = runtime.stop();
     drop(operator);
     let samples = samples.lock().unwrap().clone();
-
+    print_samples(step, &samples);
     print_timeline(step, &stats.timeline_of("sleepy"));
+    let settled = settled?;
+    let final_queue = final_queue?;
+
+    // Every call made and answered; nothing lost and nothing requeued: each call published once, acked once.
+    let errors: u64 = report["errors"].as_object().context("errors")?.values().filter_map(Value::as_u64).sum();
+    assert_eq!(errors, 0, "calls failed: {}", report["errors"]);
+    assert_eq!(calls, CALLS, "every scheduled call was made");
+    assert_eq!(report["ok"].as_u64(), Some(CALLS), "every call was answered");
+    assert_eq!((stat(&final_queue, "publish"), stat(&final_queue, "ack")), (CALLS, CALLS));
     let desired = stats.desired_changes("sleepy");
 
     // Reaction: the first scale-up the runtime saw after the step, in observation periods.
@@ -201,38 +270,70 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
         POLL
     );
 
+    // The broker's figures move once per stats interval (queue lengths and message counters on their own phases):
+    // how long after they first showed the step (a backlog or publishes) the operator's decision reached the
+    // Deployment. This test samples every 250 ms, so roughly.
+    let before =
+        samples.iter().rev().find(|s| s.at < step).and_then(|s| s.queue.as_ref()).map_or(0, |q| stat(q, "publish"));
+    if let Some(seen) = samples.iter().find(|s| {
+        s.at >= step
+            && s.queue.as_ref().is_some_and(|q| stat(q, "publish") > before || q["messages_ready"].as_u64() > Some(0))
+    }) {
+        let after = first_up_at.saturating_duration_since(seen.at).as_secs_f64();
+        eprintln!(
+            "the management API first showed the step at +{:.1}s; the scale-up reached the Deployment {after:.1}s later \
+             = {:.1} observation periods",
+            secs(step, seen.at),
+            after / POLL.as_secs_f64()
+        );
+    }
+
     // Up to what the rate needs, never above the maximum.
     let peak = desired.iter().map(|(_, d)| *d).max().unwrap_or(0);
     let needed = (RATE / worker_capacity()).ceil() as i32;
-    eprintln!("peak desired {peak} (the rate alone needs {needed} at full utilisation); most pods {}, most processes {}", stats.max_pods, stats.max_processes);
+    eprintln!(
+        "peak desired {peak} (the rate alone needs {needed} at full utilisation); most pods {}, most processes {}",
+        stats.max_pods, stats.max_processes
+    );
     assert!(peak >= needed && peak <= MAX_REPLICAS, "peak {peak} outside {needed}..={MAX_REPLICAS}");
     assert!(stats.max_pods <= MAX_REPLICAS as usize, "{} pods at once", stats.max_pods);
     assert!(stats.max_processes <= MAX_REPLICAS as usize, "{} processes at once", stats.max_processes);
 
-    // The backlog drained: after its peak, the queueing delay (backlog ÷ what the consumers drain) went under the
-    // target while the load still ran, and the last figures of the load show it there.
+    // The backlog drained: after its peak, the queueing delay (backlog ÷ the rate the consumers drain it, from the
+    // ack counter) went under the target while the load still ran, and stayed there to the end of the load.
+    let acks = counter_steps(&samples, "ack");
     let during: Vec<&Sample> = samples.iter().filter(|s| s.at >= step && s.at <= load_end).collect();
-    let delay = |s: &Sample| {
-        let consumers = s.queue_u64("consumers").unwrap_or(0).max(1) as f64;
-        s.queue_u64("messages_ready").unwrap_or(0) as f64 / (consumers * worker_capacity())
-    };
     let (peak_index, peak_sample) = during
         .iter()
         .enumerate()
         .max_by_key(|(_, s)| s.queue_u64("messages_ready").unwrap_or(0))
         .context("no samples during the load")?;
     let peak_backlog = peak_sample.queue_u64("messages_ready").unwrap_or(0);
-    eprintln!("peak backlog {peak_backlog} at +{:.1}s", secs(step, peak_sample.at));
-    assert!(peak_backlog > 0, "the step never built a backlog: not a test of scaling");
-    let drained = during[peak_index..].iter().find(|s| delay(s) < TARGET_DELAY_S).context("the backlog never drained")?;
     eprintln!(
-        "queueing delay under the {TARGET_DELAY_S}s target again at +{:.1}s (backlog {}, {} consumers)",
+        "peak backlog {peak_backlog} seen at +{:.1}s: queueing delay {:.1}s",
+        secs(step, peak_sample.at),
+        queueing_delay(peak_sample, &acks)
+    );
+    assert!(peak_backlog > 0, "the step never built a backlog: not a test of scaling");
+    let drained = during[peak_index..]
+        .iter()
+        .find(|s| queueing_delay(s, &acks) < TARGET_DELAY_S)
+        .context("the backlog never drained")?;
+    eprintln!(
+        "queueing delay under the {TARGET_DELAY_S}s target again at +{:.1}s: {:.1}s (backlog {}, {} consumers)",
         secs(step, drained.at),
+        queueing_delay(drained, &acks),
         drained.queue_u64("messages_ready").unwrap_or(0),
         drained.queue_u64("consumers").unwrap_or(0)
     );
     let last = during.last().context("no samples during the load")?;
-    assert!(delay(last) < TARGET_DELAY_S, "at the end of the load: {:?}", last.queue);
+    assert!(queueing_delay(last, &acks) < TARGET_DELAY_S, "at the end of the load: {:?}", last.queue);
+    let publishes = counter_steps(&samples, "publish");
+    let gaps: Vec<f64> = publishes.windows(2).map(|w| secs(w[0].0, w[1].0)).collect();
+    eprintln!(
+        "the management API's publish counter moved every {:?} s (collect_statistics_interval)",
+        gaps.iter().map(|g| (g * 10.0).round() / 10.0).collect::<Vec<_>>()
+    );
     let status_ready: Vec<i64> =
         during[peak_index..].iter().filter_map(|s| s.status.as_ref()?.queue.as_ref().map(|q| q.ready)).collect();
     assert!(
@@ -269,21 +370,27 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
     let condition = decision.conditions.iter().find(|c| c.type_ == "Scaling").context("Scaling condition")?;
     assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("True", scaling.reason.as_str()));
     let measured = samples.iter().rev().find_map(|s| s.status.as_ref()?.per_replica_throughput);
-    eprintln!("status.perReplicaThroughput at the end: {measured:?} (true capacity {} req/s)", worker_capacity());
+    eprintln!(
+        "status.perReplicaThroughput at the end: {measured:?} (hint {THROUGHPUT_HINT}, nominal {} req/s)",
+        worker_capacity()
+    );
 
-    // Events: each change is announced once, up and down.
-    let events = Client::clone(client);
-    let events: kube::Api<Event> = kube::Api::namespaced(events, ns.name());
-    let scaled: Vec<String> = events
+    // Events: every change is announced. kube's Recorder folds events with the same reason and action for the
+    // same object into one event with a series count (its note stays the first one's), so count announcements.
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(client.clone(), ns.name());
+    let scaled: Vec<(String, i32)> = events
         .list(&ListParams::default())
         .await?
         .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("Scaled") && e.involved_object.name.as_deref() == Some("sleepy"))
-        .map(|e| e.message.unwrap_or_default())
+        .filter(|e| e.reason.as_deref() == Some("Scaled"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("sleepy"))
+        .map(|e| (e.note.unwrap_or_default(), e.series.map_or(1, |s| s.count)))
         .collect();
-    eprintln!("Scaled events: {scaled:#?}");
-    assert!(scaled.iter().any(|m| m.starts_with(&format!("{MIN_REPLICAS} → "))), "no scale-up event: {scaled:?}");
-    assert!(scaled.iter().any(|m| m.contains(&format!(" → {MIN_REPLICAS} replicas"))), "no scale-down event: {scaled:?}");
+    eprintln!("Scaled events (note, count): {scaled:#?}");
+    let announced: i32 = scaled.iter().map(|(_, n)| n).sum();
+    let changes = desired.iter().filter(|(at, _)| *at >= step).count() as i32;
+    assert!(scaled.iter().any(|(m, _)| m.starts_with(&format!("{MIN_REPLICAS} → "))), "no scale-up event: {scaled:?}");
+    assert!(announced >= changes, "{announced} Scaled announcements for {changes} replica changes: {scaled:?}");
 
     // Down only after the scale-down delay: no decrease sooner than the delay after the last increase (1 s of slack
     // for the watch latency of two observations), and never below the minimum.
@@ -294,7 +401,10 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
             last_up = Some(at);
         } else if let Some(up) = last_up {
             let after_up = secs(up, at);
-            assert!(after_up >= SCALE_DOWN_DELAY_S as f64 - 1.0, "{before} → {after} only {after_up:.1}s after a scale-up");
+            assert!(
+                after_up >= SCALE_DOWN_DELAY_S as f64 - 1.0,
+                "{before} → {after} only {after_up:.1}s after a scale-up"
+            );
         }
         assert!(after >= MIN_REPLICAS, "scaled to {after}");
     }
@@ -310,13 +420,35 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
     let stopped = stats.terminations.iter().filter(|t| t.deployment == "sleepy").collect::<Vec<_>>();
     for t in &stopped {
         if !t.clean() {
-            bail!("{} did not stop cleanly: {:?} killed {} requested {}\n{}", t.pod, t.status, t.killed, t.requested, t.log_tail);
+            bail!(
+                "{} did not stop cleanly: {:?} killed {} requested {}\n{}",
+                t.pod,
+                t.status,
+                t.killed,
+                t.requested,
+                t.log_tail
+            );
         }
     }
-    let drains: Vec<String> = stopped.iter().filter_map(|t| t.drain).map(|d| format!("{:.0}ms", d.as_secs_f64() * 1000.0)).collect();
+    let drains: Vec<String> =
+        stopped.iter().filter_map(|t| t.drain).map(|d| format!("{:.0}ms", d.as_secs_f64() * 1000.0)).collect();
     eprintln!("{} workers stopped, all with exit code 0; SIGTERM → exit: {drains:?}", stopped.len());
     assert!(stopped.len() >= (peak - MIN_REPLICAS) as usize, "{} stopped for a peak of {peak}", stopped.len());
     assert!(stats.errors.is_empty(), "local runtime errors: {:#?}", stats.errors);
+    if stat(&final_queue, "redeliver") > 0 {
+        for t in &stopped {
+            let noteworthy: Vec<&str> = t.log_tail.lines().filter(|l| !l.contains(" INFO ")).collect();
+            eprintln!(
+                "--- {} (drain {:?}): {}",
+                t.pod,
+                t.drain,
+                if noteworthy.is_empty() { t.log_tail.as_str() } else { "" }
+            );
+            for l in noteworthy {
+                eprintln!("    {l}");
+            }
+        }
+    }
     assert_eq!(stat(&final_queue, "redeliver"), 0, "requests were redelivered: {}", final_queue["message_stats"]);
     Ok(())
 }

@@ -21,7 +21,7 @@ pub use policy::{
     DEFAULT_MAX_SCALE_UP_FACTOR, DEFAULT_MAX_SCALE_UP_PODS, DEFAULT_TOLERANCE, DecisionInputs, PolicySpec, PolicyState,
     RecommendationWindow, ReplicaCounts, ScaleDecision, ScaleReason, URGENT_BACKLOG_SHARE, decide,
 };
-pub use rates::{DEFAULT_RATE_WINDOW, ObservedQueue, Observation, QueueSample, RateTracker, WindowFigures};
+pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use throughput::{
     PRIOR_PER_REPLICA_THROUGHPUT, SATURATED_IN_FLIGHT_SHARE, SMOOTHING_SECONDS, ThroughputEstimate, ThroughputSource,
 };
@@ -39,7 +39,10 @@ impl Autoscaler {
     pub fn new(measured_throughput: Option<f64>) -> Self {
         Self {
             rates: RateTracker::default(),
-            state: PolicyState { throughput: ThroughputEstimate::seeded(measured_throughput), ..PolicyState::default() },
+            state: PolicyState {
+                throughput: ThroughputEstimate::seeded(measured_throughput),
+                ..PolicyState::default()
+            },
             window_started: false,
         }
     }
@@ -106,8 +109,8 @@ mod tests {
         assert_eq!(scaler.measured_throughput(), Some(20.0));
         assert_eq!(d.inputs.throughput_source, ThroughputSource::Measured);
         assert_eq!((d.inputs.arrival_rate, d.inputs.completion_rate), (100.0, 40.0));
-        // (100 + 800 / 2) / (20 · 0.8) = 31.25, capped at maxReplicas 10 and at 4 more in one step.
-        assert_eq!((d.recommendation, d.desired, d.reason), (10, 6, ScaleReason::Backlog));
+        // (100 + 800 / 2) / (20 · 0.8) = 31.25, capped at maxReplicas 10.
+        assert_eq!((d.recommendation, d.desired, d.reason), (10, 10, ScaleReason::MaxReplicas));
     }
 
     #[test]

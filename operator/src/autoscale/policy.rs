@@ -21,10 +21,10 @@ use crate::crd::{RpcServiceSpec, ScalingSpec};
 
 /// Relative changes smaller than this are ignored unless a backlog demands them (HPA's default is the same).
 pub const DEFAULT_TOLERANCE: f64 = 0.1;
-/// One decision may at most multiply the replicas by this...
+/// One decision may at most multiply the replicas by this (a large pool)...
 pub const DEFAULT_MAX_SCALE_UP_FACTOR: f64 = 2.0;
-/// ...or add this many, whichever is more.
-pub const DEFAULT_MAX_SCALE_UP_PODS: i32 = 4;
+/// ...or add this many (a small pool reaches a burst's size in one step), whichever is more.
+pub const DEFAULT_MAX_SCALE_UP_PODS: i32 = 32;
 /// A backlog the ready workers need more than this share of T to drain overrides the tolerance band.
 pub const URGENT_BACKLOG_SHARE: f64 = 0.1;
 
@@ -227,7 +227,13 @@ pub fn decide(
         // Never act on missing data, and in particular never scale to zero on it.
         let desired = current.clamp(min, max);
         let message = format!("queue metrics are unavailable; keeping {}", plural(desired));
-        return ScaleDecision { desired, reason: ScaleReason::MetricsUnavailable, recommendation: desired, inputs, message };
+        return ScaleDecision {
+            desired,
+            reason: ScaleReason::MetricsUnavailable,
+            recommendation: desired,
+            inputs,
+            message,
+        };
     };
     inputs.backlog = q.backlog;
     inputs.in_flight = q.in_flight;
@@ -276,8 +282,20 @@ pub fn decide(
         let drain_rate = replicas.ready.max(0) as f64 * mu;
         let urgent = q.backlog > 0 && backlog >= URGENT_BACKLOG_SHARE * t * drain_rate;
         let beyond_tolerance = recommendation as f64 >= current as f64 * (1.0 + spec.tolerance) - 1e-9;
-        if current == 0 || beyond_tolerance || urgent {
-            let desired = recommendation.min(spec.scale_up_limit(current)).max(1);
+        // With μ a mere guess, the pods already asked for measure it within a rate window of serving: more
+        // would be sized on the guess. Once they have been watched that long the guess is used, so this never stalls.
+        let watched = q.window.is_some_and(|w| w.steady_consumers && w.max_consumers > 0);
+        let guessing = source == ThroughputSource::Prior && (replicas.ready < current.max(1) || !watched);
+        let guessing_from_zero = guessing && current == 0;
+        if guessing && !guessing_from_zero {
+            let message = format!(
+                "keeping {}: {why}, but the per-replica throughput is a guess until the starting pods serve",
+                plural(current)
+            );
+            (current, ScaleReason::Steady, message)
+        } else if current == 0 || beyond_tolerance || urgent {
+            let limit = if guessing_from_zero { 1 } else { spec.scale_up_limit(current) };
+            let desired = recommendation.min(limit).max(1);
             let reason = if current == 0 && busy > 0 && need_reason != ScaleReason::MinReplicas {
                 ScaleReason::ScaleFromZero
             } else if desired < recommendation {
@@ -285,23 +303,36 @@ pub fn decide(
             } else {
                 need_reason
             };
-            let limited = if desired < recommendation { format!(" (at most {desired} in one step)") } else { String::new() };
+            let limited =
+                if desired < recommendation { format!(" (at most {desired} in one step)") } else { String::new() };
             (desired, reason, format!("scaling from {current} to {desired}: {why}{limited}"))
         } else {
             let pct = spec.tolerance * 100.0;
-            (current, ScaleReason::Steady, format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)))
+            (
+                current,
+                ScaleReason::Steady,
+                format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)),
+            )
         }
     } else if recommendation < current {
         let delay = spec.scale_down_delay_seconds;
         let highest = state.recommendations.highest_since(now - delay).unwrap_or(recommendation).max(recommendation);
         if highest >= current {
-            let message = format!("keeping {}: {why}, but {highest} were recommended within the last {delay:.0}s", plural(current));
+            let message = format!(
+                "keeping {}: {why}, but {highest} were recommended within the last {delay:.0}s",
+                plural(current)
+            );
             (current, ScaleReason::ScaleDownDelay, message)
         } else if ((current - highest) as f64) < current as f64 * spec.tolerance - 1e-9 {
             let pct = spec.tolerance * 100.0;
-            (current, ScaleReason::Steady, format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)))
+            (
+                current,
+                ScaleReason::Steady,
+                format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)),
+            )
         } else if highest > recommendation {
-            let message = format!("scaling from {current} to {highest}, the most recommended within the last {delay:.0}s: {why}");
+            let message =
+                format!("scaling from {current} to {highest}, the most recommended within the last {delay:.0}s: {why}");
             (highest, ScaleReason::ScaleDownDelay, message)
         } else {
             (recommendation, need_reason, format!("scaling from {current} to {recommendation}: {why}"))
@@ -332,12 +363,9 @@ fn explain(reason: ScaleReason, need: i32, i: &DecisionInputs, spec: &PolicySpec
     let t = spec.target_queue_delay_seconds;
     match reason {
         ScaleReason::Idle => "no requests arrive, wait or run".to_owned(),
-        ScaleReason::InFlight => format!(
-            "{} requests in flight occupy {} at prefetch {}",
-            i.in_flight,
-            plural(need),
-            spec.prefetch
-        ),
+        ScaleReason::InFlight => {
+            format!("{} requests in flight occupy {} at prefetch {}", i.in_flight, plural(need), spec.prefetch)
+        }
         ScaleReason::Backlog => format!(
             "{} waiting and {:.1} req/s arriving need {} at {mu} to drain within {t}s at {u:.0}% utilisation",
             i.backlog,
@@ -419,12 +447,14 @@ mod tests {
     }
 
     #[test]
-    fn one_step_at_most_doubles_or_adds_four() {
-        let d = decide_fresh(&obs(0.0, 5000, 8, 200.0), 2, &spec());
-        assert_eq!(d.desired, 6);
-        assert_eq!(d.recommendation, 50);
-        let d = decide_fresh(&obs(0.0, 5000, 8, 200.0), 10, &spec());
-        assert_eq!(d.desired, 20);
+    fn one_step_at_most_doubles_or_adds_thirty_two() {
+        let spec = PolicySpec { max_replicas: 500, ..spec() };
+        let d = decide_fresh(&obs(0.0, 50_000, 8, 200.0), 2, &spec);
+        assert_eq!((d.desired, d.recommendation), (34, 500));
+        assert_eq!(d.reason, ScaleReason::Backlog, "the step limit binds, not maxReplicas");
+        assert!(d.message.contains("at most 34 in one step"), "{}", d.message);
+        let d = decide_fresh(&obs(0.0, 50_000, 8, 200.0), 40, &spec);
+        assert_eq!(d.desired, 80);
     }
 
     #[test]
@@ -438,6 +468,26 @@ mod tests {
         let spec = PolicySpec { min_replicas: 0, per_replica_throughput_hint: Some(1000.0), ..spec() };
         let d = decide_fresh(&obs(0.0, 1, 0, 0.0), 0, &spec);
         assert_eq!((d.desired, d.reason), (1, ScaleReason::ScaleFromZero));
+    }
+
+    #[test]
+    fn without_any_throughput_figure_scale_up_waits_for_the_starting_pods() {
+        let hinted_spec = spec();
+        let spec = PolicySpec { per_replica_throughput_hint: None, ..spec() };
+        let starting = ReplicaCounts { current: 1, ready: 0 };
+        let d = decide(&PolicyState::default(), &obs(0.0, 200, 0, 20.0), starting, &spec, 0.0);
+        assert_eq!((d.desired, d.reason), (1, ScaleReason::Steady));
+        let d = decide(&PolicyState::default(), &obs(0.0, 200, 0, 20.0), counts(1), &spec, 0.0);
+        assert_eq!(d.desired, 1, "the ready pod has not been watched for a window yet");
+        let mut watched = obs(0.0, 200, 0, 20.0);
+        watched.queue.as_mut().unwrap().window.as_mut().unwrap().max_consumers = 1;
+        let d = decide(&PolicyState::default(), &watched, counts(1), &spec, 0.0);
+        assert_eq!(d.desired, 33, "a pod that served a window and measured nothing: the prior is used");
+        let hinted = decide(&PolicyState::default(), &obs(0.0, 200, 0, 20.0), starting, &hinted_spec, 0.0);
+        assert_eq!(hinted.desired, 8, "a hint is trusted: (20 + 100) / 16 = 7.5");
+        let spec = PolicySpec { min_replicas: 0, ..spec };
+        let d = decide(&PolicyState::default(), &obs(0.0, 200, 0, 20.0), counts(0), &spec, 0.0);
+        assert_eq!((d.desired, d.reason), (1, ScaleReason::ScaleFromZero), "one pod to measure with");
     }
 
     #[test]

@@ -103,7 +103,8 @@ impl RateTracker {
         if let Some(last) = self.samples.back() {
             let reset = sample.published_total < last.published_total || sample.acked_total < last.acked_total;
             let gap = sample.at - last.at;
-            if reset || !(gap > 0.0) || gap > self.max_gap() {
+            let in_order = gap > 0.0; // also false for a NaN time
+            if reset || !in_order || gap > self.max_gap() {
                 self.samples.clear();
             }
         }

@@ -66,8 +66,11 @@ impl KedaHpa {
             self.recommendations.push_back((now, replicas));
         }
         let ratio = messages / (self.target_per_replica * replicas as f64);
-        let proposal =
-            if (1.0 - ratio).abs() > HPA_TOLERANCE { (messages / self.target_per_replica).ceil() as i32 } else { replicas };
+        let proposal = if (1.0 - ratio).abs() > HPA_TOLERANCE {
+            (messages / self.target_per_replica).ceil() as i32
+        } else {
+            replicas
+        };
         // Stabilisation: up to the proposal at once (0 s window); down only to the window's highest.
         let highest = self
             .recommendations

@@ -25,25 +25,36 @@ impl Trace {
     pub fn named(name: &str, seed: u64) -> Option<Trace> {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x7472_6163_6500_0000 ^ name_hash(name));
         let trace = match name {
-            "step" => Self::build("step", "60 req/s, a step to 240 req/s at 5 min, back to 60 at 15 min", 1200, 1, 40, |t| {
-                if (300.0..900.0).contains(&t) { 240.0 } else { 60.0 }
-            }),
-            "ramp" => Self::build("ramp", "20 → 320 req/s over 20 min, 5 min at 320, down to 20 over 5 min", 2400, 1, 40, |t| {
-                match t {
+            "step" => {
+                Self::build("step", "60 req/s, a step to 240 req/s at 5 min, back to 60 at 15 min", 1200, 1, 40, |t| {
+                    if (300.0..900.0).contains(&t) { 240.0 } else { 60.0 }
+                })
+            }
+            "ramp" => Self::build(
+                "ramp",
+                "20 → 320 req/s over 20 min, 5 min at 320, down to 20 over 5 min",
+                2400,
+                1,
+                40,
+                |t| match t {
                     t if t < 300.0 => 20.0,
                     t if t < 1500.0 => 20.0 + 300.0 * (t - 300.0) / 1200.0,
                     t if t < 1800.0 => 320.0,
                     t if t < 2100.0 => 320.0 - 300.0 * (t - 1800.0) / 300.0,
                     _ => 20.0,
-                }
-            }),
-            "burst" => Self::build("burst", "40 req/s with five 60 s bursts to 320 req/s, 5-7 min apart", 1900, 1, 40, |t| {
-                let bursts = [180.0, 560.0, 900.0, 1310.0, 1650.0];
-                if bursts.iter().any(|b| (*b..*b + 60.0).contains(&t)) { 320.0 } else { 40.0 }
-            }),
-            "diurnal" => Self::build("diurnal", "a day in an hour: 30 → 250 → 30 req/s, sinusoidal", 3600, 1, 40, |t| {
-                30.0 + 220.0 * (1.0 - (2.0 * std::f64::consts::PI * t / 3600.0).cos()) / 2.0
-            }),
+                },
+            ),
+            "burst" => {
+                Self::build("burst", "40 req/s with five 60 s bursts to 320 req/s, 5-7 min apart", 1900, 1, 40, |t| {
+                    let bursts = [180.0, 560.0, 900.0, 1310.0, 1650.0];
+                    if bursts.iter().any(|b| (*b..*b + 60.0).contains(&t)) { 320.0 } else { 40.0 }
+                })
+            }
+            "diurnal" => {
+                Self::build("diurnal", "a day in an hour: 30 → 250 → 30 req/s, sinusoidal", 3600, 1, 40, |t| {
+                    30.0 + 220.0 * (1.0 - (2.0 * std::f64::consts::PI * t / 3600.0).cos()) / 2.0
+                })
+            }
             "noisy" => {
                 // Ornstein-Uhlenbeck around 120 req/s: ±20 % that persists for about 30 s.
                 let (tau, sigma) = (30.0_f64, 0.2_f64);
@@ -56,18 +67,39 @@ impl Trace {
                         (120.0 * (1.0 + x)).max(0.0)
                     })
                     .collect();
-                Trace { name: "noisy", description: "noisy steady: 120 req/s ± 20 %, correlated over ~30 s", duration: 1800.0, min_replicas: 1, max_replicas: 40, rates }
+                Trace {
+                    name: "noisy",
+                    description: "noisy steady: 120 req/s ± 20 %, correlated over ~30 s",
+                    duration: 1800.0,
+                    min_replicas: 1,
+                    max_replicas: 40,
+                    rates,
+                }
             }
-            "sparse" => Self::build("sparse", "idle, with four 60 s bursts of 15 req/s 6-8 min apart; minReplicas 0", 1800, 0, 40, |t| {
-                let bursts = [120.0, 600.0, 1050.0, 1500.0];
-                if bursts.iter().any(|b| (*b..*b + 60.0).contains(&t)) { 15.0 } else { 0.0 }
-            }),
+            "sparse" => Self::build(
+                "sparse",
+                "idle, with four 60 s bursts of 15 req/s 6-8 min apart; minReplicas 0",
+                1800,
+                0,
+                40,
+                |t| {
+                    let bursts = [120.0, 600.0, 1050.0, 1500.0];
+                    if bursts.iter().any(|b| (*b..*b + 60.0).contains(&t)) { 15.0 } else { 0.0 }
+                },
+            ),
             _ => return None,
         };
         Some(trace)
     }
 
-    fn build(name: &'static str, description: &'static str, seconds: usize, min: i32, max: i32, rate: impl Fn(f64) -> f64) -> Trace {
+    fn build(
+        name: &'static str,
+        description: &'static str,
+        seconds: usize,
+        min: i32,
+        max: i32,
+        rate: impl Fn(f64) -> f64,
+    ) -> Trace {
         let rates = (0..seconds).map(|i| rate(i as f64 + 0.5)).collect();
         Trace { name, description, duration: seconds as f64, min_replicas: min, max_replicas: max, rates }
     }
