@@ -69,7 +69,7 @@ check-generated: build
 
 cargo-test: build
 	$(call step,cargo test --workspace)
-	$(WITH_ENV) $(CARGO) test $(CARGO_FLAGS) --workspace -- $(if $(TEST_THREADS),--test-threads=$(TEST_THREADS))
+	$(WITH_ENV) $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast -- $(if $(TEST_THREADS),--test-threads=$(TEST_THREADS))
 
 # The interop tests in Python (pika), in a venv outside the repo (tests/python/run makes it); skipped until
 # tests/python has tests.

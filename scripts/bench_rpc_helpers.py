@@ -243,6 +243,8 @@ def report(results_path, benchmarks_path):
         "process spent per call in the measured window: what the client itself costs, which moves far less with "
         "the machine's load than throughput and latency do.",
         "",
+        *[f"**Warning:** {name} had {x['errors']} failed calls in this run; its numbers are suspect."
+          for name, x in r.items() if isinstance(x, dict) and x.get("errors")],
         "Against the design's targets:",
         "",
         f"- Throughput at {w64['concurrency']} in flight: warren (client + worker) = **{throughput_ratio:.0%}** of the "

@@ -677,21 +677,25 @@ impl Inner {
                 return;
             }
         };
-        let pod = state
-            .workloads
-            .get_mut(&request.deployment)
-            .and_then(|w| w.pods.iter_mut().find(|p| p.name == request.pod))
-            .filter(|p| matches!(p.phase, Phase::Starting { .. }));
-        match pod {
-            Some(pod) => pod.phase = Phase::Running { process, ready: false, failures: 0 },
-            // Scaled in while its env was resolved: stop it again at once.
+        let now = Instant::now();
+        match state.workloads.get_mut(&request.deployment) {
+            Some(w) => match w.pods.iter_mut().find(|p| p.name == request.pod) {
+                Some(pod) if matches!(pod.phase, Phase::Starting { .. }) => {
+                    pod.phase = Phase::Running { process, ready: false, failures: 0 };
+                }
+                // Scaled in while its env was resolved: stop it again, like any other pod.
+                _ => {
+                    let pod = Pod { name: request.pod, phase: Phase::Running { process, ready: false, failures: 0 } };
+                    w.pods.extend(terminate(pod, now, w.grace));
+                }
+            },
             None => {
                 let mut process = process;
                 signal(&process.child, Signal::SIGTERM);
                 let _ = process.child.wait();
             }
         }
-        state.record(&request.deployment, Instant::now());
+        state.record(&request.deployment, now);
     }
 
     /// The container's environment as kubelet would set it: values, Secret and ConfigMap keys, the pod's

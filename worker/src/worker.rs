@@ -397,6 +397,9 @@ impl Session {
     }
 }
 
+/// How long a reply confirm or an ack may take before its session is presumed dead.
+const REPLY_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Handler → reply (confirmed) → ack, for one delivery.
 async fn handle(delivery: Delivery, dispatcher: &Dispatcher, replies: &ReplyChannel) {
     let metrics = dispatcher.metrics();
@@ -419,7 +422,12 @@ async fn handle(delivery: Delivery, dispatcher: &Dispatcher, replies: &ReplyChan
         }
         return;
     }
-    match delivery.acker.ack(BasicAckOptions::default()).await {
+    let acked = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await;
+    let Ok(acked) = acked else {
+        debug!("no answer to the ack; the broker redelivers the request if it was lost");
+        return;
+    };
+    match acked {
         Ok(true) => {}
         Ok(false) => debug!("the channel closed before the ack; the broker redelivers the request"),
         Err(error) => debug!(%error, "ack failed; the broker redelivers the request"),
@@ -454,6 +462,15 @@ impl ReplyChannel {
                 )
                 .await?
                 .await
+        };
+        // A confirm lost with a dying connection must not hold the request (and the drain) forever.
+        let confirm = async {
+            tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, confirm).await.unwrap_or_else(|_| {
+                Err(lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no publisher confirm for the reply",
+                )))))
+            })
         };
         match confirm.await {
             Ok(confirmation) if confirmation.is_nack() => Err(ReplyError::Nacked),
