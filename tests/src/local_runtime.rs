@@ -59,6 +59,9 @@ pub struct RuntimeOptions {
     pub sync_interval: Duration,
     /// `RUST_LOG` of the workers (default: `WARREN_WORKER_LOG`, or `info`).
     pub worker_log: String,
+    /// Keep the workers' logs after a clean stop (default: whether `WARREN_KEEP_WORKER_LOGS` is set); they are
+    /// always kept when a test panics or a worker did not stop cleanly.
+    pub keep_logs: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -67,6 +70,7 @@ impl Default for RuntimeOptions {
             start_delay: Duration::ZERO,
             sync_interval: Duration::from_millis(200),
             worker_log: std::env::var("WARREN_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            keep_logs: std::env::var_os("WARREN_KEEP_WORKER_LOGS").is_some(),
         }
     }
 }
@@ -397,7 +401,8 @@ impl LocalRuntime {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let keep = std::thread::panicking() || state.terminations.iter().any(|t| !t.clean());
+        let keep =
+            self.inner.options.keep_logs || std::thread::panicking() || state.terminations.iter().any(|t| !t.clean());
         drop(state);
         if keep {
             eprintln!("local runtime: worker logs kept in {}", self.inner.log_dir.display());
