@@ -158,14 +158,10 @@ async fn respond(connection: &Connection, queue: &str, prefetch: u16, queue_type
 type Tally = (Histogram<u64>, Instant);
 
 fn request(id: u64) -> BasicProperties {
-    let p = BasicProperties::default()
+    BasicProperties::default()
         .with_content_type("application/json".into())
         .with_reply_to(REPLY_TO.into())
-        .with_correlation_id(id.to_string().into());
-    if std::env::var_os("EXP_EXPIRATION").is_some() {
-        return p.with_expiration("5000".into());
-    }
-    p
+        .with_correlation_id(id.to_string().into())
 }
 
 /// Each caller on its own channel: publish, wait for the one reply, repeat.
@@ -200,7 +196,7 @@ async fn call_per_channel(
                 }
                 id += 1;
                 channel
-                    .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions { mandatory: std::env::var_os("EXP_MANDATORY").is_some(), ..Default::default() }, &body, request(id))
+                    .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &body, request(id))
                     .await?;
                 let Some(reply) = replies.next().await else { anyhow::bail!("reply consumer ended") };
                 reply?;
@@ -267,7 +263,7 @@ async fn call_shared(
                 let (tx, rx) = oneshot::channel();
                 waiting.lock().unwrap().insert(id, tx);
                 channel
-                    .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions { mandatory: std::env::var_os("EXP_MANDATORY").is_some(), ..Default::default() }, &body, request(id))
+                    .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &body, request(id))
                     .await?;
                 rx.await?;
                 let done = Instant::now();

@@ -16,6 +16,8 @@ pub const HEADER_TRACEPARENT: &str = "traceparent";
 pub const HEADER_TRACESTATE: &str = "tracestate";
 /// `content_type` of JSON bodies; also what an absent `content_type` means.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// Reserved for MessagePack bodies; not implemented (a worker answers `bad_request`, the client rejects the reply).
+pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
 /// `x-status` value of a successful reply.
 pub const STATUS_OK: &str = "ok";
 /// `x-status` value of an error reply.

@@ -107,6 +107,8 @@ pub struct Termination {
     pub requested: bool,
     /// SIGKILLed after its grace period.
     pub killed: bool,
+    /// It was ready (consuming) when the runtime sent SIGTERM.
+    pub was_ready: bool,
     pub status: ExitStatus,
     /// From SIGTERM to exit (requested terminations).
     pub drain: Option<Duration>,
@@ -205,7 +207,7 @@ struct Pod {
 enum Phase {
     Starting { at: Instant },
     Running { process: Process, ready: bool, failures: u32 },
-    Terminating { process: Process, since: Instant, deadline: Instant, killed: bool },
+    Terminating { process: Process, since: Instant, deadline: Instant, killed: bool, was_ready: bool },
 }
 
 struct Process {
@@ -424,11 +426,12 @@ impl Drop for LocalRuntime {
 fn terminate(pod: Pod, now: Instant, grace: Duration) -> Option<Pod> {
     match pod.phase {
         Phase::Starting { .. } => None,
-        Phase::Running { process, .. } => {
+        Phase::Running { process, ready, .. } => {
             signal(&process.child, Signal::SIGTERM);
+            let deadline = now + grace;
             Some(Pod {
                 name: pod.name,
-                phase: Phase::Terminating { process, since: now, deadline: now + grace, killed: false },
+                phase: Phase::Terminating { process, since: now, deadline, killed: false, was_ready: ready },
             })
         }
         terminating @ Phase::Terminating { .. } => Some(Pod { name: pod.name, phase: terminating }),
@@ -453,9 +456,11 @@ fn step_terminating(pod: &mut Pod, now: Instant) -> Option<ExitStatus> {
 }
 
 fn finish(deployment: &str, pod: &Pod, status: ExitStatus, requested: bool) -> Termination {
-    let (log, killed, drain) = match &pod.phase {
-        Phase::Terminating { process, killed, since, .. } => (&process.log, *killed, Some(since.elapsed())),
-        Phase::Running { process, .. } => (&process.log, false, None),
+    let (log, killed, drain, was_ready) = match &pod.phase {
+        Phase::Terminating { process, killed, since, was_ready, .. } => {
+            (&process.log, *killed, Some(since.elapsed()), *was_ready)
+        }
+        Phase::Running { process, ready, .. } => (&process.log, false, None, *ready),
         Phase::Starting { .. } => unreachable!("a starting pod has no process"),
     };
     Termination {
@@ -464,6 +469,7 @@ fn finish(deployment: &str, pod: &Pod, status: ExitStatus, requested: bool) -> T
         pod: pod.name.clone(),
         requested,
         killed,
+        was_ready,
         status,
         drain,
         log_tail: tail(log, 30),

@@ -264,9 +264,10 @@ async fn broker_outage_is_reported_and_the_service_recovers() -> anyhow::Result<
     })
     .await?;
     assert!(failed_during_outage >= 1.0);
-    // Retries backed off: a broker outage of seconds costs a handful of reconciles, not a storm.
+    // No hot loop: retries back off, and observer triggers come at most once per 1 s poll, so an outage of up to
+    // a minute costs tens of reconciles, not thousands.
     let failed = operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;
-    assert!(failed <= 15.0, "BrokerUnavailable reconciles: {failed}");
+    assert!(failed <= 80.0, "BrokerUnavailable reconciles: {failed}");
     ns.cleanup().await
 }
 
