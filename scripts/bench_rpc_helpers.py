@@ -282,7 +282,7 @@ def report(results_path, benchmarks_path):
         "(`scripts/bench_rpc_helpers.py`), once on a quorum queue and once on the classic queue the tutorial "
         "declares.",
         "",
-        "Reproduce with `scripts/bench-rpc` (about 3 minutes after the release build). On a small machine shared with "
+        "Reproduce with `scripts/bench-rpc` (about 4 minutes after the release build). On a small machine shared with "
         "other work the numbers move from run to run: compare rows of one run, not runs.",
         "",
     ]
