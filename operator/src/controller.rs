@@ -9,9 +9,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::ObjectRef;
-use kube::core::PartialObjectMeta;
 use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, wait, watcher};
 use kube::{Client, ResourceExt};
 
@@ -47,10 +47,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (services, deployments, secrets): (Api<RpcService>, Api<Deployment>, Api<PartialObjectMeta<Secret>>) = match &namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
-    };
+    let (services, deployments, secrets): (Api<RpcService>, Api<Deployment>, Api<PartialObjectMeta<Secret>>) =
+        match &namespace {
+            Some(ns) => {
+                (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns))
+            }
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+        };
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
     // Status writes do not bump the generation: filtering on it keeps the operator's own status patches from
     // triggering another reconcile (a loop while the broker is down). Deletion and annotation changes still pass.

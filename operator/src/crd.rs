@@ -32,7 +32,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", priority = "1"),
     printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.queue.ready"),
-    printcolumn(name = "Rate", type_ = "number", json_path = ".status.queue.publishRate", description = "requests per second arriving"),
+    printcolumn(
+        name = "Rate",
+        type_ = "number",
+        json_path = ".status.queue.publishRate",
+        description = "requests per second arriving"
+    ),
     printcolumn(name = "Queue", type_ = "string", json_path = ".status.queue.name", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     scale(

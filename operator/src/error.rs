@@ -19,7 +19,7 @@ pub enum Error {
     #[error("failed to call the Kubernetes API: {0}")]
     Kube(#[source] kube::Error),
 
-    #[error("failed to finalize: {0}")]
+    #[error("failed to update the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
@@ -36,21 +36,13 @@ impl Error {
             Self::Broker(BrokerError::Refused(_)) => "BrokerRefused",
             Self::Broker(_) => "BrokerUnavailable",
             Self::Kube(_) => "KubernetesError",
-            Self::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.reason()
-                }
-                _ => "FinalizerError",
-            },
+            Self::Finalizer(_) => "FinalizerError",
         }
     }
 
     /// Permanent errors wait for the user (or a watched object) to change something; transient ones retry soon.
     pub fn is_permanent(&self) -> bool {
-        matches!(
-            self.reason(),
-            "SecretNotFound" | "InvalidBrokerSecret" | "QueueConflict" | "BrokerRefused"
-        )
+        matches!(self.reason(), "SecretNotFound" | "InvalidBrokerSecret" | "QueueConflict" | "BrokerRefused")
     }
 }
 

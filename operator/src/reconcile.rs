@@ -42,12 +42,43 @@ pub async fn reconcile(svc: Arc<RpcService>, ctx: Arc<Context>) -> Result<Action
             Finalizer::Cleanup(svc) => cleanup(&svc, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
+    let result = match result {
+        Err(e) if is_add_refused(&e) && finalizer_moot(&api, &key.name).await => Ok(Action::await_change()),
+        other => other.or_else(flatten_finalizer_error),
+    };
     if result.is_ok() {
         ctx.succeeded(&key);
     }
     result
+}
+
+/// The step's own error keeps its reason (not "failed to apply object: …"); a finalizer patch that lost a race
+/// with the object's deletion is not a failure: there is nothing left to reconcile.
+fn flatten_finalizer_error(error: kube::runtime::finalizer::Error<Error>) -> Result<Action> {
+    use kube::runtime::finalizer::Error as F;
+    match error {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => Err(e),
+        F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
+            Ok(Action::await_change())
+        }
+        other => Err(Error::Finalizer(Box::new(other))),
+    }
+}
+
+/// Adding the finalizer is refused (422) when the patch's `test` against the cached object fails (the cache is
+/// behind) or when the object's deletion has begun, among other reasons.
+fn is_add_refused(error: &kube::runtime::finalizer::Error<Error>) -> bool {
+    matches!(error, kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s)) if s.code == 422)
+}
+
+/// The object already has the finalizer, or is gone or going: the refusal is moot and a watch event follows.
+async fn finalizer_moot(api: &Api<RpcService>, name: &str) -> bool {
+    match api.get_opt(name).await {
+        Ok(Some(svc)) => svc.metadata.deletion_timestamp.is_some() || svc.finalizers().iter().any(|f| f == FINALIZER),
+        Ok(None) => true,
+        Err(_) => false,
+    }
 }
 
 pub fn error_policy(svc: Arc<RpcService>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -78,11 +109,11 @@ async fn read_broker(svc: &RpcService, ctx: &Context) -> Result<(String, BrokerE
     let key = |k: &str| -> Result<String> {
         let data = secret.data.as_ref().and_then(|d| d.get(k)).map(|b| b.0.clone());
         let value = data.or_else(|| secret.string_data.as_ref().and_then(|d| d.get(k)).map(|s| s.clone().into_bytes()));
-        let value = value.ok_or_else(|| Error::InvalidBrokerSecret { name: name.clone(), reason: format!("key {k} is missing") })?;
-        String::from_utf8(value).map(|s| s.trim().to_owned()).map_err(|_| Error::InvalidBrokerSecret {
-            name: name.clone(),
-            reason: format!("key {k} is not UTF-8"),
-        })
+        let value = value
+            .ok_or_else(|| Error::InvalidBrokerSecret { name: name.clone(), reason: format!("key {k} is missing") })?;
+        String::from_utf8(value)
+            .map(|s| s.trim().to_owned())
+            .map_err(|_| Error::InvalidBrokerSecret { name: name.clone(), reason: format!("key {k} is not UTF-8") })
     };
     let endpoint = BrokerEndpoint { amqp_uri: key("uri")?, management_uri: key("managementUri")? };
     Ok((name, endpoint))
@@ -104,7 +135,8 @@ async fn apply(svc: &RpcService, ctx: &Context) -> Result<Action> {
             // Nothing can be declared or run without the broker; say so and wait for the Secret to change.
             ctx.scaling.forget(&key);
             let q = ConditionUpdate::new(status::QUEUE_READY, false, error.reason(), error.to_string());
-            let w = ConditionUpdate::new(status::WORKERS_READY, false, error.reason(), "workers need the broker Secret");
+            let w =
+                ConditionUpdate::new(status::WORKERS_READY, false, error.reason(), "workers need the broker Secret");
             write_status(svc, ctx, &[q, w], None, None).await?;
             return Err(error);
         }
@@ -120,11 +152,8 @@ async fn apply(svc: &RpcService, ctx: &Context) -> Result<Action> {
     let replicas = if svc.spec.scaling.enabled { view.desired_replicas } else { svc.spec.worker.replicas };
 
     // build + apply: the workers
-    let inputs = BuildInputs {
-        broker_secret: secret_name,
-        default_worker_image: ctx.config.worker_image.clone(),
-        replicas,
-    };
+    let inputs =
+        BuildInputs { broker_secret: secret_name, default_worker_image: ctx.config.worker_image.clone(), replicas };
     let deployment = build::deployment(svc, &inputs);
     let applied = deployments
         .patch(&svc.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&deployment))
@@ -176,9 +205,19 @@ fn workers_condition(deployment: &Deployment, desired: i32) -> ConditionUpdate {
     if desired == 0 {
         ConditionUpdate::new(status::WORKERS_READY, true, "ScaledToZero", "no workers: the service is idle")
     } else if ready >= desired {
-        ConditionUpdate::new(status::WORKERS_READY, true, "AllReplicasReady", format!("{ready}/{desired} workers ready"))
+        ConditionUpdate::new(
+            status::WORKERS_READY,
+            true,
+            "AllReplicasReady",
+            format!("{ready}/{desired} workers ready"),
+        )
     } else if ready > 0 {
-        ConditionUpdate::new(status::WORKERS_READY, true, "SomeReplicasReady", format!("{ready}/{desired} workers ready"))
+        ConditionUpdate::new(
+            status::WORKERS_READY,
+            true,
+            "SomeReplicasReady",
+            format!("{ready}/{desired} workers ready"),
+        )
     } else {
         ConditionUpdate::new(status::WORKERS_READY, false, "NoReplicasReady", format!("0/{desired} workers ready"))
     }

@@ -35,7 +35,12 @@ pub struct ServiceRegistration {
 }
 
 impl ServiceRegistration {
-    pub fn new(key: ObjectRef<RpcService>, svc: &RpcService, broker: Arc<Broker>, current: Option<&Deployment>) -> Self {
+    pub fn new(
+        key: ObjectRef<RpcService>,
+        svc: &RpcService,
+        broker: Arc<Broker>,
+        current: Option<&Deployment>,
+    ) -> Self {
         let status = current.and_then(|d| d.status.as_ref());
         Self {
             key,
@@ -222,8 +227,10 @@ fn observe(
         acked_total: f.acked_total,
     });
     let figures_changed = match (&state.figures, &found) {
-        (Some(a), Some(b)) => (a.ready, a.unacked, a.consumers) != (b.ready, b.unacked, b.consumers)
-            || a.published_total != b.published_total,
+        (Some(a), Some(b)) => {
+            (a.ready, a.unacked, a.consumers) != (b.ready, b.unacked, b.consumers)
+                || a.published_total != b.published_total
+        }
         (None, Some(_)) => true,
         // No figures this round: the availability change below says so, once.
         (_, None) => false,
@@ -264,7 +271,12 @@ fn view(state: &mut ServiceState) -> ServiceView {
     let scaling_condition = if !reg.enabled {
         ConditionUpdate::new(status::SCALING, false, "Disabled", "autoscaling is off: spec.worker.replicas is used")
     } else if let Some(reason) = &state.metrics_unavailable {
-        ConditionUpdate::new(status::SCALING, false, ScaleReason::MetricsUnavailable.to_string(), format!("{reason}; keeping {desired} replicas"))
+        ConditionUpdate::new(
+            status::SCALING,
+            false,
+            ScaleReason::MetricsUnavailable.to_string(),
+            format!("{reason}; keeping {desired} replicas"),
+        )
     } else if let Some(d) = &state.decision {
         ConditionUpdate::new(status::SCALING, true, d.reason.to_string(), d.message.clone())
     } else {

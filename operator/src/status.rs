@@ -72,12 +72,23 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_changes() {
-        let first = merge_conditions(&[], &[ConditionUpdate::new(QUEUE_READY, true, "Declared", "ok")], Some(1), &at(10));
-        let same = merge_conditions(&first, &[ConditionUpdate::new(QUEUE_READY, true, "Declared", "ok again")], Some(2), &at(20));
+        let first =
+            merge_conditions(&[], &[ConditionUpdate::new(QUEUE_READY, true, "Declared", "ok")], Some(1), &at(10));
+        let same = merge_conditions(
+            &first,
+            &[ConditionUpdate::new(QUEUE_READY, true, "Declared", "ok again")],
+            Some(2),
+            &at(20),
+        );
         assert_eq!(same[0].last_transition_time, at(10));
         assert_eq!(same[0].message, "ok again");
         assert_eq!(same[0].observed_generation, Some(2));
-        let flipped = merge_conditions(&same, &[ConditionUpdate::new(QUEUE_READY, false, "BrokerUnavailable", "down")], Some(2), &at(30));
+        let flipped = merge_conditions(
+            &same,
+            &[ConditionUpdate::new(QUEUE_READY, false, "BrokerUnavailable", "down")],
+            Some(2),
+            &at(30),
+        );
         assert_eq!(flipped[0].last_transition_time, at(30));
         assert_eq!(flipped[0].status, "False");
     }
@@ -85,7 +96,8 @@ mod tests {
     #[test]
     fn conditions_not_updated_are_kept() {
         let first = merge_conditions(&[], &[ConditionUpdate::new(SCALING, true, "Steady", "")], Some(1), &at(1));
-        let next = merge_conditions(&first, &[ConditionUpdate::new(QUEUE_READY, true, "Declared", "")], Some(1), &at(2));
+        let next =
+            merge_conditions(&first, &[ConditionUpdate::new(QUEUE_READY, true, "Declared", "")], Some(1), &at(2));
         assert_eq!(next.len(), 2);
     }
 

@@ -32,12 +32,21 @@ async fn create_service(ns: &TestNamespace, name: &str, spec: serde_json::Value)
     Ok(ns.api::<RpcService>().create(&PostParams::default(), &svc).await?)
 }
 
-fn condition<'a>(svc: &'a RpcService, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+fn condition<'a>(
+    svc: &'a RpcService,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     svc.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// Waits until condition `type_` has `status` and `reason`; returns the object then.
-async fn wait_condition(ns: &TestNamespace, name: &str, type_: &str, status: &str, reason: &str) -> anyhow::Result<RpcService> {
+async fn wait_condition(
+    ns: &TestNamespace,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> anyhow::Result<RpcService> {
     let api = ns.api::<RpcService>();
     wait_for(&format!("{name} {type_}={status} ({reason})"), WAIT, || async {
         let svc = api.get(name).await?;
@@ -169,7 +178,11 @@ async fn conflicting_queue_is_reported_and_not_retried_in_a_hot_loop() -> anyhow
     args.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(10));
     args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
     channel
-        .queue_declare(queue.as_str().into(), lapin::options::QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions { durable: true, ..Default::default() },
+            args,
+        )
         .await?;
 
     let operator = OperatorProcess::start(ns.name(), &[])?;
@@ -197,7 +210,12 @@ async fn deletion_policy_retain_keeps_queues_and_delete_removes_them() -> anyhow
     ns.create_broker_secret("rabbitmq").await?;
     let _operator = OperatorProcess::start(ns.name(), &[])?;
     create_service(&ns, "kept", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
-    create_service(&ns, "gone", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "queue": { "deletionPolicy": "Delete" } })).await?;
+    create_service(
+        &ns,
+        "gone",
+        json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "queue": { "deletionPolicy": "Delete" } }),
+    )
+    .await?;
     let (kept, gone) = (queue_name(&ns, "kept"), queue_name(&ns, "gone"));
     wait_condition(&ns, "kept", "QueueReady", "True", "Declared").await?;
     wait_condition(&ns, "gone", "QueueReady", "True", "Declared").await?;
@@ -252,7 +270,8 @@ async fn broker_outage_is_reported_and_the_service_recovers() -> anyhow::Result<
     ns.api::<RpcService>().patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await?;
     let svc = wait_condition(&ns, "svc", "QueueReady", "False", "BrokerUnavailable").await?;
     assert_eq!(condition(&svc, "Ready").unwrap().status, "False");
-    let failed_during_outage = operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;
+    let failed_during_outage =
+        operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;
 
     drop(restart);
     broker::wait_until_up(WAIT).await?;
@@ -311,7 +330,12 @@ async fn scale_subresource_drives_replicas_when_autoscaling_is_off() -> anyhow::
     let (_client, ns) = setup("op-scale").await?;
     ns.create_broker_secret("rabbitmq").await?;
     let _operator = OperatorProcess::start(ns.name(), &[])?;
-    create_service(&ns, "svc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": { "enabled": false } })).await?;
+    create_service(
+        &ns,
+        "svc",
+        json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": { "enabled": false } }),
+    )
+    .await?;
     wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
     cluster::run_kubectl(&["-n", ns.name(), "scale", "rpcservice/svc", "--replicas=4"])?;
     let deployments = ns.api::<Deployment>();
