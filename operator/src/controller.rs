@@ -58,6 +58,7 @@ pub async fn run(
     // Status writes do not bump the generation: filtering on it keeps the operator's own status patches from
     // triggering another reconcile (a loop while the broker is down). Deletion and annotation changes still pass.
     let (store, writer) = reflector::store();
+    ctx.scaling.track(store.clone());
     let changes = watcher(services, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)

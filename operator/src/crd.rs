@@ -459,7 +459,7 @@ pub struct ScalingStatus {
     /// The replica count decided.
     pub desired_replicas: i32,
     /// Why, in a word: `Backlog`, `ArrivalRate`, `InFlight`, `ScaleDownDelay`, `MinReplicas`, `MaxReplicas`,
-    /// `Steady`, `MetricsUnavailable`, `Disabled`.
+    /// `Steady`, `MetricsUnavailable`, `ScaleFromZero`, `Idle`.
     pub reason: String,
     /// The decision in a sentence, with its figures.
     pub message: String,

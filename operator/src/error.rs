@@ -13,8 +13,8 @@ pub enum Error {
     #[error("no broker Secret: spec.broker.secretRef is empty and the operator has no --default-broker-secret")]
     NoBrokerSecret,
 
-    #[error("broker: {0}")]
-    Broker(#[source] BrokerError),
+    #[error(transparent)]
+    Broker(BrokerError),
 
     #[error("failed to call the Kubernetes API: {0}")]
     Kube(#[source] kube::Error),

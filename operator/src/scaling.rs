@@ -4,14 +4,15 @@
 //! the only writer: replicas reach the Deployment through the same server-side apply as everything else.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use futures::FutureExt;
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleDecision, ScaleReason};
 use crate::broker::{Broker, QueueFigures};
@@ -97,11 +98,14 @@ pub struct ScalingRegistry {
     trigger: UnboundedSender<ObjectRef<RpcService>>,
     metrics: Arc<Metrics>,
     started: Instant,
+    /// The controller's cache: a service removed without its finalizer running (finalizer stripped by hand) is
+    /// forgotten when it leaves the cache.
+    known: OnceLock<Store<RpcService>>,
 }
 
 impl ScalingRegistry {
     pub fn new(trigger: UnboundedSender<ObjectRef<RpcService>>, metrics: Arc<Metrics>) -> Self {
-        Self { services: Mutex::default(), trigger, metrics, started: Instant::now() }
+        Self { services: Mutex::default(), trigger, metrics, started: Instant::now(), known: OnceLock::new() }
     }
 
     /// Records what a reconcile learned and returns what it should apply and report.
@@ -134,8 +138,25 @@ impl ScalingRegistry {
         self.metrics.services.set(services.len() as i64);
     }
 
+    /// Ties the registry to the controller's cache of RpcServices (once).
+    pub fn track(&self, store: Store<RpcService>) {
+        let _ = self.known.set(store);
+    }
+
+    /// Drops services the cache no longer holds, once the cache has synced.
+    fn forget_departed(&self) {
+        let Some(store) = self.known.get() else { return };
+        if store.wait_until_ready().now_or_never().is_none() {
+            return;
+        }
+        let mut services = self.services.lock().expect("registry lock");
+        services.retain(|key, _| store.get(key).is_some());
+        self.metrics.services.set(services.len() as i64);
+    }
+
     /// One observation round: a request per broker, a decision per service, triggers for what changed.
     pub async fn poll_once(&self) {
+        self.forget_departed();
         let brokers: Vec<Arc<Broker>> = {
             let services = self.services.lock().expect("registry lock");
             let mut seen: Vec<Arc<Broker>> = Vec::new();
@@ -296,8 +317,9 @@ fn view(state: &mut ServiceState) -> ServiceView {
         desired_replicas: desired,
         replicas: ReplicaCounts { current: reg.pods, ready: reg.replicas.ready },
         figures: state.figures.clone(),
-        arrival_rate: state.decision.as_ref().map(|d| d.inputs.arrival_rate),
-        completion_rate: state.decision.as_ref().map(|d| d.inputs.completion_rate),
+        // No rates until two polls span a window: empty in status, not a misleading 0.
+        arrival_rate: state.decision.as_ref().filter(|d| d.inputs.rates_known).map(|d| d.inputs.arrival_rate),
+        completion_rate: state.decision.as_ref().filter(|d| d.inputs.rates_known).map(|d| d.inputs.completion_rate),
         per_replica_throughput: state.scaler.measured_throughput(),
         decision,
         last_scale: state.last_scale.clone(),

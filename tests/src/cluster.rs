@@ -14,7 +14,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{Condition, await_condition, conditions};
-use kube::{Client, Config, CustomResourceExt, Resource, ResourceExt};
+use kube::{Client, Config, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use warren_operator::RpcService;
 
@@ -62,7 +62,7 @@ pub fn run_kubectl(args: &[&str]) -> anyhow::Result<String> {
 /// until it is Established and its resource is served. Safe to call from many tests at once.
 pub async fn install_crd(client: &Client) -> anyhow::Result<CustomResourceDefinition> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = RpcService::crd();
+    let crd = warren_operator::crd();
     let name = crd.name_any();
     crds.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
         .await
