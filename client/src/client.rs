@@ -212,15 +212,16 @@ impl Client {
     /// The open session, reconnecting first when the last one died.
     async fn live_session(&self) -> Result<Arc<Session>, CallError> {
         let session = self.current();
-        if !session.calls.is_closed() {
+        if !session.is_dead() {
             return Ok(session);
         }
         let mut last_failure = self.shared.reconnect.lock().await;
         // Another call may have reconnected while this one waited for the lock.
         let session = self.current();
-        if !session.calls.is_closed() {
+        if !session.is_dead() {
             return Ok(session);
         }
+        session.fail_waiting_calls();
         if let Some((at, error)) = last_failure.as_ref()
             && at.elapsed() < RECONNECT_INTERVAL
         {
@@ -298,6 +299,22 @@ impl Session {
             one_way: AtomicU64::new(0),
             _replies: replies,
         })
+    }
+
+    /// Its reply consumer ended, or its channel closed without the consumer hearing of it (a connection that
+    /// died mid-recovery): either way nothing published on it can be answered.
+    fn is_dead(&self) -> bool {
+        self.calls.is_closed() || !self.channel.status().connected()
+    }
+
+    fn fail_waiting_calls(&self) {
+        if !self.calls.is_closed() {
+            warn!(pending = self.calls.len(), "the channel closed; failing the waiting calls and reconnecting");
+            self.calls.close(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                lapin::ChannelState::Closed,
+                "the channel closed",
+            )));
+        }
     }
 
     fn connection_name(&self) -> String {

@@ -415,8 +415,10 @@ async fn handle(delivery: Delivery, dispatcher: &Dispatcher, replies: &ReplyChan
         metrics.reply_failed();
         // A broken session requeues the request on the broker side; otherwise give it back ourselves.
         if delivery.acker.usable() && !replies.is_broken() {
-            warn!(%error, "reply refused by the broker; requeueing the request");
-            let _ = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+            warn!(%error, "the reply was not published; requeueing the request");
+            // Bounded like the ack: the session may be dying without having noticed yet.
+            let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
+            let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
         } else {
             debug!(%error, "reply lost with its session; the broker redelivers the request");
         }
