@@ -14,6 +14,7 @@ report. Run with the venv's python (scripts/bench-rpc sets it up).
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -180,6 +181,7 @@ def delete_queues(queues):
 def report(results_path, benchmarks_path):
     r = json.load(open(results_path))
     bare1, bare64, shared64 = r["bare_c1"], r["bare_c64"], r["bare_shared_c64"]
+    confirm1, confirm64 = r["bare_confirm_c1"], r["bare_confirm_shared_c64"]
     w1, w64 = r["warren_c1"], r["warren_c64"]
     wb1, wb64 = r["warren_client_bare_responder_c1"], r["warren_client_bare_responder_c64"]
     py, py_classic = r["tutorial_quorum_c1"], r["tutorial_classic_c1"]
@@ -193,17 +195,33 @@ def report(results_path, benchmarks_path):
     def row(name, x, note=""):
         cpu = x.get("client_cpu_us_per_call")
         cpu = f"{cpu:,.0f}" if cpu else "–"
+        responder_cpu = x.get("responder_cpu_us_per_call")
+        responder_cpu = f"{responder_cpu:,.0f}" if responder_cpu else "–"
         return (f"| {name} | {x['concurrency']} | {x['calls_per_sec']:,.0f} | {lat(x)['p50']:,.0f} | "
-                f"{lat(x)['p90']:,.0f} | {lat(x)['p99']:,.0f} | {lat(x)['max']:,.0f} | {cpu} | {note} |")
+                f"{lat(x)['p90']:,.0f} | {lat(x)['p99']:,.0f} | {lat(x)['max']:,.0f} | {cpu} | {responder_cpu} | "
+                f"{note} |")
 
-    # The reference is the faster of the two bare callers, so the ratio never flatters warren.
-    best_bare64 = max(bare64, shared64, key=lambda x: x["calls_per_sec"])
-    throughput_ratio = w64["calls_per_sec"] / best_bare64["calls_per_sec"]
-    client_ratio = wb64["calls_per_sec"] / best_bare64["calls_per_sec"]
-    p50_delta = lat(w1)["p50"] - lat(bare1)["p50"]
-    client_p50_delta = lat(wb1)["p50"] - lat(bare1)["p50"]
-    python_ratio = w64["calls_per_sec"] / py["calls_per_sec"]
-    python_classic_ratio = wc64["calls_per_sec"] / py_classic["calls_per_sec"]
+    # Paired by round: both sides of a ratio ran back to back, so drift on a shared machine cancels out; the
+    # median over rounds then drops the rounds another process disturbed.
+    def per_round(f):
+        return statistics.median(f(i) for i in range(len(bare1["rounds"])))
+
+    def cps(x, i):
+        return x["rounds"][i]["calls_per_sec"]
+
+    # The reference is the faster of the two bare callers in that round, so the ratio never flatters warren.
+    throughput_ratio = per_round(lambda i: cps(w64, i) / max(cps(bare64, i), cps(shared64, i)))
+    client_ratio = per_round(lambda i: cps(wb64, i) / max(cps(bare64, i), cps(shared64, i)))
+    p50_delta = per_round(lambda i: w1["rounds"][i]["p50"] - bare1["rounds"][i]["p50"])
+    client_p50_delta = per_round(lambda i: wb1["rounds"][i]["p50"] - bare1["rounds"][i]["p50"])
+    python_ratio = per_round(lambda i: cps(w64, i) / cps(py, i))
+    python_classic_ratio = per_round(lambda i: cps(wc64, i) / cps(py_classic, i))
+    worker_cpu, bare_cpu = w64.get("responder_cpu_us_per_call"), bare64.get("responder_cpu_us_per_call")
+    confirm_cpu = confirm64.get("responder_cpu_us_per_call")
+    # Against the bare loop that gives the same guarantee (reply confirmed before the ack): warren's own cost.
+    same_guarantee_ratio = per_round(lambda i: cps(w64, i) / cps(confirm64, i))
+    same_guarantee_p50 = per_round(lambda i: w1["rounds"][i]["p50"] - confirm1["rounds"][i]["p50"])
+    confirm_p50_cost = per_round(lambda i: confirm1["rounds"][i]["p50"] - bare1["rounds"][i]["p50"])
 
     def cpu(x):
         value = x.get("client_cpu_us_per_call")
@@ -220,18 +238,23 @@ def report(results_path, benchmarks_path):
         f"{m['kernel']}, RabbitMQ {m['rabbitmq']} on the same machine (127.0.0.1), {m['rustc']}; load average "
         f"{m['load']} when the run ended. Every row comes from the same run against the same broker: {rounds} rounds, "
         f"each variant once per round in rotated order, {r['duration']} measured after a {r['warmup']} warm-up; the "
-        "table shows the median over the rounds (max: the largest). The callers, the responders and RabbitMQ share "
+        "table shows the median over the rounds (max: the largest), and each ratio below is the median of its "
+        "per-round ratios (both sides measured back to back). The callers, the responders and RabbitMQ share "
         "the CPUs. Latency in µs, end to end (publish to reply received), closed loop: each of the N callers sends "
         "its next call when its reply arrives. Every call echoes `[1,2]`; through a quorum queue (what warren "
         "services use) unless the row says classic.",
         "",
-        "| caller → responder | in flight | calls/s | p50 | p90 | p99 | max | caller CPU µs/call | |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| caller → responder | in flight | calls/s | p50 | p90 | p99 | max | caller CPU µs/call | "
+        "responder CPU µs/call | |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         row("bare lapin → bare lapin", bare1),
         row("warren-client → bare lapin", wb1),
         row("warren-client → warren-worker", w1),
         row("bare lapin → bare lapin", bare64, "a channel per caller"),
         row("bare lapin, one shared channel → bare lapin", shared64, "multiplexed like warren-client"),
+        row("bare lapin → bare lapin, reply confirmed before the ack", confirm1, "warren-worker's guarantee"),
+        row("bare lapin, one shared channel → bare lapin, reply confirmed before the ack", confirm64,
+            "warren-worker's guarantee"),
         row("warren-client → bare lapin", wb64),
         row("warren-client → warren-worker", w64),
         row("tutorial pika → tutorial pika", py, "cannot pipeline: one call at a time"),
@@ -241,7 +264,9 @@ def report(results_path, benchmarks_path):
         "",
         "*Caller CPU µs/call* is the CPU time (user + system, every thread, lapin's I/O thread included) the caller "
         "process spent per call in the measured window: what the client itself costs, which moves far less with "
-        "the machine's load than throughput and latency do.",
+        "the machine's load than throughput and latency do. *Responder CPU µs/call* is the same for the process that "
+        "answered (the bare responder, warren-worker or the tutorial server), over the caller's whole run, warm-up "
+        "included, divided by the calls of that run at the measured rate.",
         "",
         *[f"**Warning:** {name} had {x['errors']} failed calls in this run; its numbers are suspect."
           for name, x in r.items() if isinstance(x, dict) and x.get("errors")],
@@ -251,10 +276,20 @@ def report(results_path, benchmarks_path):
         f"faster bare lapin loop (target ≥ 90 %: {verdict(throughput_ratio >= 0.9)}); warren-client alone, against "
         f"the bare responder, = {client_ratio:.0%}. Caller CPU per call at 64 in flight: warren-client "
         f"{cpu(wb64)} µs, bare lapin {cpu(bare64)} µs (a channel per caller) and {cpu(shared64)} µs (one channel).",
+        f"- CPU per request at {w64['concurrency']} in flight, the figure that moves least with the machine's "
+        f"load: warren-worker {worker_cpu or 0:,.0f} µs, the bare responder {bare_cpu or 0:,.0f} µs "
+        f"({(worker_cpu or 0) / (bare_cpu or 1):.2f}×; the worker also parses the request, checks its deadline, "
+        "builds an envelope and waits for a publisher confirm before it acks).",
         f"- Sequential round trip: warren's p50 is **{p50_delta:+,.0f} µs** from the bare loop's (target within "
         f"50 µs: {verdict(p50_delta <= 50)}); warren-client alone {client_p50_delta:+,.0f} µs. Per round (bare / "
         "warren p50): " + ", ".join(f"{b['p50']:,.0f} / {w['p50']:,.0f}" for b, w in zip(bare1["rounds"], w1["rounds"]))
         + ".",
+        f"- Against the bare loop with warren-worker's guarantee (the responder acks a request only once the "
+        f"broker confirmed its reply, so a reply lost with a connection is never a request lost): warren does "
+        f"**{same_guarantee_ratio:.0%}** of its calls/s at {w64['concurrency']} in flight, and its p50 at 1 in "
+        f"flight is **{same_guarantee_p50:+,.0f} µs** from it. The guarantee alone costs the bare loop "
+        f"{confirm_p50_cost:+,.0f} µs of p50 at 1 in flight and {confirm_cpu or 0:,.0f} µs of responder CPU per "
+        f"request (against {bare_cpu or 0:,.0f} µs) at {w64['concurrency']}.",
         f"- Against the RabbitMQ tutorial's Python pair on the same (quorum) queue type: warren at "
         f"{w64['concurrency']} in flight does **{python_ratio:.0f}×** its calls/s (target ≥ 10×: "
         f"{verdict(python_ratio >= 10)}); on classic queues, as the tutorial declares them, "
@@ -282,7 +317,7 @@ def report(results_path, benchmarks_path):
         "(`scripts/bench_rpc_helpers.py`), once on a quorum queue and once on the classic queue the tutorial "
         "declares.",
         "",
-        "Reproduce with `scripts/bench-rpc` (about 4 minutes after the release build). On a small machine shared with "
+        "Reproduce with `scripts/bench-rpc` (about 6 minutes after the release build). On a small machine shared with "
         "other work the numbers move from run to run: compare rows of one run, not runs.",
         "",
     ]

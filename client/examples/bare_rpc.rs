@@ -1,7 +1,8 @@
 //! The baseline of scripts/bench-rpc: request/reply over RabbitMQ with plain lapin and no warren code.
 //!
-//!   bare_rpc responder --queue Q [--prefetch 64] [--queue-type quorum|classic]
+//!   bare_rpc responder --queue Q [--prefetch 64] [--queue-type quorum|classic] [--confirm]
 //!                                                          echoes each request to its reply_to, then acks it
+//!                                                          (with --confirm: once the broker confirmed the reply)
 //!   bare_rpc caller --queue Q [--concurrency 64] [--duration 10s] [--warmup 1s] [--shared-channel]
 //!
 //! The caller publishes to the default exchange with `reply_to = amq.rabbitmq.reply-to` and prints one JSON object
@@ -16,7 +17,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::oneshot;
@@ -41,6 +45,9 @@ enum Mode {
         /// The queue type it declares (warren services use quorum queues).
         #[arg(long, default_value = "quorum")]
         queue_type: String,
+        /// Ack a request only after the broker confirmed its reply (publisher confirms): warren-worker's guarantee.
+        #[arg(long)]
+        confirm: bool,
     },
     Caller {
         #[arg(long)]
@@ -63,7 +70,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let connection = Connection::connect(&cli.broker_uri, ConnectionProperties::default()).await?;
     match cli.mode {
-        Mode::Responder { queue, prefetch, queue_type } => respond(&connection, &queue, prefetch, &queue_type).await,
+        Mode::Responder { queue, prefetch, queue_type, confirm } => {
+            respond(&connection, &queue, prefetch, &queue_type, confirm).await
+        }
         Mode::Caller { queue, concurrency, duration, warmup, body, shared_channel } => {
             let started = Instant::now();
             let window = (started + warmup, started + warmup + duration);
@@ -118,8 +127,17 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 /// Echo responder: manual acks, `prefetch` requests in flight.
-async fn respond(connection: &Connection, queue: &str, prefetch: u16, queue_type: &str) -> anyhow::Result<()> {
+async fn respond(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    queue_type: &str,
+    confirm: bool,
+) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
+    if confirm {
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    }
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(queue_type)));
     channel.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await?;
@@ -138,7 +156,7 @@ async fn respond(connection: &Connection, queue: &str, prefetch: u16, queue_type
                     if let Some(id) = delivery.properties.correlation_id() {
                         props = props.with_correlation_id(id.clone());
                     }
-                    let _ = channel
+                    let published = channel
                         .basic_publish(
                             "".into(),
                             reply_to.clone(),
@@ -147,6 +165,9 @@ async fn respond(connection: &Connection, queue: &str, prefetch: u16, queue_type
                             props,
                         )
                         .await;
+                    if let (true, Ok(confirmation)) = (confirm, published) {
+                        let _ = confirmation.await;
+                    }
                 }
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
