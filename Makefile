@@ -7,7 +7,7 @@
 #   make env-up / env-down start / stop the local environment (scripts/env)
 #
 # Knobs: CARGO_TARGET_DIR (default ./target), CARGO_FLAGS (e.g. --locked), TEST_THREADS (cargo test's
-# --test-threads), PYTEST_FLAGS.
+# --test-threads), PYTEST_FLAGS, NODE_TEST_FLAGS (options for node --test).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -18,6 +18,7 @@ CARGO ?= cargo
 CARGO_FLAGS ?=
 TEST_THREADS ?=
 PYTEST_FLAGS ?=
+NODE_TEST_FLAGS ?=
 # The Kubernetes version the chart is rendered and linted for: the one scripts/env runs.
 CHART_KUBE_VERSION ?= 1.34.4
 CACHE := $(or $(WARREN_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/warren)
@@ -29,12 +30,12 @@ CHART_CRD := charts/warren/crds/rpcservice.yaml
 WITH_ENV := eval "$$(scripts/env up)";
 step = @echo; echo "==> $(1)"
 
-.PHONY: help test demo env-up env-down env-status build generate check-generated cargo-test python-test chart-check
+.PHONY: help test demo env-up env-down env-status build generate check-generated cargo-test python-test node-test chart-check
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
 
-test: env-up build check-generated cargo-test python-test chart-check
+test: env-up build check-generated cargo-test python-test node-test chart-check
 	$(call step,make test: all passed)
 
 demo: env-up build
@@ -79,6 +80,12 @@ python-test: build
 	  echo "tests/python has no tests yet: skipping pytest"; exit 0; \
 	fi; \
 	$(WITH_ENV) WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug WARREN_VENV=$(VENV) tests/python/run $(PYTEST_FLAGS)
+
+# The interop tests in Node.js (amqplib, node --test); tests/node/run installs amqplib into tests/node/node_modules
+# from package-lock.json.
+node-test: build
+	$(call step,Node.js interop tests (tests/node))
+	$(WITH_ENV) WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug tests/node/run $(NODE_TEST_FLAGS)
 
 # helm lint + template, and the rendered manifests validated by the real API server (server-side dry run).
 chart-check:
