@@ -35,34 +35,34 @@ impl Dispatcher {
     /// Every deterministic failure (expired, unknown method, malformed body, handler error, handler panic)
     /// becomes an error outcome here, so the caller can always reply and ack.
     pub async fn handle(&self, request: &Request, body: &[u8], redelivered: bool, now: SystemTime) -> Handled {
-        let Some(method) = request.method.clone().or_else(|| self.default_method.clone()) else {
-            return Handled {
-                method_label: UNKNOWN_METHOD_LABEL.into(),
-                outcome: Outcome::error(
-                    ErrorCode::UnknownMethod,
-                    "the request names no method (AMQP `type` property) and this service has no default method",
-                ),
-            };
+        let method = request.method.clone().or_else(|| self.default_method.clone());
+        let method_label = match &method {
+            Some(method) => self.handlers.method_label(method).to_owned(),
+            None => UNKNOWN_METHOD_LABEL.into(),
         };
-        let method_label = self.handlers.method_label(&method).to_owned();
         let outcome = self.outcome(method, request, body, redelivered, now).await;
         Handled { method_label, outcome }
     }
 
+    /// The checks in the order docs/protocol.md gives: deadline, method, then the body and params, then the run.
     async fn outcome(
         &self,
-        method: String,
+        method: Option<String>,
         request: &Request,
         body: &[u8],
         redelivered: bool,
         now: SystemTime,
     ) -> Outcome {
-        // The caller has given up: running the handler would only waste the slot. The reply is harmless (nobody
-        // waits for it, or a late caller learns why) and keeps "every request with reply_to gets an answer".
         if request.expired(now) {
             self.metrics.request_expired();
             return Outcome::error(ErrorCode::DeadlineExceeded, "the caller's deadline passed before the request ran");
         }
+        let Some(method) = method else {
+            return Outcome::error(
+                ErrorCode::UnknownMethod,
+                "the request names no method (AMQP `type` property) and this service has no default method",
+            );
+        };
         if !self.handlers.serves(&method) {
             return Outcome::error(
                 ErrorCode::UnknownMethod,
@@ -174,5 +174,17 @@ mod tests {
         assert!(d.metrics().encode().contains("warren_worker_requests_expired_total 1"));
         let in_time = d.handle(&expired, b"[1, 2]", false, UNIX_EPOCH + Duration::from_millis(999)).await;
         assert_eq!(code(&in_time), Some(ErrorCode::HandlerError));
+    }
+
+    #[tokio::test]
+    async fn the_deadline_is_checked_before_anything_else() {
+        let d = dispatcher(None);
+        let late = UNIX_EPOCH + Duration::from_millis(1_001);
+        for method in [None, Some("nope"), Some("add")] {
+            let mut expired = request(method);
+            expired.deadline_ms = Some(1_000);
+            let handled = d.handle(&expired, b"{not json", false, late).await;
+            assert_eq!(code(&handled), Some(ErrorCode::DeadlineExceeded), "method {method:?}");
+        }
     }
 }
