@@ -501,6 +501,19 @@ async fn broker_restart_under_load_ends_every_call_and_the_worker_consumes_again
     restarted.expect("restart the broker");
 }
 
+/// `add [20, 22]` until it is answered, at most `tries` times, half a second apart; the last result.
+async fn add_until_answered(client: &Client, queue: &str, tries: u32) -> Result<serde_json::Value, CallError> {
+    let mut result = Err(CallError::Timeout);
+    for _ in 0..tries {
+        result = client.call(queue, Some("add"), json!([20, 22]), Duration::from_secs(5)).await;
+        if result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    result
+}
+
 async fn broker_restart_under_load() {
     let queue = unique_name("rpc-restart");
     let _cleanup = QueueCleanup::service(&queue);
@@ -566,27 +579,12 @@ async fn broker_restart_under_load() {
     tokio::task::spawn_blocking(broker::start_app).await.unwrap().expect("start the broker");
 
     worker.wait_ready(Duration::from_secs(60)).await.unwrap();
-    // A call after the restart succeeds. A fresh client, so this checks the worker, not the caller's reconnect
-    // (the load's client must merely end every call, which the tallies check).
+    // A call after the restart succeeds. A fresh client first, so this checks the worker, not the caller's reconnect.
     let fresh = connect_client_retrying(Duration::from_secs(60)).await;
-    let mut after = Err(CallError::Timeout);
-    for _ in 0..60 {
-        after = fresh.call(&queue, Some("add"), json!([20, 22]), Duration::from_secs(5)).await;
-        if after.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert_eq!(after.unwrap(), json!(42));
+    let after = add_until_answered(&fresh, &queue, 60).await;
+    assert_eq!(after.expect("no answer after the restart"), json!(42));
     // The long-lived client the load used reconnects by itself: a caller never has to rebuild it.
-    let mut recovered = Err(CallError::Timeout);
-    for _ in 0..30 {
-        recovered = client.call(&queue, Some("add"), json!([20, 22]), Duration::from_secs(5)).await;
-        if recovered.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let recovered = add_until_answered(&client, &queue, 30).await;
     assert_eq!(recovered.expect("the load's client did not recover after the restart"), json!(42));
 
     stop.store(true, Ordering::Relaxed);
