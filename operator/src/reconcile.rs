@@ -44,8 +44,8 @@ pub async fn reconcile(svc: Arc<RpcService>, ctx: Arc<Context>) -> Result<Action
     })
     .await;
     let result = match result {
-        Err(e) if is_add_refused(&e) && finalizer_moot(&api, &key.name).await => Ok(Action::await_change()),
-        other => other.or_else(flatten_finalizer_error),
+        Ok(action) => Ok(action),
+        Err(error) => settle_finalizer_error(error, &api, &key.name).await,
     };
     if result.is_ok() {
         ctx.succeeded(&key);
@@ -53,31 +53,31 @@ pub async fn reconcile(svc: Arc<RpcService>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
-/// The step's own error keeps its reason (not "failed to apply object: …"); a finalizer patch that lost a race
-/// with the object's deletion is not a failure: there is nothing left to reconcile.
-fn flatten_finalizer_error(error: kube::runtime::finalizer::Error<Error>) -> Result<Action> {
+/// The step's own error keeps its reason (not "failed to apply object: …"). A finalizer patch that lost a race is
+/// not a failure when the object is gone, going, or already has the finalizer: a watch event follows. (Adding it is
+/// refused with 422 when the patch's `test` ran against a cache that is behind, or once deletion has begun.)
+async fn settle_finalizer_error(
+    error: kube::runtime::finalizer::Error<Error>,
+    api: &Api<RpcService>,
+    name: &str,
+) -> Result<Action> {
     use kube::runtime::finalizer::Error as F;
+    let moot = match &error {
+        F::ApplyFailed(_) | F::CleanupFailed(_) => false,
+        F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => true,
+        F::AddFinalizer(kube::Error::Api(s)) if s.code == 422 => match api.get_opt(name).await {
+            Ok(Some(svc)) => {
+                svc.metadata.deletion_timestamp.is_some() || svc.finalizers().iter().any(|f| f == FINALIZER)
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        },
+        _ => false,
+    };
     match error {
+        _ if moot => Ok(Action::await_change()),
         F::ApplyFailed(e) | F::CleanupFailed(e) => Err(e),
-        F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
-            Ok(Action::await_change())
-        }
         other => Err(Error::Finalizer(Box::new(other))),
-    }
-}
-
-/// Adding the finalizer is refused (422) when the patch's `test` against the cached object fails (the cache is
-/// behind) or when the object's deletion has begun, among other reasons.
-fn is_add_refused(error: &kube::runtime::finalizer::Error<Error>) -> bool {
-    matches!(error, kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s)) if s.code == 422)
-}
-
-/// The object already has the finalizer, or is gone or going: the refusal is moot and a watch event follows.
-async fn finalizer_moot(api: &Api<RpcService>, name: &str) -> bool {
-    match api.get_opt(name).await {
-        Ok(Some(svc)) => svc.metadata.deletion_timestamp.is_some() || svc.finalizers().iter().any(|f| f == FINALIZER),
-        Ok(None) => true,
-        Err(_) => false,
     }
 }
 
