@@ -2,7 +2,8 @@
 # what they need (scripts/env up installs RabbitMQ and builds the control plane when missing).
 #
 #   make test              everything CI runs (.ci/run calls exactly this)
-#   make demo              the environment, the operator, an RpcService, a call, a scaled burst (scripts/demo)
+#   make test-node         the user's path on a real node: images, helm install, operator and worker pods
+#   make demo              on the real node: images, helm install, an RpcService, a call, a burst that adds pods (scripts/demo)
 #   make generate          regenerate crds/ and the chart's CRD copy from `warren-operator crd`
 #   make env-up / env-down start / stop the local environment (scripts/env)
 #
@@ -30,17 +31,17 @@ CHART_CRD := charts/warren/crds/rpcservice.yaml
 WITH_ENV := eval "$$(scripts/env up)";
 step = @echo; echo "==> $(1)"
 
-.PHONY: help test demo env-up env-down env-status build generate check-generated cargo-test python-test node-test chart-check
+.PHONY: help test demo env-up env-down env-status build generate check-generated cargo-test python-test node-test test-node chart-check
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
 
-test: env-up build check-generated cargo-test python-test node-test chart-check
+test: env-up build check-generated cargo-test python-test node-test test-node chart-check
 	$(call step,make test: all passed)
 
-demo: env-up build
-	$(call step,demo)
-	$(WITH_ENV) scripts/demo
+demo: build
+	$(call step,demo: on the real node (scripts/env up --node))
+	eval "$$(scripts/env up --node)"; scripts/demo
 
 env-up:
 	$(call step,environment: RabbitMQ + etcd + kube-apiserver (scripts/env up))
@@ -68,8 +69,11 @@ check-generated: build
 	@diff -u $(CRD) $(CHART_CRD) || { echo "$(CHART_CRD) differs from $(CRD): run 'make generate'"; exit 1; }
 	@echo "crds up to date"
 
+# The tests that run workers as local processes stand in for the kubelet and the Deployment controller: the node
+# must not run beside them (scripts/env down --node stops only the node).
 cargo-test: build
 	$(call step,cargo test --workspace)
+	scripts/env down --node
 	$(WITH_ENV) $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast -- $(if $(TEST_THREADS),--test-threads=$(TEST_THREADS))
 
 # The interop tests in Python (pika), in a venv outside the repo (tests/python/run makes it); skipped until
@@ -86,6 +90,15 @@ python-test: build
 node-test: build
 	$(call step,Node.js interop tests (tests/node))
 	$(WITH_ENV) WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug tests/node/run $(NODE_TEST_FLAGS)
+
+# The user's path on a real node (tests/tests/node.rs): the node, the images from the Dockerfile loaded into it,
+# helm, then the ignored node tests.
+test-node: build
+	$(call step,the user's path on a real node (scripts/env up --node, scripts/build-images, helm install))
+	eval "$$(scripts/env up --node)"; \
+	chart_set=$$(scripts/build-images | tr '\n' ' '); \
+	WARREN_CHART_SET="$$chart_set" WARREN_HELM=$$(scripts/build-helm) \
+	  $(CARGO) test $(CARGO_FLAGS) -p warren-tests --test node -- --ignored --test-threads=1 --nocapture
 
 # helm lint + template, and the rendered manifests validated by the real API server (server-side dry run).
 chart-check:

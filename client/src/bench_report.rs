@@ -133,6 +133,19 @@ impl BenchReport {
     }
 }
 
+/// A duration given in µs, as a person reads it: milliseconds, with as many decimals as the size needs (the JSON
+/// report keeps the µs).
+fn human_ms(us: f64) -> String {
+    let ms = us / 1000.0;
+    if ms >= 100.0 {
+        format!("{ms:.0} ms")
+    } else if ms >= 1.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.2} ms")
+    }
+}
+
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let method = self.method.as_deref().unwrap_or("(default)");
@@ -150,13 +163,19 @@ impl fmt::Display for BenchReport {
             self.calls_per_sec
         )?;
         let l = &self.latency_us;
+        let ms = human_ms;
         writeln!(
             f,
-            "latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
-            l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+            "latency  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {}",
+            ms(l.p50),
+            ms(l.p90),
+            ms(l.p99),
+            ms(l.p999),
+            ms(l.max),
+            ms(l.mean)
         )?;
         if let Some(cpu) = self.client_cpu_us_per_call {
-            writeln!(f, "client CPU  {cpu:.1} µs per call")?;
+            writeln!(f, "client CPU  {} per call", ms(cpu))?;
         }
         if self.errors.total() > 0 {
             let by_kind: Vec<String> = self.errors.0.iter().map(|(k, n)| format!("{k} {n}")).collect();
@@ -182,6 +201,13 @@ mod tests {
         assert!((s.p99 - 990.0).abs() <= 1.0, "{s:?}");
         assert!((s.max - 1000.0).abs() <= 1.0, "{s:?}");
         assert!((s.mean - 500.5).abs() <= 1.0, "{s:?}");
+    }
+
+    #[test]
+    fn people_read_milliseconds() {
+        assert_eq!(human_ms(201_345.6), "201 ms");
+        assert_eq!(human_ms(12_345.6), "12.3 ms");
+        assert_eq!(human_ms(412.7), "0.41 ms");
     }
 
     #[test]

@@ -289,6 +289,14 @@ impl State {
 impl LocalRuntime {
     /// Starts watching `namespace` and running what its managed Deployments ask for.
     pub fn start(client: Client, namespace: &str, options: RuntimeOptions) -> anyhow::Result<Self> {
+        // A real node (`scripts/env up --node`) has a Deployment controller and a kubelet of its own that would race
+        // this stand-in for them over the same Deployments.
+        let nodes = crate::cluster::run_kubectl(&["get", "nodes", "-o", "name"])?;
+        anyhow::ensure!(
+            nodes.trim().is_empty(),
+            "the local runtime cannot run beside a real node ({}): stop it with `scripts/env down --node`",
+            nodes.trim()
+        );
         let log_dir = std::env::temp_dir().join(format!("warren-local-runtime-{namespace}"));
         std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
         let inner = Arc::new(Inner {

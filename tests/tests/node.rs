@@ -1,0 +1,521 @@
+//! The user's path on a real node: the images built from the Dockerfile (`scripts/build-images`), the chart
+//! installed with `helm install`, the operator running as a pod under the chart's ServiceAccount and RBAC, worker
+//! pods started by the kubelet, terminated with SIGTERM on scale-in and killed through the container runtime.
+//!
+//! These tests are `#[ignore]`d in a plain `cargo test`: they need `scripts/env up --node` and the images.
+//! `make test-node` builds and loads the images and runs them with `--ignored`, passing:
+//! - `WARREN_CHART_SET`: the `--set` flags `scripts/build-images` printed (the images it loaded into the node);
+//! - `WARREN_HELM`: the helm binary (`scripts/build-helm`);
+//! - `WARREN_POD_BROKER_URI`, `WARREN_POD_MANAGEMENT_URI`: the broker as pods reach it (`scripts/env up --node`);
+//! - `CONTAINERD_ADDRESS`: the node's containerd socket, to kill a container the way a crash would.
+//!
+//! Every namespace enforces the `restricted` Pod Security Standard, so the operator's pod and every worker pod it
+//! creates is admitted under it, or the test fails.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use warren_operator::RpcService;
+use warren_tests::broker;
+use warren_tests::cluster::{self, TestNamespace, wait_for};
+
+const WAIT: Duration = Duration::from_secs(180);
+/// The operator's poll interval in these tests (`--poll-interval`): one observation period.
+const POLL: Duration = Duration::from_secs(1);
+
+// The service under load: `sleep` 100 ms at prefetch 4, so one worker completes at most 40 requests/s.
+const SLEEP_MS: u64 = 100;
+const PREFETCH: i32 = 4;
+const MAX_REPLICAS: i32 = 4;
+const SCALE_DOWN_DELAY_S: i32 = 10;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn required_env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: run these tests with `make test-node`"))
+}
+
+/// Runs a command, failing with its output when it fails; returns stdout.
+fn run(mut cmd: Command) -> anyhow::Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("failed to run {shown}"))?;
+    ensure!(
+        out.status.success(),
+        "{shown} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(std::env::var("WARREN_HELM").unwrap_or_else(|_| "helm".into()));
+    cmd.args(args).env("KUBECONFIG", cluster::kubeconfig_path());
+    run(cmd)
+}
+
+fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = cluster::kubectl();
+    cmd.args(args);
+    run(cmd)
+}
+
+/// A namespace of the test's own that enforces the `restricted` Pod Security Standard, with the broker Secret as
+/// pods reach the broker.
+async fn restricted_namespace(client: &Client, prefix: &str) -> anyhow::Result<TestNamespace> {
+    let ns = TestNamespace::create(client, prefix).await?;
+    let labels = json!({ "metadata": { "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }}});
+    Api::<Namespace>::all(client.clone()).patch(ns.name(), &PatchParams::default(), &Patch::Merge(&labels)).await?;
+    kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "rabbitmq",
+        "-n",
+        ns.name(),
+        &format!("--from-literal=uri={}", required_env("WARREN_POD_BROKER_URI")?),
+        &format!("--from-literal=managementUri={}", required_env("WARREN_POD_MANAGEMENT_URI")?),
+    ])?;
+    Ok(ns)
+}
+
+/// A helm release of the chart in `charts/warren`, watching its own namespace only, with the images the node has.
+/// Dropped without [`Release::uninstall`] (a failed test), it is uninstalled so no operator is left behind.
+struct Release {
+    name: String,
+    namespace: String,
+    uninstalled: bool,
+}
+
+impl Release {
+    fn install(name: &str, namespace: &str) -> anyhow::Result<Self> {
+        let chart = repo_root().join("charts/warren");
+        let set = required_env("WARREN_CHART_SET")?;
+        let mut args: Vec<String> = vec!["install".into(), name.into(), chart.display().to_string()];
+        args.extend(["--namespace", namespace, "--wait", "--timeout", "180s"].map(String::from));
+        args.extend(set.split_whitespace().map(String::from));
+        args.extend(["--set", &format!("watchNamespace={namespace}")].map(String::from));
+        args.extend(["--set", "extraArgs={--poll-interval=1s}"].map(String::from));
+        let started = Instant::now();
+        helm(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        eprintln!("helm install {name}: deployed and Ready in {:.1}s", started.elapsed().as_secs_f64());
+        Ok(Self { name: name.into(), namespace: namespace.into(), uninstalled: false })
+    }
+
+    fn selector(&self) -> String {
+        format!("app.kubernetes.io/instance={}", self.name)
+    }
+
+    fn uninstall(mut self) -> anyhow::Result<()> {
+        self.uninstalled = true;
+        helm(&["uninstall", &self.name, "--namespace", &self.namespace, "--wait", "--timeout", "120s"])?;
+        Ok(())
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if !self.uninstalled {
+            let _ = helm(&["uninstall", &self.name, "--namespace", &self.namespace, "--wait", "--timeout", "60s"]);
+        }
+    }
+}
+
+async fn operator_pod(client: &Client, release: &Release) -> anyhow::Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &release.namespace);
+    let list = pods.list(&ListParams::default().labels(&release.selector())).await?;
+    list.items.into_iter().find(|p| p.metadata.deletion_timestamp.is_none()).context("no operator pod")
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum())
+}
+
+/// The operator runs in-cluster with the chart's ServiceAccount only: its pod's identity, and what that identity
+/// may not do (no admin credentials inside the cluster).
+async fn assert_operator_identity(client: &Client, release: &Release) -> anyhow::Result<()> {
+    let pod = operator_pod(client, release).await?;
+    let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default();
+    eprintln!("operator pod {} runs as ServiceAccount {sa}", pod.name_any());
+    ensure!(sa != "default" && !sa.is_empty(), "the operator pod uses ServiceAccount {sa:?}");
+    let user = format!("system:serviceaccount:{}:{sa}", release.namespace);
+    let can = |verb: &str, resource: &str| -> anyhow::Result<bool> {
+        let mut cmd = cluster::kubectl();
+        cmd.args(["auth", "can-i", verb, resource, "--as", &user, "-n", &release.namespace]);
+        let out = cmd.output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+    };
+    ensure!(can("patch", "rpcservices.warren.dev/status")?, "{user} cannot patch RpcService status");
+    ensure!(can("create", "deployments.apps")?, "{user} cannot create Deployments");
+    ensure!(!can("create", "pods")?, "{user} may create pods: more than the chart should grant");
+    ensure!(!can("delete", "namespaces")?, "{user} may delete namespaces");
+    let security = pod.spec.as_ref().and_then(|s| s.containers[0].security_context.clone()).unwrap_or_default();
+    ensure!(security.read_only_root_filesystem == Some(true), "the operator's root filesystem is writable");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the node and the images: make test-node"]
+async fn helm_install_upgrade_and_uninstall_the_operator() -> anyhow::Result<()> {
+    let client = cluster::client().await?;
+    let ns = restricted_namespace(&client, "node-helm").await?;
+    let release = Release::install("warren-helm", ns.name())?;
+
+    let pod = operator_pod(&client, &release).await?;
+    ensure!(pod_ready(&pod), "operator pod {} is not Ready after helm install --wait", pod.name_any());
+    assert_operator_identity(&client, &release).await?;
+    // In-cluster, it found the API server through the `kubernetes` Service, took the lease and runs its controller.
+    let logs = kubectl(&["logs", "-n", ns.name(), &pod.name_any()])?;
+    eprintln!("operator log (first lines):\n{}", logs.lines().take(8).collect::<Vec<_>>().join("\n"));
+    wait_for("the operator's leader Lease", WAIT, || async {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns.name());
+        Ok(leases.list(&ListParams::default()).await?.items.into_iter().find_map(|l| l.spec?.holder_identity))
+    })
+    .await?;
+
+    // helm upgrade rolls the operator to a new pod with the new values.
+    let set = required_env("WARREN_CHART_SET")?;
+    let mut args = vec!["upgrade", "warren-helm", "--namespace", ns.name(), "--reuse-values", "--wait"];
+    let chart = repo_root().join("charts/warren").display().to_string();
+    args.insert(2, &chart);
+    args.extend(set.split_whitespace());
+    args.extend(["--set", "logLevel=debug", "--timeout", "180s"]);
+    helm(&args)?;
+    let upgraded = wait_for("the upgraded operator pod", WAIT, || async {
+        let pod = operator_pod(&client, &release).await?;
+        let env = pod.spec.as_ref().and_then(|s| s.containers[0].env.clone()).unwrap_or_default();
+        let debug = env.iter().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug"));
+        Ok((debug && pod_ready(&pod)).then_some(pod))
+    })
+    .await?;
+    eprintln!("helm upgrade: operator pod {} with RUST_LOG=debug is Ready", upgraded.name_any());
+
+    release.uninstall()?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    ensure!(deployments.list(&ListParams::default()).await?.items.is_empty(), "helm uninstall left a Deployment");
+    let crb = kubectl(&["get", "clusterrolebinding", "-l", "app.kubernetes.io/instance=warren-helm", "-o", "name"])?;
+    ensure!(crb.trim().is_empty(), "helm uninstall left {crb}");
+    ns.cleanup().await
+}
+
+/// What the test saw of the worker pods, every quarter second.
+#[derive(Default)]
+struct PodLog {
+    /// pod name → (first seen, first seen Running, first seen Ready, first seen terminating)
+    pods: BTreeMap<String, [Option<Instant>; 4]>,
+    /// (when, spec.replicas of the worker Deployment)
+    desired: Vec<(Instant, i32)>,
+}
+
+async fn record_pods(client: Client, namespace: String, deployment: String, log: Arc<Mutex<PodLog>>) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client, &namespace);
+    let selector = "app.kubernetes.io/managed-by=warren-operator";
+    loop {
+        let now = Instant::now();
+        if let Ok(d) = deployments.get(&deployment).await {
+            let replicas = d.spec.and_then(|s| s.replicas).unwrap_or(0);
+            let mut log = log.lock().unwrap();
+            if log.desired.last().is_none_or(|(_, r)| *r != replicas) {
+                log.desired.push((now, replicas));
+            }
+        }
+        if let Ok(list) = pods.list(&ListParams::default().labels(selector)).await {
+            let mut log = log.lock().unwrap();
+            for pod in list {
+                let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                let entry = log.pods.entry(pod.name_any()).or_default();
+                let seen = [true, running, pod_ready(&pod), pod.metadata.deletion_timestamp.is_some()];
+                for (slot, now_true) in entry.iter_mut().zip(seen) {
+                    if now_true && slot.is_none() {
+                        *slot = Some(now);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn bench(queue: &str, rate: f64, duration: Duration, concurrency: usize) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(warren_tests::bin_path("warren"));
+    cmd.args(["bench", queue, "sleep", &format!("{{\"ms\":{SLEEP_MS}}}")])
+        .args(["--concurrency", &concurrency.to_string(), "--rate", &rate.to_string()])
+        .args(["--duration", &format!("{}ms", duration.as_millis()), "--timeout", "90s", "--json"])
+        .env("WARREN_BROKER_URI", warren_tests::broker_uri())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs a bench to its end; returns (calls, answered, errors) and the report.
+async fn finish_bench(cmd: &mut tokio::process::Command, limit: Duration) -> anyhow::Result<(u64, u64, u64, Value)> {
+    let output = tokio::time::timeout(limit, cmd.output()).await.context("warren bench did not finish")??;
+    ensure!(output.status.success(), "warren bench failed: {}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).context("bench JSON")?;
+    let calls = report["calls"].as_u64().context("calls")?;
+    let ok = report["ok"].as_u64().context("ok")?;
+    let errors: u64 = report["errors"].as_object().context("errors")?.values().filter_map(Value::as_u64).sum();
+    Ok((calls, ok, errors, report))
+}
+
+fn stat(queue: &Value, name: &str) -> u64 {
+    queue["message_stats"][name].as_u64().unwrap_or(0)
+}
+
+fn secs(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the node and the images: make test-node"]
+async fn rpcservice_runs_scales_and_survives_on_real_pods() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let client = cluster::client().await?;
+    let ns = restricted_namespace(&client, "node-rpc").await?;
+    let queue = format!("{}.sleepy", ns.name());
+    let result = real_pods(&client, &ns, &queue).await;
+    broker::delete_queue("/", &queue).await?;
+    broker::delete_queue("/", &format!("{queue}.dead")).await?;
+    result?;
+    ns.cleanup().await
+}
+
+async fn real_pods(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow::Result<()> {
+    let release = Release::install("warren-rpc", ns.name())?;
+    assert_operator_identity(client, &release).await?;
+
+    // --- kubectl apply an RpcService: worker pods Running and Ready, the queue shows their consumers ------------
+    let manifest = format!(
+        r#"apiVersion: warren.dev/v1alpha1
+kind: RpcService
+metadata: {{ name: sleepy, namespace: {ns} }}
+spec:
+  broker: {{ secretRef: {{ name: rabbitmq }} }}
+  worker: {{ handler: {{ builtin: sleep }}, prefetch: {PREFETCH}, terminationGracePeriodSeconds: 30 }}
+  scaling:
+    minReplicas: 1
+    maxReplicas: {MAX_REPLICAS}
+    targetQueueDelaySeconds: 2
+    scaleDownDelaySeconds: {SCALE_DOWN_DELAY_S}
+    perReplicaThroughputHint: 30
+"#,
+        ns = ns.name()
+    );
+    let applied = Instant::now();
+    let mut cmd = cluster::kubectl();
+    cmd.args(["apply", "-f", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, manifest.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "kubectl apply failed");
+
+    let services: Api<RpcService> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let workers = ListParams::default().labels("app.kubernetes.io/managed-by=warren-operator");
+    wait_for("a Ready worker pod", WAIT, || async {
+        Ok(pods.list(&workers).await?.items.iter().any(pod_ready).then_some(()))
+    })
+    .await?;
+    eprintln!("kubectl apply → first worker pod Ready: {:.1}s", applied.elapsed().as_secs_f64());
+    wait_for("the RpcService Ready", WAIT, || async {
+        let status = services.get("sleepy").await?.status.unwrap_or_default();
+        Ok(status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(()))
+    })
+    .await?;
+    wait_for("the worker's consumer on the queue", WAIT, || async {
+        Ok(broker::queue("/", queue).await?.filter(|q| q["consumers"].as_u64() == Some(1)).map(|_| ()))
+    })
+    .await?;
+    println!("{}", kubectl(&["get", "pods", "-n", ns.name(), "-o", "wide"])?);
+
+    // `warren call` from the host gets the answer from a pod.
+    let mut call = Command::new(warren_tests::bin_path("warren"));
+    call.args(["call", queue, "add", "[1, 2]", "--timeout", "30s"])
+        .env("WARREN_BROKER_URI", warren_tests::broker_uri());
+    let answer = run(call)?;
+    eprintln!("warren call {queue} add [1, 2] → {}", answer.trim());
+    ensure!(answer.trim() == "3", "add(1, 2) answered {answer:?}");
+
+    let deployment_name = kubectl(&[
+        "get",
+        "deployments",
+        "-n",
+        ns.name(),
+        "-l",
+        "app.kubernetes.io/managed-by=warren-operator",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let log: Arc<Mutex<PodLog>> = Arc::default();
+    let recorder =
+        tokio::spawn(record_pods(client.clone(), ns.name().to_owned(), deployment_name.clone(), log.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // --- a load step: the operator scales up, the kubelet starts real containers ----------------------------------
+    // 2.5× one worker's capacity for 30 s: the pool must grow to about 3 (at most MAX_REPLICAS).
+    let rate = 100.0;
+    let load = Duration::from_secs(30);
+    let step = Instant::now();
+    let (calls, ok, errors, report) = finish_bench(&mut bench(queue, rate, load, 1000), load + WAIT).await?;
+    eprintln!("step load: {calls} calls, {ok} answered, {errors} errors: {report}");
+    ensure!(errors == 0 && ok == calls, "calls were lost or failed under the step: {report}");
+
+    let (first_up, peak) = {
+        let log = log.lock().unwrap();
+        let first = log.desired.iter().find(|(at, r)| *at >= step && *r > 1).copied();
+        let peak = log.desired.iter().map(|(_, r)| *r).max().unwrap_or(0);
+        (first, peak)
+    };
+    let (first_up_at, first_up_to) = first_up.context("the operator never scaled the Deployment up")?;
+    eprintln!(
+        "first scale-up (1 → {first_up_to}) {:.1}s after the step = {:.1} observation periods of {POLL:?}; peak {peak}",
+        secs(step, first_up_at),
+        secs(step, first_up_at) / POLL.as_secs_f64()
+    );
+    ensure!((2..=MAX_REPLICAS).contains(&peak), "peak replicas {peak}");
+
+    // --- load stops → scale-in while a trickle of calls goes on: every call answered ----------------------------
+    // The trickle keeps requests in flight on the pods the kubelet sends SIGTERM to.
+    let trickle_rate = 10.0;
+    let trickle = Duration::from_secs(SCALE_DOWN_DELAY_S as u64 + 40);
+    let trickle_start = Instant::now();
+    let mut trickle_cmd = bench(queue, trickle_rate, trickle, 100);
+    let trickle_run = tokio::spawn(async move { finish_bench(&mut trickle_cmd, trickle + WAIT).await });
+    let scaled_in = wait_for("scale-in to one worker pod", WAIT, || async {
+        let running: Vec<Pod> =
+            pods.list(&workers).await?.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+        Ok((running.len() == 1).then(Instant::now))
+    })
+    .await?;
+    let (t_calls, t_ok, t_errors, t_report) = trickle_run.await??;
+    eprintln!("scale-in under a trickle: {t_calls} calls, {t_ok} answered, {t_errors} errors: {t_report}");
+    ensure!(t_errors == 0 && t_ok == t_calls, "calls were lost or failed during scale-in: {t_report}");
+    let terminated: Vec<String> = {
+        let log = log.lock().unwrap();
+        log.pods.iter().filter(|(_, t)| t[3].is_some_and(|at| at >= trickle_start)).map(|(n, _)| n.clone()).collect()
+    };
+    eprintln!(
+        "scale-in: {} pods terminated by the kubelet (SIGTERM) {:.1}s into the trickle: {terminated:?}",
+        terminated.len(),
+        secs(trickle_start, scaled_in)
+    );
+    ensure!(!terminated.is_empty(), "no pod was terminated during the scale-in");
+
+    // --- a worker container killed through the runtime: restarted, its requests answered by another -------------
+    // Two workers so that another one answers while the killed one restarts.
+    services
+        .patch("sleepy", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "scaling": { "minReplicas": 2 } } })))
+        .await?;
+    wait_for("two Ready worker pods", WAIT, || async {
+        let ready = pods.list(&workers).await?.items.iter().filter(|p| pod_ready(p)).count();
+        Ok((ready == 2).then_some(()))
+    })
+    .await?;
+    let victim = pods.list(&workers).await?.items.into_iter().find(pod_ready).context("a worker pod")?;
+    let container_id = victim
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == "worker"))
+        .and_then(|c| c.container_id.clone())
+        .context("worker container id")?;
+    let container_id = container_id.trim_start_matches("containerd://").to_owned();
+    let restarts_before = restarts(&victim);
+    let kill_load = Duration::from_secs(20);
+    let mut kill_cmd = bench(queue, 40.0, kill_load, 500);
+    let kill_run = tokio::spawn(async move { finish_bench(&mut kill_cmd, kill_load + WAIT).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before_kill = broker::queue("/", queue).await?.context("queue")?;
+    let mut ctr = Command::new("ctr");
+    ctr.args(["-a", &required_env("CONTAINERD_ADDRESS")?, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL"])
+        .arg(&container_id);
+    run(ctr)?;
+    let killed_at = Instant::now();
+    eprintln!("killed container {} of pod {} with SIGKILL", &container_id[..12], victim.name_any());
+    let (k_calls, k_ok, k_errors, k_report) = kill_run.await??;
+    eprintln!("SIGKILL under load: {k_calls} calls, {k_ok} answered, {k_errors} errors: {k_report}");
+    ensure!(k_errors == 0 && k_ok == k_calls, "calls were lost or failed when a worker was killed: {k_report}");
+    let restarted = wait_for("the killed worker restarted and Ready", WAIT, || async {
+        let pod = pods.get(&victim.name_any()).await?;
+        Ok((restarts(&pod) > restarts_before && pod_ready(&pod)).then(Instant::now))
+    })
+    .await?;
+    eprintln!(
+        "the kubelet restarted the killed container; Ready again {:.1}s after the kill",
+        secs(killed_at, restarted)
+    );
+    let after = wait_for("the queue drained", WAIT, || async {
+        let q = broker::queue("/", queue).await?.context("queue")?;
+        let drained = q["messages_ready"].as_u64() == Some(0) && q["messages_unacknowledged"].as_u64() == Some(0);
+        Ok(drained.then_some(q))
+    })
+    .await?;
+    eprintln!(
+        "queue across the kill: redelivered {} (requests the killed worker held), dead-lettered none: {}",
+        stat(&after, "redeliver") - stat(&before_kill, "redeliver"),
+        broker::queue("/", &format!("{queue}.dead")).await?.map_or(0, |q| q["messages"].as_u64().unwrap_or(0))
+    );
+
+    recorder.abort();
+    print_pod_timeline(step, &log.lock().unwrap());
+
+    // --- deleting the RpcService: the garbage collector removes its Deployment and pods --------------------------
+    let deleted = Instant::now();
+    kubectl(&["delete", "rpcservice", "sleepy", "-n", ns.name(), "--timeout=60s"])?;
+    let deployments: Api<Deployment> = ns.api();
+    wait_for("the worker Deployment garbage-collected", WAIT, || async {
+        Ok(deployments.get_opt(&deployment_name).await?.is_none().then_some(()))
+    })
+    .await?;
+    wait_for("the worker pods gone", WAIT, || async { Ok(pods.list(&workers).await?.items.is_empty().then_some(())) })
+        .await?;
+    eprintln!(
+        "kubectl delete rpcservice → Deployment and pods garbage-collected in {:.1}s",
+        deleted.elapsed().as_secs_f64()
+    );
+
+    release.uninstall()?;
+    Ok(())
+}
+
+fn print_pod_timeline(step: Instant, log: &PodLog) {
+    let t = |at: Option<Instant>| at.map_or("-".to_owned(), |at| format!("{:+.1}", secs(step, at) - 0.0));
+    eprintln!("worker Deployment spec.replicas (seconds from the load step):");
+    for (at, replicas) in &log.desired {
+        let s = if *at >= step { secs(step, *at) } else { -secs(*at, step) };
+        eprintln!("  {s:>+7.1}s  {replicas}");
+    }
+    eprintln!("worker pods: seen, Running, Ready, terminating (seconds from the step); created → Ready:");
+    for (name, [seen, running, ready, gone]) in &log.pods {
+        let start = match (seen, ready) {
+            (Some(s), Some(r)) => format!("{:.1}s", secs(*s, *r)),
+            _ => "-".into(),
+        };
+        eprintln!("  {name:<40} {:>7} {:>7} {:>7} {:>7}  {start}", t(*seen), t(*running), t(*ready), t(*gone));
+    }
+}
