@@ -175,7 +175,7 @@ class AsyncClient:
         reply: asyncio.Future = loop.create_future()
         session.pending[correlation_id] = reply
         published = loop.create_task(
-            session.raw.basic_publish(body, routing_key=service, properties=properties, mandatory=True))
+            session.raw.basic_publish(body, routing_key=service, properties=properties, mandatory=True, wait=False))
         published.add_done_callback(functools.partial(self._published, session, correlation_id, service))
         timer = None
         if timeout is not None:

@@ -682,6 +682,7 @@ class _Session:
                  reply: Any) -> None:
         self.server = server
         self.connection = connection
+        self.consume_channel = consume_channel
         self.consume = consume  # the aiormq channels under aio-pika's
         self.reply = reply
         self.consumer_tag = f"warren-py-{os.getpid()}-{next(_consumer_seq)}"
@@ -700,12 +701,15 @@ class _Session:
             self.broken.set()
 
     async def on_delivery(self, message: Any) -> None:
-        # aiormq runs this in a task of the channel's; the request gets a task of its own so that it is not
-        # cancelled with the channel and can be awaited while draining.
+        # aiormq runs each delivery in a task of its own: that task is the request's, tracked for the drain. (The
+        # channel cancels it only when it closes, and then the request returns to the queue anyway.)
         self.received += 1
-        task = asyncio.get_running_loop().create_task(self.handle(message))
+        task = asyncio.current_task()
         self.in_flight.add(task)
-        task.add_done_callback(self.in_flight.discard)
+        try:
+            await self.handle(message)
+        finally:
+            self.in_flight.discard(task)
 
     async def serve(self) -> bool:
         """Waits until stop is asked (True: the consumer is cancelled) or the session died (False)."""
@@ -745,6 +749,15 @@ class _Session:
         while self.in_flight:
             await asyncio.wait(set(self.in_flight))
         alive = not self.broken.is_set()
+        if alive:
+            # Acks are queued without waiting for the socket: closing their channel (channel.close, then the
+            # broker's close-ok, in order after them) makes sure the broker has every one before the connection
+            # goes.
+            try:
+                await asyncio.wait_for(self.consume_channel.close(), CLOSE_TIMEOUT)
+            except Exception as error:  # noqa: BLE001
+                log.warning("%s: closing the consuming channel failed: %r", self.server.queue, error)
+                alive = False
         await _close(self.connection)
         return alive
 
@@ -784,7 +797,7 @@ class _Session:
         server = self.server
         try:
             await asyncio.wait_for(
-                self.reply.basic_publish(body, routing_key=request.reply_to, properties=properties),
+                self.reply.basic_publish(body, routing_key=request.reply_to, properties=properties, wait=False),
                 REPLY_CONFIRM_TIMEOUT)
             return True
         except DeliveryError:
@@ -805,7 +818,8 @@ class _Session:
 
     async def _ack(self, delivery_tag: int) -> None:
         try:
-            await asyncio.wait_for(self.consume.basic_ack(delivery_tag), REPLY_CONFIRM_TIMEOUT)
+            # Queued for the connection's writer, in order after the reply whose confirm we had.
+            await self.consume.basic_ack(delivery_tag, wait=False)
             self.acked += 1
         except Exception as error:  # noqa: BLE001 - the session died: the broker redelivers
             log.debug("%s: ack failed (%r); the broker redelivers the request", self.server.queue, error)
@@ -925,7 +939,13 @@ class ServerThread:
 
     def join(self, timeout: Optional[float] = None) -> bool:
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            return False
+        with _threads_lock:
+            idle = not _running_threads
+        if idle and threading.current_thread() is threading.main_thread():
+            _restore_signal_handlers()  # no server left to drain: signals act as before
+        return True
 
     def __enter__(self) -> "ServerThread":
         return self
@@ -984,11 +1004,18 @@ def _install_signal_handlers() -> None:
     _signals_installed = True
 
 
-def _on_stop_signal(signum: int, frame: Any) -> None:
+def _restore_signal_handlers() -> None:
     global _signals_installed
-    for sig, handler in _previous_handlers.items():  # a second signal acts as before
-        signal.signal(sig, handler)
+    if not _signals_installed:
+        return
+    for sig, handler in _previous_handlers.items():
+        if signal.getsignal(sig) is _on_stop_signal:
+            signal.signal(sig, handler)
     _signals_installed = False
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    _restore_signal_handlers()  # a second signal acts as before
     log.info("%s: draining every server", signal.Signals(signum).name)
     with _threads_lock:
         threads = list(_running_threads)
