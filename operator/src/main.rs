@@ -67,6 +67,8 @@ fn main() -> anyhow::Result<()> {
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
                 )
+                // A pod's log is a file, not a terminal: no colour codes in `kubectl logs`.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .init();
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(run(args))?;
         }
