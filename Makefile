@@ -31,12 +31,12 @@ CHART_CRD := charts/warren/crds/rpcservice.yaml
 WITH_ENV := eval "$$(scripts/env up)";
 step = @echo; echo "==> $(1)"
 
-.PHONY: help test demo env-up env-down env-status build generate check-generated cargo-test python-test node-test test-node chart-check
+.PHONY: help test demo env-up env-down env-status build generate check-generated cargo-test python-test sdk-test node-test test-node chart-check
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
 
-test: env-up build check-generated cargo-test python-test node-test test-node chart-check
+test: env-up build check-generated cargo-test python-test sdk-test node-test test-node chart-check
 	$(call step,make test: all passed)
 
 demo: build
@@ -84,6 +84,12 @@ python-test: build
 	  echo "tests/python has no tests yet: skipping pytest"; exit 0; \
 	fi; \
 	$(WITH_ENV) WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug WARREN_VENV=$(VENV) tests/python/run $(PYTEST_FLAGS)
+
+# The Python SDK's tests (sdk/python/tests): its caller and responder against warren-worker, the warren CLI and
+# each other, in a venv outside the repo (sdk/python/run-tests makes it).
+sdk-test: build
+	$(call step,Python SDK tests (sdk/python))
+	$(WITH_ENV) WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug sdk/python/run-tests $(PYTEST_FLAGS)
 
 # The interop tests in Node.js (amqplib, node --test); tests/node/run installs amqplib into tests/node/node_modules
 # from package-lock.json.

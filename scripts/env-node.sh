@@ -132,8 +132,6 @@ containerd_up() {
     wait_for "containerd (already running)" 30 containerd_ready && return 0
     die "containerd runs but does not answer (see $STATE/containerd.log)"
   fi
-  local sandbox_image
-  sandbox_image=$(pause_image)
   mkdir -p "$NODE_DIR/containerd" "$CONTAINERD_ROOT"
   cat >"$NODE_DIR/containerd/config.toml" <<EOF
 version = 2
@@ -143,7 +141,7 @@ state = "$NODE_DIR/containerd/state"
   address = "$CONTAINERD_SOCK"
 [plugins."io.containerd.grpc.v1.cri"]
   # No registry is reachable: the pause image is built here (scripts/build-images) and imported.
-  sandbox_image = "$sandbox_image"
+  sandbox_image = "$PAUSE_IMAGE"
   # Without it every sandbox fails here: runc may not lower /proc/self/oom_score_adj in this VM.
   restrict_oom_score_adj = true
   enable_selinux = false
@@ -163,13 +161,15 @@ EOF
   wait_for containerd 30 containerd_ready || die "containerd did not answer within 30s (see $STATE/containerd.log)"
 }
 
-# The sandbox image: built (a few seconds, cached) by scripts/build-images, which prints its ref.
-pause_image() { "$ROOT/scripts/build-images" --pause-only --no-import; }
+# The sandbox image: scripts/pause.c, built and imported by `scripts/build-images --pause-only` (the same ref).
+PAUSE_IMAGE=localhost/warren/pause:3.10
 
 node_images_up() {
   # The pause image must be in containerd before the first pod; warren's images are loaded by the tests and the
   # demo (scripts/build-images), which rebuild them when the sources change.
-  CONTAINERD_ADDRESS=$CONTAINERD_SOCK "$ROOT/scripts/build-images" --pause-only >/dev/null
+  ctr -a "$CONTAINERD_SOCK" -n k8s.io images ls -q 2>/dev/null | grep -qxF "$PAUSE_IMAGE" && return 0
+  [[ $(CONTAINERD_ADDRESS=$CONTAINERD_SOCK "$ROOT/scripts/build-images" --pause-only) == "$PAUSE_IMAGE" ]] ||
+    die "scripts/build-images --pause-only did not load $PAUSE_IMAGE"
 }
 
 # --- kubelet, scheduler, controller-manager -----------------------------------------------------------------------
