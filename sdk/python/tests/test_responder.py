@@ -187,6 +187,39 @@ def test_a_request_past_its_deadline_is_acked_without_running(responder):
     assert server.stats.in_flight == 0  # nor unacked
 
 
+def test_a_call_that_times_out_waiting_in_the_queue_is_skipped_by_the_responder(responder, client):
+    """The SDK's caller sends its timeout as `x-deadline`: a request still queued when its caller gave up is acked
+    without running."""
+    ran = []
+
+    def slow(tag):
+        time.sleep(1.0)
+        ran.append(tag)
+        return tag
+
+    server = responder({"slow": slow}, prefetch=1, threads=1)
+    queue = server.server.queue
+
+    async def main():
+        async with warren.AsyncClient(BROKER_URI) as caller:
+            first = asyncio.ensure_future(caller.call(queue, "slow", "first", timeout=10))
+            await asyncio.sleep(0.1)  # the first runs; the second waits behind it (prefetch 1)
+            started = time.monotonic()
+            with pytest.raises(warren.Timeout):
+                await caller.call(queue, "slow", "second", timeout=0.3)
+            assert time.monotonic() - started < 0.9
+            assert await first == "first"
+
+    asyncio.run(main())
+    # The second is either skipped by the responder (counted as expired) or dropped by the broker (its expiration,
+    # the same timeout, passed at the head of the queue): it never runs, and nothing is left waiting.
+    deadline = time.monotonic() + 2
+    while server.stats.expired < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ran == ["first"]
+    assert queue_state(queue)[0] == 0 and server.stats.in_flight == 0
+
+
 def test_replies_keep_the_correlation_id_content_type_and_trace_context(responder, client):
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     seen = []

@@ -174,18 +174,31 @@ class AsyncClient:
         )
         reply: asyncio.Future = loop.create_future()
         session.pending[correlation_id] = reply
-        published = loop.create_task(
-            session.raw.basic_publish(body, routing_key=service, properties=properties, mandatory=True, wait=False))
-        published.add_done_callback(functools.partial(self._published, session, correlation_id, service))
         timer = None
         if timeout is not None:
             timer = loop.call_later(timeout, _expire, reply, service, method, timeout)
         try:
+            # The publish is awaited here, confirm included (a return or a nack fails it at once): the broker
+            # confirms a request before its reply can come back, so this waits for nothing the reply would not.
+            confirmed = session.raw.basic_publish(body, routing_key=service, properties=properties, mandatory=True,
+                                                  wait=False)
+            try:
+                await _bounded(confirmed, reply)
+            except PublishError:
+                raise NoSuchService(service) from None
+            except DeliveryError:
+                raise Rejected(service) from None
+            except (asyncio.CancelledError, ConnectionLost, Timeout):
+                raise
+            except Exception as error:
+                raise ConnectionLost(f"the request was not sent: {error!r}") from error
             return await reply
         finally:
             session.pending.pop(correlation_id, None)
             if timer is not None:
                 timer.cancel()
+            if reply.done() and not reply.cancelled():
+                reply.exception()  # retrieved: a failure we raised another way is not "never retrieved"
 
     async def notify(self, service: str, method: Optional[str], /, *args: Any, ttl: Optional[float] = None,
                      **kwargs: Any) -> None:
@@ -317,22 +330,29 @@ class AsyncClient:
         else:
             reply.set_exception(RemoteError(*value))
 
-    def _published(self, session: _Session, correlation_id: str, service: str, task: asyncio.Task) -> None:
-        error: Optional[BaseException]
-        error = ConnectionLost("the request was not sent") if task.cancelled() else task.exception()
-        if error is None:
-            return
-        reply = session.pending.get(correlation_id)
-        if reply is None or reply.done():
-            return
-        if isinstance(error, PublishError):
-            reply.set_exception(NoSuchService(service))
-        elif isinstance(error, DeliveryError):
-            reply.set_exception(Rejected(service))
-        elif isinstance(error, ConnectionLost):
-            reply.set_exception(error)
-        else:
-            reply.set_exception(ConnectionLost(f"the request was not sent: {error!r}"))
+async def _bounded(publish: Any, reply: asyncio.Future) -> None:
+    """Awaits ``publish`` (the request's publisher confirm) unless ``reply`` completes first (the reply, a timeout,
+    a lost connection), without a task of its own (``asyncio.wait_for`` makes one per call before Python 3.12)."""
+    task = asyncio.current_task()
+    assert task is not None
+    active = [True]
+
+    def interrupt(_reply: asyncio.Future) -> None:
+        if active[0] and not _reply.cancelled():
+            task.cancel()
+
+    reply.add_done_callback(interrupt)
+    try:
+        await publish
+    except asyncio.CancelledError:
+        if not (reply.done() and not reply.cancelled()):
+            raise  # cancelled from outside
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+    finally:
+        active[0] = False
+        reply.remove_done_callback(interrupt)
 
 
 def _expire(reply: asyncio.Future, service: str, method: Optional[str], timeout: float) -> None:

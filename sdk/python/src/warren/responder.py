@@ -796,7 +796,7 @@ class _Session:
     async def _publish_reply(self, request: _Request, body: bytes, properties: Any, delivery_tag: int) -> bool:
         server = self.server
         try:
-            await asyncio.wait_for(
+            await _within(
                 self.reply.basic_publish(body, routing_key=request.reply_to, properties=properties, wait=False),
                 REPLY_CONFIRM_TIMEOUT)
             return True
@@ -823,6 +823,32 @@ class _Session:
             self.acked += 1
         except Exception as error:  # noqa: BLE001 - the session died: the broker redelivers
             log.debug("%s: ack failed (%r); the broker redelivers the request", self.server.queue, error)
+
+
+async def _within(awaitable: Any, timeout: float) -> Any:
+    """``asyncio.wait_for`` without the task it makes per call before Python 3.12: raises asyncio.TimeoutError."""
+    task = asyncio.current_task()
+    assert task is not None
+    state = {"active": True, "fired": False}
+
+    def fire() -> None:
+        if state["active"]:
+            state["fired"] = True
+            task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, fire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not state["fired"]:
+            raise
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+        raise asyncio.TimeoutError() from None
+    finally:
+        state["active"] = False
+        timer.cancel()
 
 
 async def _close(connection: Any) -> None:
