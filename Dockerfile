@@ -4,13 +4,16 @@
 #   docker build --target worker   -t ghcr.io/warren-dev/warren-worker:0.1.0 .
 # Both run as a non-root user (65532) on distroless, with nothing to write to: a read-only root filesystem works.
 
+# Base images. The defaults are the public ones; scripts/build-images, which reaches no registry, assembles
+# equivalents locally and passes them here (BUILDER_IMAGE, RUNTIME), so this file stays the one to build with.
 ARG RUST_VERSION=1.95
+ARG BUILDER_IMAGE=rust:${RUST_VERSION}-bookworm
 ARG RUNTIME=gcr.io/distroless/cc-debian12:nonroot
 
-FROM rust:${RUST_VERSION}-bookworm AS builder
+FROM ${BUILDER_IMAGE} AS builder
 WORKDIR /src
 COPY . .
-# Registry and target caches survive between builds (BuildKit); the binaries are copied out of the cache mount.
+# Registry and target caches survive between builds (BuildKit, buildah); the binaries are copied out of the cache mount.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p warren-operator -p warren-worker --bins \
