@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -228,6 +228,8 @@ async fn helm_install_upgrade_and_uninstall_the_operator() -> anyhow::Result<()>
 struct PodLog {
     /// pod name → (first seen, first seen Running, first seen Ready, first seen terminating)
     pods: BTreeMap<String, [Option<Instant>; 4]>,
+    /// pod name → the wall-clock time it was first seen (to compare with the worker's own log)
+    seen_at: BTreeMap<String, SystemTime>,
     /// (when, spec.replicas of the worker Deployment)
     desired: Vec<(Instant, i32)>,
 }
@@ -249,6 +251,7 @@ async fn record_pods(client: Client, namespace: String, deployment: String, log:
             let mut log = log.lock().unwrap();
             for pod in list {
                 let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                log.seen_at.entry(pod.name_any()).or_insert_with(SystemTime::now);
                 let entry = log.pods.entry(pod.name_any()).or_default();
                 let seen = [true, running, pod_ready(&pod), pod.metadata.deletion_timestamp.is_some()];
                 for (slot, now_true) in entry.iter_mut().zip(seen) {
@@ -398,6 +401,23 @@ spec:
         secs(step, first_up_at) / POLL.as_secs_f64()
     );
     ensure!((2..=MAX_REPLICAS).contains(&peak), "peak replicas {peak}");
+
+    // Pod start as the worker itself saw it: from the pod's first appearance to its "consuming" log line (read now,
+    // before the scale-in deletes these pods).
+    let started: Vec<(String, SystemTime)> = {
+        let log = log.lock().unwrap();
+        let new = log.pods.iter().filter(|(_, t)| t[0].is_some_and(|at| at > step)).map(|(n, _)| n.clone());
+        new.filter_map(|n| log.seen_at.get(&n).map(|at| (n, *at))).collect()
+    };
+    for (pod, seen) in started {
+        let Ok(logs) = kubectl(&["logs", "-n", ns.name(), &pod, "-c", "worker"]) else { continue };
+        let consuming = logs.lines().find(|l| l.contains(" consuming")).and_then(|l| l.split_whitespace().next());
+        if let Some(at) = consuming.and_then(|ts| chrono::DateTime::parse_from_rfc3339(ts).ok()) {
+            let at = SystemTime::from(at);
+            let delay = at.duration_since(seen).map_or(0.0, |d| d.as_secs_f64());
+            eprintln!("pod {pod}: created (first seen) → consuming (its log) {delay:.2}s");
+        }
+    }
 
     // --- load stops → scale-in while a trickle of calls goes on: every call answered ----------------------------
     // The trickle keeps requests in flight on the pods the kubelet sends SIGTERM to.
