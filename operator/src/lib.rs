@@ -10,6 +10,7 @@ pub mod build;
 pub mod context;
 pub mod controller;
 pub mod crd;
+pub mod dereference;
 pub mod error;
 pub mod http;
 pub mod leader;
