@@ -8,7 +8,7 @@
 //! patch        one status patch, then the events
 //! ```
 //!
-//! The replicas come from the observer ([`crate::scaling`]), which polls the broker beside the pipeline and
+//! The replicas come from the observer ([`crate::observer`]), which polls the broker beside the pipeline and
 //! triggers a reconcile when its decision changes; the reconcile is the only writer.
 
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use crate::context::{Context, FIELD_MANAGER, backoff};
 use crate::crd::{DeletionPolicy, RpcService, RpcServiceStatus};
 use crate::dereference;
 use crate::error::{Error, Result};
-use crate::scaling::ServiceRegistration;
+use crate::observer::{Announcements, Registration};
 use crate::status;
 
 /// The finalizer that lets the operator apply `deletionPolicy` before the object goes.
@@ -115,7 +115,7 @@ async fn apply(svc: &RpcService, ctx: &Context) -> Result<Action> {
     };
     let declared = found.broker.declare_queues(&svc.queue_name(), &build::queue_options(svc)).await;
     let current = current_deployment(svc, ctx).await?;
-    let view = ctx.scaling.register(ServiceRegistration::new(key.clone(), svc, found.broker.clone(), current.as_ref()));
+    let view = ctx.observer.register(Registration::new(key.clone(), svc, found.broker.clone(), current.as_ref()));
     let replicas = if svc.spec.scaling.enabled { view.desired_replicas } else { svc.spec.worker.replicas };
     let inputs = BuildInputs {
         broker_secret: found.secret_name,
@@ -123,20 +123,25 @@ async fn apply(svc: &RpcService, ctx: &Context) -> Result<Action> {
         replicas,
     };
     let applied = apply_deployment(svc, ctx, &build::deployment(svc, &inputs)).await?;
-    ctx.scaling.applied(&key, replicas);
+    ctx.observer.applied(&key, replicas);
     let conditions = [
         status::queue_condition(&declared, &svc.queue_name(), &found.broker),
         status::workers_condition(&applied, replicas),
     ];
     let (next, transitions) = status::next(svc, &conditions, Some(&view), Some(replicas), &now());
     patch_status(svc, ctx, &next).await?;
-    publish(svc, ctx, status::events(svc, &transitions, &view)).await;
+    // The queue was declared again only if the declaration succeeded; otherwise that news waits for the pass that does.
+    let news =
+        Announcements { queue_missing: view.announcements.queue_missing && declared.is_ok(), ..view.announcements };
+    if publish(svc, ctx, status::events(svc, &transitions, &news)).await {
+        ctx.observer.announced(&key, &news);
+    }
     declared.map(|()| Action::requeue(RESYNC)).map_err(Error::DeclareQueues)
 }
 
 /// Without the broker nothing can be declared or run: say so, and wait for the Secret to change.
 async fn broker_unreachable(svc: &RpcService, ctx: &Context, error: Error) -> Error {
-    ctx.scaling.forget(&ObjectRef::from_obj(svc));
+    ctx.observer.forget(&ObjectRef::from_obj(svc));
     let (next, _) = status::next(svc, &status::unreachable_conditions(&error), None, None, &now());
     match patch_status(svc, ctx, &next).await {
         Ok(()) => error,
@@ -184,18 +189,22 @@ async fn patch_status(svc: &RpcService, ctx: &Context, next: &RpcServiceStatus) 
     Ok(())
 }
 
-async fn publish(svc: &RpcService, ctx: &Context, events: Vec<Event>) {
+/// Publishes `events`; returns whether all of them were.
+async fn publish(svc: &RpcService, ctx: &Context, events: Vec<Event>) -> bool {
     let reference = svc.object_ref(&());
+    let mut all = true;
     for event in events {
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             tracing::debug!("could not publish event: {e}");
+            all = false;
         }
     }
+    all
 }
 
 /// Applies `deletionPolicy` to the queues; the Deployment goes with the object through its owner reference.
 async fn cleanup(svc: &RpcService, ctx: &Context) -> Result<Action> {
-    ctx.scaling.forget(&ObjectRef::from_obj(svc));
+    ctx.observer.forget(&ObjectRef::from_obj(svc));
     let skip = svc.annotations().get(SKIP_BROKER_CLEANUP).is_some_and(|v| v == "true");
     if svc.spec.queue.deletion_policy == DeletionPolicy::Delete && !skip {
         let found = dereference::broker(svc, ctx).await?;

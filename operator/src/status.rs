@@ -7,11 +7,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Resource;
 use kube::runtime::events::{Event, EventType};
 
+use crate::autoscale::{ScaleDecision, ScaleReason};
 use crate::broker::{Broker, BrokerError};
 use crate::build;
-use crate::crd::{QueueStatus, RpcService, RpcServiceStatus};
+use crate::crd::{QueueStatus, RpcService, RpcServiceStatus, ScalingStatus};
 use crate::error::Error;
-use crate::scaling::ServiceView;
+use crate::observer::{Announcements, ServiceView};
 
 pub const READY: &str = "Ready";
 pub const QUEUE_READY: &str = "QueueReady";
@@ -137,7 +138,7 @@ pub fn next(
         all.push(ready_condition(q, w));
     }
     if let Some(view) = view {
-        all.push(view.scaling_condition.clone());
+        all.push(scaling_condition(view));
     }
     let conditions = merge_conditions(&previous.conditions, &all, svc.meta().generation, now);
     let transitions = conditions
@@ -178,7 +179,7 @@ pub fn next(
             next.per_replica_throughput = Some(round2(mu));
         }
         if let Some(decision) = &view.decision {
-            next.scaling = Some(decision.clone());
+            next.scaling = Some(scaling_status(decision, now));
         }
         if let Some((at, reason)) = &view.last_scale {
             next.last_scale_time = Some(Time(*at));
@@ -188,13 +189,45 @@ pub fn next(
     (next, transitions)
 }
 
+/// `Scaling` from the observer's view: off, blind (no figures), deciding, or waiting for its first poll.
+pub fn scaling_condition(view: &ServiceView) -> ConditionUpdate {
+    if !view.enabled {
+        ConditionUpdate::new(SCALING, false, "Disabled", "autoscaling is off: spec.worker.replicas is used")
+    } else if let Some(reason) = &view.metrics_unavailable {
+        ConditionUpdate::new(
+            SCALING,
+            false,
+            ScaleReason::MetricsUnavailable.to_string(),
+            format!("{reason}; keeping {} replicas", view.desired_replicas),
+        )
+    } else if let Some(d) = &view.decision {
+        ConditionUpdate::new(SCALING, true, d.reason.to_string(), d.message.clone())
+    } else {
+        ConditionUpdate::new(SCALING, true, "Waiting", "waiting for the first observation of the queue")
+    }
+}
+
+/// `status.scaling`: the decision with the figures it was made from.
+fn scaling_status(d: &ScaleDecision, now: &Time) -> ScalingStatus {
+    ScalingStatus {
+        desired_replicas: d.desired,
+        reason: d.reason.to_string(),
+        message: d.message.clone(),
+        backlog: d.inputs.backlog as i64,
+        in_flight: d.inputs.in_flight as i64,
+        arrival_rate: d.inputs.arrival_rate,
+        per_replica_throughput: d.inputs.per_replica_throughput,
+        time: Some(now.clone()),
+    }
+}
+
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// The events of a pass: the transitions of the queue and the workers (`Ready` and `Scaling` repeat them), a queue
-/// declared again and a scale change.
-pub fn events(svc: &RpcService, transitions: &[Transition], view: &ServiceView) -> Vec<Event> {
+/// The events of a pass: the transitions of the queue and the workers (`Ready` and `Scaling` repeat them), and the
+/// observer's `news` (a queue declared again, a scale change).
+pub fn events(svc: &RpcService, transitions: &[Transition], news: &Announcements) -> Vec<Event> {
     let mut events: Vec<Event> = transitions
         .iter()
         .filter(|t| t.type_ != READY && t.type_ != SCALING)
@@ -206,7 +239,7 @@ pub fn events(svc: &RpcService, transitions: &[Transition], view: &ServiceView) 
             secondary: None,
         })
         .collect();
-    if view.queue_recreated {
+    if news.queue_missing {
         events.push(Event {
             type_: EventType::Warning,
             reason: "QueueRedeclared".into(),
@@ -215,7 +248,7 @@ pub fn events(svc: &RpcService, transitions: &[Transition], view: &ServiceView) 
             secondary: None,
         });
     }
-    if let Some(scale) = &view.scale_event {
+    if let Some(scale) = &news.scaled {
         events.push(Event {
             type_: EventType::Normal,
             reason: "Scaled".into(),
