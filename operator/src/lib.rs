@@ -4,13 +4,13 @@
 //! - the reconcile pipeline ([`reconcile`]): [`dereference`] (the broker Secret) → [`build`] (queue options and
 //!   the Deployment, pure) → apply (queues through [`broker`], the Deployment by server-side apply) → [`status`]
 //!   (the next status, pure) → one status patch and the events;
-//! - the [`observer`]: observe (queue figures from the management API) → decide (the [`autoscale`] policy) → act
+//! - the [`observer`]: observe (queue figures from the management API) → decide (the policy of the
+//!   `warren-autoscale` crate, which holds no Kubernetes types) → act
 //!   (trigger the reconcile that applies the decision).
 //!
 //! [`controller`] wires the pipeline to the API server's watches; `main.rs` only wires the controller, the
 //! observer, the HTTP server ([`http`]), leader election ([`leader`]) and signals.
 
-pub mod autoscale;
 pub mod broker;
 pub mod build;
 pub mod context;
@@ -23,7 +23,6 @@ pub mod leader;
 pub mod metrics;
 pub mod observer;
 pub mod reconcile;
-pub mod simulate;
 pub mod status;
 
 pub use crd::{RpcService, RpcServiceSpec, RpcServiceStatus};

@@ -23,8 +23,6 @@ enum Command {
     Crd,
     /// Run the operator: reconcile RpcServices and autoscale their workers.
     Run(RunArgs),
-    /// Compare warren's autoscaler with KEDA + HPA on load traces in a queue model (docs/autoscaling.md).
-    Simulate(warren_operator::simulate::SimulateArgs),
 }
 
 #[derive(Args)]
@@ -61,7 +59,6 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", warren_operator::crd_yaml()),
-        Command::Simulate(args) => print!("{}", warren_operator::simulate::execute(&args)?),
         Command::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

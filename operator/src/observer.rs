@@ -20,10 +20,10 @@ use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{ObjectRef, Store};
+use warren_autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleDecision};
 
-use crate::autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleDecision};
 use crate::broker::{Broker, BrokerError, QueueFigures};
-use crate::crd::RpcService;
+use crate::crd::{RpcService, RpcServiceSpec};
 use crate::metrics::{DirectionLabel, Metrics};
 
 /// What a reconcile tells the observer about a service.
@@ -54,7 +54,7 @@ impl Registration {
             broker,
             queue: svc.queue_name(),
             enabled: svc.spec.scaling.enabled,
-            policy: PolicySpec::from_spec(&svc.spec),
+            policy: policy(&svc.spec),
             // The policy counts what was asked for: pods being created count, or it would ask again.
             replicas: ReplicaCounts {
                 current: current.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(0),
@@ -65,6 +65,22 @@ impl Registration {
             seed_throughput: svc.status.as_ref().and_then(|s| s.per_replica_throughput),
         }
     }
+}
+
+/// The autoscaling policy a service asks for: its `scaling` section and its workers' prefetch.
+pub fn policy(spec: &RpcServiceSpec) -> PolicySpec {
+    let scaling = &spec.scaling;
+    PolicySpec {
+        min_replicas: scaling.min_replicas,
+        max_replicas: scaling.max_replicas,
+        target_queue_delay_seconds: scaling.target_queue_delay_seconds,
+        scale_down_delay_seconds: f64::from(scaling.scale_down_delay_seconds),
+        target_utilization: scaling.target_utilization,
+        per_replica_throughput_hint: scaling.per_replica_throughput_hint,
+        prefetch: u32::try_from(spec.worker.prefetch).unwrap_or(1),
+        ..PolicySpec::default()
+    }
+    .sanitized()
 }
 
 /// One-shot news for events, kept until the reconcile has published them.
@@ -420,6 +436,19 @@ mod tests {
         fn triggered(&mut self) -> usize {
             std::iter::from_fn(|| self.triggers.try_recv().ok()).inspect(|k| assert_eq!(*k, self.key)).count()
         }
+    }
+
+    #[test]
+    fn the_policy_takes_the_spec_and_the_prefetch_and_shares_its_defaults() {
+        assert_eq!(policy(&RpcServiceSpec::default()), PolicySpec::default());
+        let mut spec = RpcServiceSpec::default();
+        spec.scaling.per_replica_throughput_hint = Some(3.0);
+        spec.scaling.scale_down_delay_seconds = 90;
+        spec.worker.prefetch = 16;
+        let p = policy(&spec);
+        assert_eq!((p.min_replicas, p.max_replicas, p.prefetch), (1, 10, 16));
+        assert_eq!((p.target_queue_delay_seconds, p.scale_down_delay_seconds, p.target_utilization), (2.0, 90.0, 0.8));
+        assert_eq!(p.per_replica_throughput_hint, Some(3.0));
     }
 
     #[test]

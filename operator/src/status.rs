@@ -7,12 +7,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Resource;
 use kube::runtime::events::{Event, EventType};
 
-use crate::autoscale::{ScaleDecision, ScaleReason};
 use crate::broker::{Broker, BrokerError};
 use crate::build;
 use crate::crd::{QueueStatus, RpcService, RpcServiceStatus, ScalingStatus};
 use crate::error::Error;
 use crate::observer::{Announcements, ServiceView};
+use warren_autoscale::{ScaleDecision, ScaleReason};
 
 pub const READY: &str = "Ready";
 pub const QUEUE_READY: &str = "QueueReady";

@@ -1,4 +1,4 @@
-//! `warren-operator simulate`: warren's autoscaler against KEDA + HPA on the same load traces, in a queue model
+//! `warren-autoscale simulate`: warren's autoscaler against KEDA + HPA on the same load traces, in a queue model
 //! (docs/autoscaling.md, "Simulation").
 //!
 //! Both policies see the same requests (same arrival times, same service times), the same pod start delay, the
@@ -13,11 +13,13 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 pub use keda::KedaHpa;
-pub use model::{Cluster, Outcome, ScalingPolicy, TimelinePoint};
-pub use trace::{Request, ServiceTime, TRACE_NAMES, Trace};
+pub use model::{Cluster, ScalingPolicy, TimelinePoint};
+pub use trace::{ServiceTime, TRACE_NAMES, Trace};
 
-use crate::autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts};
-use crate::crd::ScalingSpec;
+use warren_autoscale::{
+    Autoscaler, DEFAULT_SCALE_DOWN_DELAY_SECONDS, DEFAULT_TARGET_QUEUE_DELAY_SECONDS, DEFAULT_TARGET_UTILIZATION,
+    PolicySpec, QueueSample, ReplicaCounts,
+};
 
 /// The simulated world and the policies' settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,9 +47,9 @@ impl Default for SimConfig {
             service: ServiceTime { mean_seconds: 0.2, sigma: 0.5 },
             pod_start_delay: 10.0,
             poll_interval: 5.0,
-            target_queue_delay: 2.0,
-            scale_down_delay: 60,
-            target_utilization: 0.8,
+            target_queue_delay: DEFAULT_TARGET_QUEUE_DELAY_SECONDS,
+            scale_down_delay: DEFAULT_SCALE_DOWN_DELAY_SECONDS,
+            target_utilization: DEFAULT_TARGET_UTILIZATION,
             warren_hint: true,
         }
     }
@@ -69,16 +71,17 @@ impl SimConfig {
 
     /// warren's spec for a trace, as an RpcService would state it.
     pub fn warren_spec(&self, trace: &Trace) -> PolicySpec {
-        let scaling = ScalingSpec {
-            enabled: true,
+        PolicySpec {
             min_replicas: trace.min_replicas,
             max_replicas: trace.max_replicas,
             target_queue_delay_seconds: self.target_queue_delay,
-            scale_down_delay_seconds: self.scale_down_delay,
+            scale_down_delay_seconds: self.scale_down_delay as f64,
             target_utilization: self.target_utilization,
             per_replica_throughput_hint: self.warren_hint.then(|| self.per_replica_throughput()),
-        };
-        PolicySpec::new(&scaling, self.prefetch as i32)
+            prefetch: self.prefetch,
+            ..PolicySpec::default()
+        }
+        .sanitized()
     }
 
     /// The pool both policies start with: what the trace's first rate needs at the target utilisation.
@@ -294,7 +297,7 @@ pub fn table(results: &[RunResult], config: &SimConfig) -> String {
     s
 }
 
-/// `warren-operator simulate`.
+/// `warren-autoscale simulate`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct SimulateArgs {
     /// Run only this trace (step, ramp, burst, diurnal, noisy, sparse); all when omitted.

@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 
 use super::model::ScalingPolicy;
-use crate::autoscale::{QueueSample, ReplicaCounts};
+use warren_autoscale::{QueueSample, ReplicaCounts};
 
 pub const HPA_SYNC_SECONDS: f64 = 15.0;
 pub const HPA_TOLERANCE: f64 = 0.1;
