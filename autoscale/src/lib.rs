@@ -22,6 +22,7 @@
 
 mod policy;
 mod rates;
+mod recurrence;
 mod throughput;
 
 pub use policy::{
@@ -29,6 +30,10 @@ pub use policy::{
     DEFAULT_PREFETCH, DEFAULT_SCALE_DOWN_DELAY_SECONDS, DEFAULT_TARGET_QUEUE_DELAY_SECONDS, DEFAULT_TARGET_UTILIZATION,
     DEFAULT_TOLERANCE, DecisionInputs, Need, PolicySpec, PolicyState, RecommendationWindow, ReplicaCounts,
     ScaleDecision, ScaleReason, Step, URGENT_BACKLOG_SHARE, decide, need, step,
+};
+pub use recurrence::{
+    ANTICIPATION_LEAD_SECONDS, ANTICIPATION_SLACK_SHARE, Anticipation, BASE_HISTORY_SECONDS, MAX_RECURRENCE_SECONDS,
+    MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
 };
 pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use throughput::{
@@ -80,7 +85,15 @@ impl Autoscaler {
             self.window_started = true;
         }
         let decision = decide(&self.state, obs, replicas, spec, now);
-        self.state.recommendations.record(now, decision.recommendation, spec.scale_down_delay_seconds);
+        // A floor held for an expected surge ends with its window: it is not remembered for the scale-down delay.
+        if decision.reason != ScaleReason::Anticipated {
+            self.state.recommendations.record(now, decision.recommendation, spec.scale_down_delay_seconds);
+        }
+        let i = &decision.inputs;
+        if i.rates_known && i.per_replica_throughput > 0.0 {
+            let rate_need = (i.arrival_rate / (i.per_replica_throughput * spec.target_utilization) - 1e-9).ceil();
+            self.state.recurrence.observe(now, i.arrival_rate, rate_need.max(0.0) as i32);
+        }
         decision
     }
 

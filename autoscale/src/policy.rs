@@ -16,6 +16,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::rates::{Observation, ObservedQueue};
+use crate::recurrence::Recurrence;
 use crate::throughput::{ThroughputEstimate, ThroughputSource};
 
 /// The fewest workers when a service names no bound.
@@ -136,6 +137,8 @@ pub enum ScaleReason {
     ScaleFromZero,
     /// Nothing arrives, waits or runs.
     Idle,
+    /// Surges recur in the service's history and the next is expected soon: the pool is held at what they needed.
+    Anticipated,
 }
 
 impl fmt::Display for ScaleReason {
@@ -210,6 +213,8 @@ impl RecommendationWindow {
 pub struct PolicyState {
     pub throughput: ThroughputEstimate,
     pub recommendations: RecommendationWindow,
+    #[serde(default)]
+    pub recurrence: Recurrence,
 }
 
 /// `ceil` that ignores float noise just above an integer.
@@ -258,7 +263,19 @@ pub fn decide(
     inputs.rates_known = q.arrival_rate.is_some();
     inputs.arrival_rate = q.arrival_rate.unwrap_or(0.0).max(0.0);
     inputs.completion_rate = q.completion_rate.unwrap_or(0.0).max(0.0);
-    let need = need(q, &inputs, spec);
+    let mut need = need(q, &inputs, spec);
+    if inputs.rates_known
+        && source != ThroughputSource::Prior
+        && let Some(a) = state.recurrence.anticipate(now)
+    {
+        let floor = a.replicas.min(spec.max_replicas.max(spec.min_replicas));
+        if floor > need.recommendation {
+            need.recommendation = floor;
+            need.reason = ScaleReason::Anticipated;
+            need.demand = ScaleReason::Anticipated;
+            need.why = format!("{}; {}", need.why, a.message);
+        }
+    }
     let Step { desired, reason, message } = step(state, q, &need, &inputs, spec, now);
     ScaleDecision { desired, reason, recommendation: need.recommendation, inputs, message }
 }
