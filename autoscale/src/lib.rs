@@ -167,4 +167,31 @@ mod tests {
         assert_eq!((d.desired, d.reason), (4, ScaleReason::MetricsUnavailable));
         assert_eq!(d.reason.to_string(), "MetricsUnavailable");
     }
+
+    #[test]
+    fn recurring_surges_are_anticipated_within_max_replicas_and_the_reason_says_so() {
+        let spec = PolicySpec {
+            max_replicas: 12,
+            prefetch: 4,
+            per_replica_throughput_hint: Some(20.0),
+            ..PolicySpec::default()
+        };
+        let mut scaler = Autoscaler::new(None);
+        let (mut published, mut current) = (0u64, 2);
+        // 30 req/s, with 20 s surges to 300 req/s starting at 100 s and 340 s.
+        for i in 0..=112u64 {
+            let at = 5.0 * i as f64;
+            let surging = (100.0..120.0).contains(&at) || (340.0..360.0).contains(&at);
+            published += if surging { 1500 } else { 150 };
+            let obs = scaler.observe(Some(sample(at, 0, 8, current as u64, published, published)), at);
+            let d = scaler.decide(&obs, ReplicaCounts { current, ready: current }, &spec, at);
+            assert!(d.desired <= spec.max_replicas, "{d:?}");
+            current = d.desired;
+        }
+        // The next surge is expected 240 s after the last start: from 560 s on, the pool is held ahead of it.
+        let obs = scaler.observe(Some(sample(565.0, 0, 8, current as u64, published + 150, published + 150)), 565.0);
+        let d = scaler.decide(&obs, ReplicaCounts { current, ready: current }, &spec, 565.0);
+        assert_eq!((d.desired, d.reason), (12, ScaleReason::Anticipated), "{}", d.message);
+        assert!(d.message.contains("recurred every"), "{}", d.message);
+    }
 }
