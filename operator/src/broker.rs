@@ -20,7 +20,7 @@ const RECONNECT_COOLDOWN: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MANAGEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("invalid broker URI: {0}")]
     InvalidUri(String),
@@ -32,6 +32,26 @@ pub enum BrokerError {
     Refused(String),
     #[error("management API unavailable: {0}")]
     ManagementUnavailable(String),
+}
+
+impl BrokerError {
+    /// The condition reason and metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidUri(_) => "InvalidBrokerSecret",
+            Self::QueueConflict { .. } => "QueueConflict",
+            Self::Refused(_) => "BrokerRefused",
+            Self::Unavailable(_) | Self::ManagementUnavailable(_) => "BrokerUnavailable",
+        }
+    }
+
+    /// Whether only a change by the user (a Secret, the queue on the broker, a permission) can fix it.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::InvalidUri(_) | Self::QueueConflict { .. } | Self::Refused(_) => true,
+            Self::Unavailable(_) | Self::ManagementUnavailable(_) => false,
+        }
+    }
 }
 
 /// Where a broker is, as read from an RpcService's Secret. `Debug` never prints credentials.

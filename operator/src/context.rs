@@ -1,4 +1,4 @@
-//! What every reconcile shares: the API client, configuration, brokers, the autoscaler's registry, metrics.
+//! What every reconcile shares: the API client, configuration, brokers, the observer, metrics, the event recorder.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,7 @@ use kube::runtime::reflector::ObjectRef;
 use crate::broker::BrokerPool;
 use crate::crd::RpcService;
 use crate::metrics::Metrics;
-use crate::scaling::ScalingRegistry;
+use crate::observer::Observer;
 
 /// The field manager of every write the operator makes (server-side apply).
 pub const FIELD_MANAGER: &str = "warren-operator";
@@ -41,7 +41,7 @@ pub struct Context {
     pub client: Client,
     pub config: OperatorConfig,
     pub brokers: BrokerPool,
-    pub scaling: Arc<ScalingRegistry>,
+    pub observer: Arc<Observer>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     /// Consecutive failures per object, for exponential backoff.
@@ -49,14 +49,14 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, config: OperatorConfig, scaling: Arc<ScalingRegistry>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, config: OperatorConfig, observer: Arc<Observer>, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
             brokers: BrokerPool::default(),
-            scaling,
+            observer,
             metrics,
             failures: Mutex::default(),
         }

@@ -1,5 +1,5 @@
 //! Wires the reconciler to the API server: watches RpcServices, the Deployments they own and the Secrets they
-//! reference, plus the autoscaler's triggers; runs until shutdown.
+//! reference, plus the observer's triggers; runs until shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +11,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, wait, watcher};
+use kube::runtime::reflector::{ObjectRef, store::Writer};
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, wait, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::context::Context;
@@ -38,11 +38,13 @@ pub async fn wait_for_crd(client: Client) -> anyhow::Result<()> {
     }
 }
 
-/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. `cache` fills the store
+/// the observer was given.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     concurrency: u16,
+    cache: Writer<RpcService>,
     triggers: impl Stream<Item = ObjectRef<RpcService>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -57,11 +59,10 @@ pub async fn run(
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
     // Status writes do not bump the generation: filtering on it keeps the operator's own status patches from
     // triggering another reconcile (a loop while the broker is down). Deletion and annotation changes still pass.
-    let (store, writer) = reflector::store();
-    ctx.scaling.track(store.clone());
+    let store = cache.as_reader();
     let changes = watcher(services, watcher::Config::default().any_semantic())
         .default_backoff()
-        .reflect(writer)
+        .reflect(cache)
         .applied_objects()
         .predicate_filter(
             predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),

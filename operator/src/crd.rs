@@ -223,7 +223,7 @@ impl Default for WorkerSpec {
 }
 
 fn default_prefetch() -> i32 {
-    32
+    warren_autoscale::DEFAULT_PREFETCH as i32
 }
 fn default_replicas() -> i32 {
     1
@@ -363,20 +363,21 @@ impl Default for ScalingSpec {
 fn default_true() -> bool {
     true
 }
+// The policy's own defaults: a spec that states nothing gets what `PolicySpec::default()` holds.
 fn default_min_replicas() -> i32 {
-    1
+    warren_autoscale::DEFAULT_MIN_REPLICAS
 }
 fn default_max_replicas() -> i32 {
-    10
+    warren_autoscale::DEFAULT_MAX_REPLICAS
 }
 fn default_target_delay() -> f64 {
-    2.0
+    warren_autoscale::DEFAULT_TARGET_QUEUE_DELAY_SECONDS
 }
 fn default_scale_down_delay() -> i32 {
-    60
+    warren_autoscale::DEFAULT_SCALE_DOWN_DELAY_SECONDS
 }
 fn default_utilization() -> f64 {
-    0.8
+    warren_autoscale::DEFAULT_TARGET_UTILIZATION
 }
 
 /// What the operator observed and did.

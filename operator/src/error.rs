@@ -1,23 +1,34 @@
-//! The reconciler's errors: each maps to a condition reason, a metric label, and a retry policy.
+//! The reconciler's errors, one variant per step of the pipeline. Each maps to a condition reason and a metric
+//! label ([`Error::reason`]) and to a retry policy ([`Error::is_permanent`]), by its type, never by its text.
 
 use crate::broker::BrokerError;
+use crate::dereference::DereferenceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to read broker Secret {namespace}/{name}: it does not exist")]
-    SecretNotFound { namespace: String, name: String },
-
-    #[error("broker Secret {name} is invalid: {reason}")]
-    InvalidBrokerSecret { name: String, reason: String },
-
-    #[error("no broker Secret: spec.broker.secretRef is empty and the operator has no --default-broker-secret")]
-    NoBrokerSecret,
-
+    /// dereference: the broker Secret and the broker it names.
     #[error(transparent)]
-    Broker(BrokerError),
+    Dereference(#[from] DereferenceError),
 
-    #[error("failed to call the Kubernetes API: {0}")]
-    Kube(#[source] kube::Error),
+    /// apply: the queues on the broker.
+    #[error(transparent)]
+    DeclareQueues(BrokerError),
+
+    /// apply: the Deployment as it is, the starting point of the replicas.
+    #[error("failed to read Deployment {name}: {source}")]
+    ReadDeployment { name: String, source: kube::Error },
+
+    /// apply: the Deployment by server-side apply.
+    #[error("failed to apply Deployment {name}: {source}")]
+    ApplyDeployment { name: String, source: kube::Error },
+
+    /// status: the one status patch of a pass.
+    #[error("failed to patch the status: {0}")]
+    PatchStatus(#[source] kube::Error),
+
+    /// cleanup: `deletionPolicy: Delete` removes the queues.
+    #[error(transparent)]
+    DeleteQueues(BrokerError),
 
     #[error("failed to update the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -29,31 +40,50 @@ impl Error {
     /// The condition reason and metric label.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::SecretNotFound { .. } | Self::NoBrokerSecret => "SecretNotFound",
-            Self::InvalidBrokerSecret { .. } => "InvalidBrokerSecret",
-            Self::Broker(BrokerError::QueueConflict { .. }) => "QueueConflict",
-            Self::Broker(BrokerError::InvalidUri(_)) => "InvalidBrokerSecret",
-            Self::Broker(BrokerError::Refused(_)) => "BrokerRefused",
-            Self::Broker(_) => "BrokerUnavailable",
-            Self::Kube(_) => "KubernetesError",
+            Self::Dereference(e) => e.reason(),
+            Self::DeclareQueues(e) | Self::DeleteQueues(e) => e.reason(),
+            Self::ReadDeployment { .. } | Self::ApplyDeployment { .. } | Self::PatchStatus(_) => KUBERNETES_ERROR,
             Self::Finalizer(_) => "FinalizerError",
         }
     }
 
     /// Permanent errors wait for the user (or a watched object) to change something; transient ones retry soon.
     pub fn is_permanent(&self) -> bool {
-        matches!(self.reason(), "SecretNotFound" | "InvalidBrokerSecret" | "QueueConflict" | "BrokerRefused")
+        match self {
+            Self::Dereference(e) => e.is_permanent(),
+            Self::DeclareQueues(e) | Self::DeleteQueues(e) => e.is_permanent(),
+            Self::ReadDeployment { .. } | Self::ApplyDeployment { .. } | Self::PatchStatus(_) | Self::Finalizer(_) => {
+                false
+            }
+        }
     }
 }
 
-impl From<kube::Error> for Error {
-    fn from(e: kube::Error) -> Self {
-        Self::Kube(e)
-    }
-}
+/// The reason of every failed call to the API server: transient, retried soon.
+pub const KUBERNETES_ERROR: &str = "KubernetesError";
 
-impl From<BrokerError> for Error {
-    fn from(e: BrokerError) -> Self {
-        Self::Broker(e)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_and_retry_policy_follow_the_error_type() {
+        let missing = Error::from(DereferenceError::SecretNotFound { namespace: "ns".into(), name: "later".into() });
+        assert_eq!((missing.reason(), missing.is_permanent()), ("SecretNotFound", true));
+        assert!(missing.to_string().contains("ns/later"), "{missing}");
+        let conflict = Error::DeclareQueues(BrokerError::QueueConflict {
+            queue: "q".into(),
+            argument: "x-max-length".into(),
+            message: "inequivalent arg".into(),
+        });
+        assert_eq!((conflict.reason(), conflict.is_permanent()), ("QueueConflict", true));
+        let refused = Error::DeleteQueues(BrokerError::Refused("HTTP 403".into()));
+        assert_eq!((refused.reason(), refused.is_permanent()), ("BrokerRefused", true));
+        let down = Error::DeclareQueues(BrokerError::Unavailable("connection refused".into()));
+        assert_eq!((down.reason(), down.is_permanent()), ("BrokerUnavailable", false));
+        let invalid =
+            Error::from(DereferenceError::InvalidBrokerSecret { name: "rabbitmq".into(), reason: "x".into() });
+        assert_eq!((invalid.reason(), invalid.is_permanent()), ("InvalidBrokerSecret", true));
+        assert!(invalid.to_string().contains("rabbitmq"), "{invalid}");
     }
 }

@@ -1,22 +1,28 @@
 //! warren-operator: reconciles `RpcService` objects into RabbitMQ queues and an autoscaled worker Deployment.
 //!
-//! The reconcile is a pipeline, one module a step: [`reconcile`] reads the broker Secret, [`build`] turns the
-//! spec into queue options and a Deployment (pure), [`broker`] declares the queues and reads queue figures,
-//! [`scaling`] runs the [`autoscale`] policy on those figures, and [`status`] merges the conditions.
+//! Two loops share a [`context::Context`]:
+//! - the reconcile pipeline ([`reconcile`]): [`dereference`] (the broker Secret) → [`build`] (queue options and
+//!   the Deployment, pure) → apply (queues through [`broker`], the Deployment by server-side apply) → [`status`]
+//!   (the next status, pure) → one status patch and the events;
+//! - the [`observer`]: observe (queue figures from the management API) → decide (the policy of the
+//!   `warren-autoscale` crate, which holds no Kubernetes types) → act
+//!   (trigger the reconcile that applies the decision).
+//!
+//! [`controller`] wires the pipeline to the API server's watches; `main.rs` only wires the controller, the
+//! observer, the HTTP server ([`http`]), leader election ([`leader`]) and signals.
 
-pub mod autoscale;
 pub mod broker;
 pub mod build;
 pub mod context;
 pub mod controller;
 pub mod crd;
+pub mod dereference;
 pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod observer;
 pub mod reconcile;
-pub mod scaling;
-pub mod simulate;
 pub mod status;
 
 pub use crd::{RpcService, RpcServiceSpec, RpcServiceStatus};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use warren_operator::context::{Context, OperatorConfig};
 use warren_operator::metrics::Metrics;
-use warren_operator::scaling::ScalingRegistry;
+use warren_operator::observer::Observer;
 use warren_operator::{controller, http, leader};
 
 /// warren's Kubernetes operator.
@@ -23,8 +23,6 @@ enum Command {
     Crd,
     /// Run the operator: reconcile RpcServices and autoscale their workers.
     Run(RunArgs),
-    /// Compare warren's autoscaler with KEDA + HPA on load traces in a queue model (docs/autoscaling.md).
-    Simulate(warren_operator::simulate::SimulateArgs),
 }
 
 #[derive(Args)]
@@ -61,7 +59,6 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", warren_operator::crd_yaml()),
-        Command::Simulate(args) => print!("{}", warren_operator::simulate::execute(&args)?),
         Command::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -98,15 +95,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("leading: reconciling RpcServices");
     metrics.leader.set(1);
 
+    let (cache, cache_writer) = kube::runtime::reflector::store();
     let (trigger, triggers) = futures::channel::mpsc::unbounded();
-    let scaling = Arc::new(ScalingRegistry::new(trigger, metrics.clone()));
+    let observer = Arc::new(Observer::new(cache, trigger, metrics.clone()));
     let config = OperatorConfig {
         worker_image: args.worker_image,
         default_broker_secret: args.default_broker_secret,
         poll_interval: args.poll_interval,
     };
-    let observer = tokio::spawn(scaling.clone().run(config.poll_interval));
-    let ctx = Arc::new(Context::new(client, config, scaling, metrics));
+    let polls = tokio::spawn(observer.clone().run(config.poll_interval));
+    let ctx = Arc::new(Context::new(client, config, observer, metrics));
     let lost = leadership.as_ref().map(|l| l.lost());
     let shutdown = async move {
         let signal = shutdown_signal();
@@ -115,8 +113,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None => signal.await,
         }
     };
-    controller::run(ctx, args.namespace, args.concurrency, triggers, shutdown).await;
-    observer.abort();
+    controller::run(ctx, args.namespace, args.concurrency, cache_writer, triggers, shutdown).await;
+    polls.abort();
     tracing::info!("stopped");
     Ok(())
 }

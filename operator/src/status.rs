@@ -1,6 +1,18 @@
-//! Conditions in the metav1.Condition shape, merged so that `lastTransitionTime` only moves when the status does.
+//! The status step, pure: the conditions a pass found (in the metav1.Condition shape, merged so that
+//! `lastTransitionTime` only moves when the status does), the next status with the observer's view, the condition
+//! transitions, and the events that announce them. The reconciler writes the result in one patch.
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Resource;
+use kube::runtime::events::{Event, EventType};
+
+use crate::broker::{Broker, BrokerError};
+use crate::build;
+use crate::crd::{QueueStatus, RpcService, RpcServiceStatus, ScalingStatus};
+use crate::error::Error;
+use crate::observer::{Announcements, ServiceView};
+use warren_autoscale::{ScaleDecision, ScaleReason};
 
 pub const READY: &str = "Ready";
 pub const QUEUE_READY: &str = "QueueReady";
@@ -59,6 +71,193 @@ pub fn ready_condition(queue: &ConditionUpdate, workers: &ConditionUpdate) -> Co
         (false, _) => ConditionUpdate::new(READY, false, queue.reason.clone(), queue.message.clone()),
         (true, false) => ConditionUpdate::new(READY, false, workers.reason.clone(), workers.message.clone()),
     }
+}
+
+/// `QueueReady` from the outcome of declaring the queues on `broker`.
+pub fn queue_condition(declared: &Result<(), BrokerError>, queue: &str, broker: &Broker) -> ConditionUpdate {
+    match declared {
+        Ok(()) => ConditionUpdate::new(
+            QUEUE_READY,
+            true,
+            "Declared",
+            format!(
+                "queue {queue} and {queue}.dead are declared on vhost {} of {}",
+                broker.vhost(),
+                broker.display_name()
+            ),
+        ),
+        Err(e) => ConditionUpdate::new(QUEUE_READY, false, e.reason(), e.to_string()),
+    }
+}
+
+/// `WorkersReady` from the Deployment as applied and the replicas asked for.
+pub fn workers_condition(deployment: &Deployment, desired: i32) -> ConditionUpdate {
+    let ready = deployment.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+    let counted = format!("{ready}/{desired} workers ready");
+    if desired == 0 {
+        ConditionUpdate::new(WORKERS_READY, true, "ScaledToZero", "no workers: the service is idle")
+    } else if ready >= desired {
+        ConditionUpdate::new(WORKERS_READY, true, "AllReplicasReady", counted)
+    } else if ready > 0 {
+        ConditionUpdate::new(WORKERS_READY, true, "SomeReplicasReady", counted)
+    } else {
+        ConditionUpdate::new(WORKERS_READY, false, "NoReplicasReady", counted)
+    }
+}
+
+/// `QueueReady` and `WorkersReady` when the broker could not be reached: nothing can be declared or run.
+pub fn unreachable_conditions(error: &Error) -> [ConditionUpdate; 2] {
+    [
+        ConditionUpdate::new(QUEUE_READY, false, error.reason(), error.to_string()),
+        ConditionUpdate::new(WORKERS_READY, false, error.reason(), "workers need the broker Secret"),
+    ]
+}
+
+/// A condition whose status or reason changed in a pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub type_: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The status after a pass: `updates` (the queue and workers conditions; `Ready` is derived from them), the
+/// observer's `view` when the broker was reached, and the replicas asked for. Returns the transitions too.
+pub fn next(
+    svc: &RpcService,
+    updates: &[ConditionUpdate],
+    view: Option<&ServiceView>,
+    desired_replicas: Option<i32>,
+    now: &Time,
+) -> (RpcServiceStatus, Vec<Transition>) {
+    let previous = svc.status.clone().unwrap_or_default();
+    let mut all: Vec<ConditionUpdate> = updates.to_vec();
+    let find = |type_: &str| updates.iter().find(|c| c.type_ == type_);
+    if let (Some(q), Some(w)) = (find(QUEUE_READY), find(WORKERS_READY)) {
+        all.push(ready_condition(q, w));
+    }
+    if let Some(view) = view {
+        all.push(scaling_condition(view));
+    }
+    let conditions = merge_conditions(&previous.conditions, &all, svc.meta().generation, now);
+    let transitions = conditions
+        .iter()
+        .filter(|c| {
+            let before = previous.conditions.iter().find(|p| p.type_ == c.type_);
+            before.is_none_or(|b| b.status != c.status || b.reason != c.reason)
+        })
+        .map(|c| Transition {
+            type_: c.type_.clone(),
+            status: c.status == "True",
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        })
+        .collect();
+    let mut next = RpcServiceStatus {
+        observed_generation: svc.meta().generation,
+        conditions,
+        selector: Some(build::selector_string(svc)),
+        desired_replicas,
+        ..previous.clone()
+    };
+    if let Some(view) = view {
+        next.replicas = view.replicas.current;
+        next.ready_replicas = view.replicas.ready;
+        next.queue = Some(match &view.figures {
+            Some(f) => QueueStatus {
+                name: svc.queue_name(),
+                ready: f.ready as i64,
+                unacked: f.unacked as i64,
+                consumers: f.consumers as i64,
+                publish_rate: view.arrival_rate.map(round2),
+                ack_rate: view.completion_rate.map(round2),
+            },
+            None => QueueStatus { name: svc.queue_name(), ..previous.queue.clone().unwrap_or_default() },
+        });
+        if let Some(mu) = view.per_replica_throughput {
+            next.per_replica_throughput = Some(round2(mu));
+        }
+        if let Some(decision) = &view.decision {
+            next.scaling = Some(scaling_status(decision, now));
+        }
+        if let Some((at, reason)) = &view.last_scale {
+            next.last_scale_time = Some(Time(*at));
+            next.last_scale_reason = Some(reason.clone());
+        }
+    }
+    (next, transitions)
+}
+
+/// `Scaling` from the observer's view: off, blind (no figures), deciding, or waiting for its first poll.
+pub fn scaling_condition(view: &ServiceView) -> ConditionUpdate {
+    if !view.enabled {
+        ConditionUpdate::new(SCALING, false, "Disabled", "autoscaling is off: spec.worker.replicas is used")
+    } else if let Some(reason) = &view.metrics_unavailable {
+        ConditionUpdate::new(
+            SCALING,
+            false,
+            ScaleReason::MetricsUnavailable.to_string(),
+            format!("{reason}; keeping {} replicas", view.desired_replicas),
+        )
+    } else if let Some(d) = &view.decision {
+        ConditionUpdate::new(SCALING, true, d.reason.to_string(), d.message.clone())
+    } else {
+        ConditionUpdate::new(SCALING, true, "Waiting", "waiting for the first observation of the queue")
+    }
+}
+
+/// `status.scaling`: the decision with the figures it was made from.
+fn scaling_status(d: &ScaleDecision, now: &Time) -> ScalingStatus {
+    ScalingStatus {
+        desired_replicas: d.desired,
+        reason: d.reason.to_string(),
+        message: d.message.clone(),
+        backlog: d.inputs.backlog as i64,
+        in_flight: d.inputs.in_flight as i64,
+        arrival_rate: d.inputs.arrival_rate,
+        per_replica_throughput: d.inputs.per_replica_throughput,
+        time: Some(now.clone()),
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The events of a pass: the transitions of the queue and the workers (`Ready` and `Scaling` repeat them), and the
+/// observer's `news` (a queue declared again, a scale change).
+pub fn events(svc: &RpcService, transitions: &[Transition], news: &Announcements) -> Vec<Event> {
+    let mut events: Vec<Event> = transitions
+        .iter()
+        .filter(|t| t.type_ != READY && t.type_ != SCALING)
+        .map(|t| Event {
+            type_: if t.status { EventType::Normal } else { EventType::Warning },
+            reason: t.reason.clone(),
+            note: Some(t.message.chars().take(1000).collect()),
+            action: format!("Reconcile{}", t.type_),
+            secondary: None,
+        })
+        .collect();
+    if news.queue_missing {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "QueueRedeclared".into(),
+            note: Some(format!("queue {} was missing on the broker and has been declared again", svc.queue_name())),
+            action: "DeclareQueue".into(),
+            secondary: None,
+        });
+    }
+    if let Some(scale) = &news.scaled {
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: "Scaled".into(),
+            note: Some(scale.clone()),
+            action: "Scale".into(),
+            secondary: None,
+        });
+    }
+    events
 }
 
 #[cfg(test)]

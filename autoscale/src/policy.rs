@@ -15,10 +15,22 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::rates::Observation;
-use super::throughput::{ThroughputEstimate, ThroughputSource};
-use crate::crd::{RpcServiceSpec, ScalingSpec};
+use crate::rates::{Observation, ObservedQueue};
+use crate::recurrence::Recurrence;
+use crate::throughput::{ThroughputEstimate, ThroughputSource};
 
+/// The fewest workers when a service names no bound.
+pub const DEFAULT_MIN_REPLICAS: i32 = 1;
+/// The most workers when a service names no bound.
+pub const DEFAULT_MAX_REPLICAS: i32 = 10;
+/// T when a service names none: the queueing delay callers tolerate (seconds).
+pub const DEFAULT_TARGET_QUEUE_DELAY_SECONDS: f64 = 2.0;
+/// How long the pool only shrinks to the highest recommendation seen, when a service names no delay (seconds).
+pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: i32 = 60;
+/// u when a service names none: the share of μ the sizing plans to use.
+pub const DEFAULT_TARGET_UTILIZATION: f64 = 0.8;
+/// Requests one worker holds unacknowledged when a service names no prefetch (the worker's own default).
+pub const DEFAULT_PREFETCH: u32 = 32;
 /// Relative changes smaller than this are ignored unless a backlog demands them (HPA's default is the same).
 pub const DEFAULT_TOLERANCE: f64 = 0.1;
 /// One decision may at most multiply the replicas by this (a large pool)...
@@ -28,7 +40,8 @@ pub const DEFAULT_MAX_SCALE_UP_PODS: i32 = 32;
 /// A backlog the ready workers need more than this share of T to drain overrides the tolerance band.
 pub const URGENT_BACKLOG_SHARE: f64 = 0.1;
 
-/// The policy's parameters: the CRD's `scaling` plus the worker prefetch, and the fixed tuning.
+/// The policy's parameters: a service's bounds and goals (the operator maps an RpcService's `scaling` and
+/// `worker.prefetch` into them), and the fixed tuning.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicySpec {
@@ -49,38 +62,46 @@ pub struct PolicySpec {
     pub max_scale_up_pods: i32,
 }
 
-impl PolicySpec {
-    /// From the CRD's scaling section and the worker's prefetch, with out-of-range values made safe.
-    pub fn new(scaling: &ScalingSpec, prefetch: i32) -> Self {
-        let min_replicas = scaling.min_replicas.max(0);
+impl Default for PolicySpec {
+    /// What a service that states nothing gets.
+    fn default() -> Self {
         Self {
-            min_replicas,
-            max_replicas: scaling.max_replicas.max(min_replicas).max(1),
-            target_queue_delay_seconds: finite_or(scaling.target_queue_delay_seconds, 2.0).max(0.01),
-            scale_down_delay_seconds: scaling.scale_down_delay_seconds.max(0) as f64,
-            target_utilization: finite_or(scaling.target_utilization, 0.8).clamp(0.1, 1.0),
-            per_replica_throughput_hint: scaling.per_replica_throughput_hint.filter(|h| h.is_finite() && *h > 0.0),
-            prefetch: prefetch.max(1) as u32,
+            min_replicas: DEFAULT_MIN_REPLICAS,
+            max_replicas: DEFAULT_MAX_REPLICAS,
+            target_queue_delay_seconds: DEFAULT_TARGET_QUEUE_DELAY_SECONDS,
+            scale_down_delay_seconds: DEFAULT_SCALE_DOWN_DELAY_SECONDS as f64,
+            target_utilization: DEFAULT_TARGET_UTILIZATION,
+            per_replica_throughput_hint: None,
+            prefetch: DEFAULT_PREFETCH,
             tolerance: DEFAULT_TOLERANCE,
             max_scale_up_factor: DEFAULT_MAX_SCALE_UP_FACTOR,
             max_scale_up_pods: DEFAULT_MAX_SCALE_UP_PODS,
         }
     }
+}
 
-    pub fn from_spec(spec: &RpcServiceSpec) -> Self {
-        Self::new(&spec.scaling, spec.worker.prefetch)
+impl PolicySpec {
+    /// The same spec with out-of-range values made safe: bounds ordered and not negative, T and u finite and in
+    /// range, a hint only when it is a positive number, at least one request per worker.
+    pub fn sanitized(self) -> Self {
+        let min_replicas = self.min_replicas.max(0);
+        Self {
+            min_replicas,
+            max_replicas: self.max_replicas.max(min_replicas).max(1),
+            target_queue_delay_seconds: finite_or(self.target_queue_delay_seconds, DEFAULT_TARGET_QUEUE_DELAY_SECONDS)
+                .max(0.01),
+            scale_down_delay_seconds: self.scale_down_delay_seconds.max(0.0),
+            target_utilization: finite_or(self.target_utilization, DEFAULT_TARGET_UTILIZATION).clamp(0.1, 1.0),
+            per_replica_throughput_hint: self.per_replica_throughput_hint.filter(|h| h.is_finite() && *h > 0.0),
+            prefetch: self.prefetch.max(1),
+            ..self
+        }
     }
 
     /// The most replicas one decision may go to from `current`.
     pub fn scale_up_limit(&self, current: i32) -> i32 {
         let by_factor = (current as f64 * self.max_scale_up_factor).ceil().min(i32::MAX as f64) as i32;
         by_factor.max(current.saturating_add(self.max_scale_up_pods))
-    }
-}
-
-impl From<&RpcServiceSpec> for PolicySpec {
-    fn from(spec: &RpcServiceSpec) -> Self {
-        Self::from_spec(spec)
     }
 }
 
@@ -116,6 +137,8 @@ pub enum ScaleReason {
     ScaleFromZero,
     /// Nothing arrives, waits or runs.
     Idle,
+    /// Surges recur in the service's history and the next is expected soon: the pool is held at what they needed.
+    Anticipated,
 }
 
 impl fmt::Display for ScaleReason {
@@ -190,6 +213,8 @@ impl RecommendationWindow {
 pub struct PolicyState {
     pub throughput: ThroughputEstimate,
     pub recommendations: RecommendationWindow,
+    #[serde(default)]
+    pub recurrence: Recurrence,
 }
 
 /// `ceil` that ignores float noise just above an integer.
@@ -200,7 +225,8 @@ fn ceil_replicas(x: f64) -> i32 {
     (x - 1e-9).ceil().min(i32::MAX as f64) as i32
 }
 
-/// The rule. Pure: the same inputs always give the same decision.
+/// The rule. Pure: the same inputs always give the same decision. Two questions in turn: what does this
+/// observation need ([`need`]), and how far does the pool step toward it ([`step`]).
 pub fn decide(
     state: &PolicyState,
     obs: &Observation,
@@ -209,8 +235,6 @@ pub fn decide(
     now: f64,
 ) -> ScaleDecision {
     let (mu, source) = state.throughput.resolve(spec.per_replica_throughput_hint);
-    let current = replicas.current.max(0);
-    let (min, max) = (spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
     let mut inputs = DecisionInputs {
         backlog: 0,
         in_flight: 0,
@@ -222,10 +246,9 @@ pub fn decide(
         current_replicas: replicas.current,
         ready_replicas: replicas.ready,
     };
-
     let Some(q) = &obs.queue else {
         // Never act on missing data, and in particular never scale to zero on it.
-        let desired = current.clamp(min, max);
+        let desired = replicas.current.max(0).clamp(spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
         let message = format!("queue metrics are unavailable; keeping {}", plural(desired));
         return ScaleDecision {
             desired,
@@ -240,18 +263,52 @@ pub fn decide(
     inputs.rates_known = q.arrival_rate.is_some();
     inputs.arrival_rate = q.arrival_rate.unwrap_or(0.0).max(0.0);
     inputs.completion_rate = q.completion_rate.unwrap_or(0.0).max(0.0);
+    let mut need = need(q, &inputs, spec);
+    if inputs.rates_known
+        && source != ThroughputSource::Prior
+        && let Some(a) = state.recurrence.anticipate(now)
+    {
+        let floor = a.replicas.min(spec.max_replicas.max(spec.min_replicas));
+        if floor > need.recommendation {
+            need.recommendation = floor;
+            need.reason = ScaleReason::Anticipated;
+            need.demand = ScaleReason::Anticipated;
+            need.why = format!("{}; {}", need.why, a.message);
+        }
+    }
+    let Step { desired, reason, message } = step(state, q, &need, &inputs, spec, now);
+    ScaleDecision { desired, reason, recommendation: need.recommendation, inputs, message }
+}
 
-    // What this observation calls for.
+/// What one observation calls for, before the pool's recent history and the step limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Need {
+    /// The replicas, within the bounds: what the scale-down window remembers.
+    pub recommendation: i32,
+    /// Why, with the bounds: `MinReplicas` or `MaxReplicas` when one of them binds.
+    pub reason: ScaleReason,
+    /// Why, before the bounds: what a step that stops short of the recommendation reports.
+    pub demand: ScaleReason,
+    /// Whether anything arrives, waits or runs.
+    pub busy: bool,
+    /// The figures behind it, as a clause.
+    pub why: String,
+}
+
+/// What the observation needs: enough workers to take the arrival rate and drain the backlog within T at the
+/// target utilisation, never fewer than the in-flight requests occupy, one as soon as anything is there.
+pub fn need(q: &ObservedQueue, inputs: &DecisionInputs, spec: &PolicySpec) -> Need {
+    let current = inputs.current_replicas.max(0);
+    let (min, max) = (spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
     let t = spec.target_queue_delay_seconds;
-    let per_replica = mu * spec.target_utilization;
+    let per_replica = inputs.per_replica_throughput * spec.target_utilization;
     let lambda = inputs.arrival_rate;
-    let backlog = q.backlog as f64;
     let for_rate = ceil_replicas(lambda / per_replica);
-    let for_backlog = ceil_replicas((lambda + backlog / t) / per_replica);
+    let for_backlog = ceil_replicas((lambda + q.backlog as f64 / t) / per_replica);
     let for_in_flight = ceil_replicas(q.in_flight as f64 / spec.prefetch as f64);
-    let busy = i32::from(q.backlog > 0 || q.in_flight > 0 || lambda > 0.0);
-    let need = for_backlog.max(for_in_flight).max(busy);
-    let mut need_reason = if need == 0 {
+    let busy = q.backlog > 0 || q.in_flight > 0 || lambda > 0.0;
+    let need = for_backlog.max(for_in_flight).max(i32::from(busy));
+    let mut reason = if need == 0 {
         ScaleReason::Idle
     } else if for_in_flight > for_backlog {
         ScaleReason::InFlight
@@ -260,96 +317,135 @@ pub fn decide(
     } else {
         ScaleReason::ArrivalRate
     };
-    let mut why = explain(need_reason, need, &inputs, spec, q.backlog > 0);
+    let mut why = explain(reason, need, inputs, spec, q.backlog > 0);
     if !inputs.rates_known && need < current {
         // One poll shows no rate: never shrink on it.
         why = format!("{why}, but the arrival rate is not known yet");
-        need_reason = ScaleReason::Steady;
+        reason = ScaleReason::Steady;
     }
-    let demand_reason = need_reason;
+    let demand = reason;
     let unclamped = if inputs.rates_known { need } else { need.max(current) };
     let recommendation = unclamped.clamp(min, max);
     if recommendation > unclamped {
-        need_reason = ScaleReason::MinReplicas;
+        reason = ScaleReason::MinReplicas;
         why = format!("{why}; minReplicas is {min}");
     } else if recommendation < unclamped {
-        need_reason = ScaleReason::MaxReplicas;
+        reason = ScaleReason::MaxReplicas;
         why = format!("{why}; maxReplicas is {max}");
     }
+    Need { recommendation, reason, demand, busy, why }
+}
 
-    // What the pool does about it.
-    let (desired, reason, message) = if recommendation > current {
-        let drain_rate = replicas.ready.max(0) as f64 * mu;
-        let urgent = q.backlog > 0 && backlog >= URGENT_BACKLOG_SHARE * t * drain_rate;
-        let beyond_tolerance = recommendation as f64 >= current as f64 * (1.0 + spec.tolerance) - 1e-9;
-        // With μ a mere guess, the pods already asked for measure it within a rate window of serving: more
-        // would be sized on the guess. Once they have been watched that long the guess is used, so this never stalls.
-        let watched = q.window.is_some_and(|w| w.steady_consumers && w.max_consumers > 0);
-        let guessing = source == ThroughputSource::Prior && (replicas.ready < current.max(1) || !watched);
-        let guessing_from_zero = guessing && current == 0;
-        if guessing && !guessing_from_zero {
-            let message = format!(
-                "keeping {}: {why}, but the per-replica throughput is a guess until the starting pods serve",
-                plural(current)
-            );
-            (current, ScaleReason::Steady, message)
-        } else if current == 0 || beyond_tolerance || urgent {
-            let limit = if guessing_from_zero { 1 } else { spec.scale_up_limit(current) };
-            let desired = recommendation.min(limit).max(1);
-            let reason = if current == 0 && busy > 0 && need_reason != ScaleReason::MinReplicas {
-                ScaleReason::ScaleFromZero
-            } else if desired < recommendation {
-                demand_reason // the step limit binds, not a bound
-            } else {
-                need_reason
-            };
-            let limited =
-                if desired < recommendation { format!(" (at most {desired} in one step)") } else { String::new() };
-            (desired, reason, format!("scaling from {current} to {desired}: {why}{limited}"))
-        } else {
-            let pct = spec.tolerance * 100.0;
-            (
-                current,
-                ScaleReason::Steady,
-                format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)),
-            )
+/// Where the pool goes this decision, and why in a sentence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub desired: i32,
+    pub reason: ScaleReason,
+    pub message: String,
+}
+
+/// How far the pool steps toward what is needed: up at once but bounded per decision and past the tolerance
+/// band (unless a backlog is urgent), down only to the highest recommendation of the scale-down delay; a spec
+/// whose bounds changed under a running pool applies at once.
+pub fn step(
+    state: &PolicyState,
+    q: &ObservedQueue,
+    need: &Need,
+    inputs: &DecisionInputs,
+    spec: &PolicySpec,
+    now: f64,
+) -> Step {
+    let current = inputs.current_replicas.max(0);
+    let step = match need.recommendation.cmp(&current) {
+        std::cmp::Ordering::Greater => step_up(q, need, inputs, spec),
+        std::cmp::Ordering::Less => step_down(state, need, current, spec, now),
+        std::cmp::Ordering::Equal => Step {
+            desired: current,
+            reason: need.reason,
+            message: format!("keeping {}: {}", plural(current), need.why),
+        },
+    };
+    let (min, max) = (spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
+    if step.desired > max {
+        Step {
+            desired: max,
+            reason: ScaleReason::MaxReplicas,
+            message: format!("{}; maxReplicas is {max}", step.message),
         }
-    } else if recommendation < current {
-        let delay = spec.scale_down_delay_seconds;
-        let highest = state.recommendations.highest_since(now - delay).unwrap_or(recommendation).max(recommendation);
-        if highest >= current {
-            let message = format!(
-                "keeping {}: {why}, but {highest} were recommended within the last {delay:.0}s",
-                plural(current)
-            );
-            (current, ScaleReason::ScaleDownDelay, message)
-        } else if ((current - highest) as f64) < current as f64 * spec.tolerance - 1e-9 {
-            let pct = spec.tolerance * 100.0;
-            (
-                current,
-                ScaleReason::Steady,
-                format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current)),
-            )
-        } else if highest > recommendation {
-            let message =
-                format!("scaling from {current} to {highest}, the most recommended within the last {delay:.0}s: {why}");
-            (highest, ScaleReason::ScaleDownDelay, message)
-        } else {
-            (recommendation, need_reason, format!("scaling from {current} to {recommendation}: {why}"))
+    } else if step.desired < min {
+        Step {
+            desired: min,
+            reason: ScaleReason::MinReplicas,
+            message: format!("{}; minReplicas is {min}", step.message),
         }
     } else {
-        (current, need_reason, format!("keeping {}: {why}", plural(current)))
-    };
+        step
+    }
+}
 
-    // A spec changed under a running pool: its bounds apply at once.
-    let (desired, reason, message) = if desired > max {
-        (max, ScaleReason::MaxReplicas, format!("{message}; maxReplicas is {max}"))
-    } else if desired < min {
-        (min, ScaleReason::MinReplicas, format!("{message}; minReplicas is {min}"))
+fn step_up(q: &ObservedQueue, need: &Need, inputs: &DecisionInputs, spec: &PolicySpec) -> Step {
+    let (current, recommendation, why) = (inputs.current_replicas.max(0), need.recommendation, &need.why);
+    let drain_rate = inputs.ready_replicas.max(0) as f64 * inputs.per_replica_throughput;
+    let urgent =
+        q.backlog > 0 && q.backlog as f64 >= URGENT_BACKLOG_SHARE * spec.target_queue_delay_seconds * drain_rate;
+    let beyond_tolerance = recommendation as f64 >= current as f64 * (1.0 + spec.tolerance) - 1e-9;
+    // With μ a mere guess, the pods already asked for measure it within a rate window of serving: more would be
+    // sized on the guess. Once they have been watched that long the guess is used, so this never stalls.
+    let watched = q.window.is_some_and(|w| w.steady_consumers && w.max_consumers > 0);
+    let guessing =
+        inputs.throughput_source == ThroughputSource::Prior && (inputs.ready_replicas < current.max(1) || !watched);
+    let guessing_from_zero = guessing && current == 0;
+    if guessing && !guessing_from_zero {
+        let message = format!(
+            "keeping {}: {why}, but the per-replica throughput is a guess until the starting pods serve",
+            plural(current)
+        );
+        Step { desired: current, reason: ScaleReason::Steady, message }
+    } else if current == 0 || beyond_tolerance || urgent {
+        let limit = if guessing_from_zero { 1 } else { spec.scale_up_limit(current) };
+        let desired = recommendation.min(limit).max(1);
+        let reason = if current == 0 && need.busy && need.reason != ScaleReason::MinReplicas {
+            ScaleReason::ScaleFromZero
+        } else if desired < recommendation {
+            need.demand // the step limit binds, not a bound
+        } else {
+            need.reason
+        };
+        let limited =
+            if desired < recommendation { format!(" (at most {desired} in one step)") } else { String::new() };
+        Step { desired, reason, message: format!("scaling from {current} to {desired}: {why}{limited}") }
     } else {
-        (desired, reason, message)
-    };
-    ScaleDecision { desired, reason, recommendation, inputs, message }
+        within_tolerance(current, why, spec)
+    }
+}
+
+fn step_down(state: &PolicyState, need: &Need, current: i32, spec: &PolicySpec, now: f64) -> Step {
+    let (recommendation, why) = (need.recommendation, &need.why);
+    let delay = spec.scale_down_delay_seconds;
+    let highest = state.recommendations.highest_since(now - delay).unwrap_or(recommendation).max(recommendation);
+    if highest >= current {
+        let message =
+            format!("keeping {}: {why}, but {highest} were recommended within the last {delay:.0}s", plural(current));
+        Step { desired: current, reason: ScaleReason::ScaleDownDelay, message }
+    } else if ((current - highest) as f64) < current as f64 * spec.tolerance - 1e-9 {
+        within_tolerance(current, why, spec)
+    } else if highest > recommendation {
+        let message =
+            format!("scaling from {current} to {highest}, the most recommended within the last {delay:.0}s: {why}");
+        Step { desired: highest, reason: ScaleReason::ScaleDownDelay, message }
+    } else {
+        Step {
+            desired: recommendation,
+            reason: need.reason,
+            message: format!("scaling from {current} to {recommendation}: {why}"),
+        }
+    }
+}
+
+fn within_tolerance(current: i32, why: &str, spec: &PolicySpec) -> Step {
+    let pct = spec.tolerance * 100.0;
+    let message = format!("keeping {}: {why}, within the {pct:.0}% tolerance", plural(current));
+    Step { desired: current, reason: ScaleReason::Steady, message }
 }
 
 fn plural(n: i32) -> String {
@@ -385,20 +481,20 @@ fn explain(reason: ScaleReason, need: i32, i: &DecisionInputs, spec: &PolicySpec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autoscale::rates::{ObservedQueue, WindowFigures};
+    use crate::rates::WindowFigures;
     use proptest::prelude::*;
 
     fn spec() -> PolicySpec {
-        let scaling = ScalingSpec {
+        PolicySpec {
             min_replicas: 1,
             max_replicas: 50,
             target_queue_delay_seconds: 2.0,
-            scale_down_delay_seconds: 60,
+            scale_down_delay_seconds: 60.0,
             target_utilization: 0.8,
             per_replica_throughput_hint: Some(20.0),
-            ..ScalingSpec::default()
-        };
-        PolicySpec::new(&scaling, 4)
+            prefetch: 4,
+            ..PolicySpec::default()
+        }
     }
 
     fn obs(at: f64, backlog: u64, in_flight: u64, arrival: f64) -> Observation {
@@ -493,7 +589,7 @@ mod tests {
     #[test]
     fn an_idle_pool_goes_to_zero_only_after_the_scale_down_delay() {
         let spec = PolicySpec { min_replicas: 0, ..spec() };
-        let mut scaler = super::super::Autoscaler::new(Some(20.0));
+        let mut scaler = crate::Autoscaler::new(Some(20.0));
         let mut desired = 3;
         for i in 0..=12 {
             let at = 5.0 * i as f64;
@@ -560,29 +656,38 @@ mod tests {
     }
 
     #[test]
-    fn spec_from_the_crd_uses_its_fields_and_the_prefetch() {
-        let mut crd = RpcServiceSpec::default();
-        crd.scaling.per_replica_throughput_hint = Some(3.0);
-        crd.worker.prefetch = 16;
-        let p = PolicySpec::from(&crd);
-        assert_eq!((p.min_replicas, p.max_replicas, p.prefetch), (1, 10, 16));
-        assert_eq!((p.target_queue_delay_seconds, p.scale_down_delay_seconds, p.target_utilization), (2.0, 60.0, 0.8));
-        assert_eq!(p.per_replica_throughput_hint, Some(3.0));
+    fn out_of_range_values_are_made_safe() {
+        let wild = PolicySpec {
+            min_replicas: -3,
+            max_replicas: 0,
+            target_queue_delay_seconds: f64::NAN,
+            scale_down_delay_seconds: -5.0,
+            target_utilization: 7.0,
+            per_replica_throughput_hint: Some(-1.0),
+            prefetch: 0,
+            ..PolicySpec::default()
+        }
+        .sanitized();
+        assert_eq!((wild.min_replicas, wild.max_replicas, wild.prefetch), (0, 1, 1));
+        assert_eq!((wild.target_queue_delay_seconds, wild.scale_down_delay_seconds), (2.0, 0.0));
+        assert_eq!((wild.target_utilization, wild.per_replica_throughput_hint), (1.0, None));
+        assert_eq!(PolicySpec::default().sanitized(), PolicySpec::default());
     }
 
     prop_compose! {
         fn any_spec()(min in 0..20i32, extra in 0..80i32, t in 0.05..30.0f64, delay in 0..600i32,
-                      u in 0.1..1.0f64, hint in 0.01..2000.0f64, prefetch in 1..200i32) -> PolicySpec {
-            let scaling = ScalingSpec {
+                      u in 0.1..1.0f64, hint in 0.01..2000.0f64, prefetch in 1..200u32) -> PolicySpec {
+            PolicySpec {
                 min_replicas: min,
                 max_replicas: (min + extra).max(1),
                 target_queue_delay_seconds: t,
-                scale_down_delay_seconds: delay,
+                scale_down_delay_seconds: delay as f64,
                 target_utilization: u,
                 per_replica_throughput_hint: Some(hint),
-                ..ScalingSpec::default()
-            };
-            PolicySpec::new(&scaling, prefetch)
+                prefetch,
+                ..PolicySpec::default()
+            }
+            .sanitized()
         }
     }
 
@@ -632,7 +737,7 @@ mod tests {
         #[test]
         fn constant_load_settles_and_stays(spec in any_spec(), start in 0..120i32, backlog in 0..10_000u64,
                                            in_flight in 0..5_000u64, arrival in 0.0..5_000.0f64) {
-            let mut scaler = super::super::Autoscaler::new(None);
+            let mut scaler = crate::Autoscaler::new(None);
             let mut current = start;
             let mut history = Vec::new();
             // Long enough for the step limit to climb from 0 to 100 and for the longest scale-down delay.

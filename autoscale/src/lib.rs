@@ -1,25 +1,39 @@
-//! The autoscaler: from polls of a request queue to the number of workers to run (docs/autoscaling.md).
+//! warren's autoscaler: from polls of a request queue to the number of workers to run (docs/autoscaling.md).
 //!
-//! Pure code, no broker and no cluster. The operator keeps one [`Autoscaler`] per service and, every poll:
+//! Pure code: no broker, no cluster, no Kubernetes types. The operator maps an RpcService's spec into a
+//! [`PolicySpec`], keeps one [`Autoscaler`] per service and, every poll:
 //!
 //! ```
-//! # use warren_operator::autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts};
-//! # let spec = PolicySpec::from_spec(&Default::default());
+//! # use warren_autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleReason};
+//! # let spec = PolicySpec::default();
 //! # let now = 5.0;
 //! let mut scaler = Autoscaler::new(None); // or Some(status.perReplicaThroughput) after a restart
 //! let sample = QueueSample { at: now, ready: 40, unacked: 32, consumers: 1, published_total: 900, acked_total: 860 };
 //! let observation = scaler.observe(Some(sample), now); // None when the management API or the queue is missing
 //! let decision = scaler.decide(&observation, ReplicaCounts { current: 1, ready: 1 }, &spec, now);
-//! assert!(decision.desired >= 1);
+//! // One poll gives no rate yet, and μ is a guess until the first pod has served: the pool waits for a measurement.
+//! assert_eq!((decision.desired, decision.reason), (1, ScaleReason::Steady));
+//! println!("{}", decision.message);
 //! ```
+//!
+//! The policy ([`decide`]) answers two questions in turn: what the observation needs ([`need`]) and how far the
+//! pool steps toward it ([`step`]). The crate's binary, `warren-autoscale simulate`, runs it against KEDA + HPA
+//! on load traces in a queue model.
 
 mod policy;
 mod rates;
+mod recurrence;
 mod throughput;
 
 pub use policy::{
-    DEFAULT_MAX_SCALE_UP_FACTOR, DEFAULT_MAX_SCALE_UP_PODS, DEFAULT_TOLERANCE, DecisionInputs, PolicySpec, PolicyState,
-    RecommendationWindow, ReplicaCounts, ScaleDecision, ScaleReason, URGENT_BACKLOG_SHARE, decide,
+    DEFAULT_MAX_REPLICAS, DEFAULT_MAX_SCALE_UP_FACTOR, DEFAULT_MAX_SCALE_UP_PODS, DEFAULT_MIN_REPLICAS,
+    DEFAULT_PREFETCH, DEFAULT_SCALE_DOWN_DELAY_SECONDS, DEFAULT_TARGET_QUEUE_DELAY_SECONDS, DEFAULT_TARGET_UTILIZATION,
+    DEFAULT_TOLERANCE, DecisionInputs, Need, PolicySpec, PolicyState, RecommendationWindow, ReplicaCounts,
+    ScaleDecision, ScaleReason, Step, URGENT_BACKLOG_SHARE, decide, need, step,
+};
+pub use recurrence::{
+    ANTICIPATION_LEAD_SECONDS, ANTICIPATION_SLACK_SHARE, Anticipation, BASE_HISTORY_SECONDS, MAX_RECURRENCE_SECONDS,
+    MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
 };
 pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use throughput::{
@@ -71,7 +85,15 @@ impl Autoscaler {
             self.window_started = true;
         }
         let decision = decide(&self.state, obs, replicas, spec, now);
-        self.state.recommendations.record(now, decision.recommendation, spec.scale_down_delay_seconds);
+        // A floor held for an expected surge ends with its window: it is not remembered for the scale-down delay.
+        if decision.reason != ScaleReason::Anticipated {
+            self.state.recommendations.record(now, decision.recommendation, spec.scale_down_delay_seconds);
+        }
+        let i = &decision.inputs;
+        if i.rates_known && i.per_replica_throughput > 0.0 {
+            let rate_need = (i.arrival_rate / (i.per_replica_throughput * spec.target_utilization) - 1e-9).ceil();
+            self.state.recurrence.observe(now, i.arrival_rate, rate_need.max(0.0) as i32);
+        }
         decision
     }
 
@@ -95,7 +117,7 @@ mod tests {
 
     #[test]
     fn measures_throughput_from_saturated_polls_and_scales_for_it() {
-        let spec = PolicySpec::from_spec(&Default::default()); // prefetch 32, T 2 s, u 0.8, max 10
+        let spec = PolicySpec::default(); // prefetch 32, T 2 s, u 0.8, max 10
         let mut scaler = Autoscaler::new(None);
         let counts = ReplicaCounts { current: 2, ready: 2 };
         // Two workers, always a backlog, 40 acks/s: μ = 20; 100 req/s arrive.
@@ -115,7 +137,7 @@ mod tests {
 
     #[test]
     fn a_seed_from_status_is_used_at_once() {
-        let spec = PolicySpec::from_spec(&Default::default());
+        let spec = PolicySpec::default();
         let mut scaler = Autoscaler::new(Some(50.0));
         let obs = scaler.observe(Some(sample(0.0, 0, 0, 1, 0, 0)), 0.0);
         let d = scaler.decide(&obs, ReplicaCounts { current: 1, ready: 1 }, &spec, 0.0);
@@ -124,7 +146,7 @@ mod tests {
 
     #[test]
     fn after_a_restart_the_pool_is_not_shrunk_before_the_scale_down_delay() {
-        let spec = PolicySpec::from_spec(&Default::default());
+        let spec = PolicySpec::default();
         let mut scaler = Autoscaler::new(Some(20.0));
         let counts = ReplicaCounts { current: 8, ready: 8 };
         for i in 0..=12u64 {
@@ -138,11 +160,38 @@ mod tests {
 
     #[test]
     fn unavailable_metrics_keep_the_pool() {
-        let spec = PolicySpec::from_spec(&Default::default());
+        let spec = PolicySpec::default();
         let mut scaler = Autoscaler::new(None);
         let obs = scaler.observe(None, 0.0);
         let d = scaler.decide(&obs, ReplicaCounts { current: 4, ready: 3 }, &spec, 0.0);
         assert_eq!((d.desired, d.reason), (4, ScaleReason::MetricsUnavailable));
         assert_eq!(d.reason.to_string(), "MetricsUnavailable");
+    }
+
+    #[test]
+    fn recurring_surges_are_anticipated_within_max_replicas_and_the_reason_says_so() {
+        let spec = PolicySpec {
+            max_replicas: 12,
+            prefetch: 4,
+            per_replica_throughput_hint: Some(20.0),
+            ..PolicySpec::default()
+        };
+        let mut scaler = Autoscaler::new(None);
+        let (mut published, mut current) = (0u64, 2);
+        // 30 req/s, with 20 s surges to 300 req/s starting at 100 s and 340 s.
+        for i in 0..=112u64 {
+            let at = 5.0 * i as f64;
+            let surging = (100.0..120.0).contains(&at) || (340.0..360.0).contains(&at);
+            published += if surging { 1500 } else { 150 };
+            let obs = scaler.observe(Some(sample(at, 0, 8, current as u64, published, published)), at);
+            let d = scaler.decide(&obs, ReplicaCounts { current, ready: current }, &spec, at);
+            assert!(d.desired <= spec.max_replicas, "{d:?}");
+            current = d.desired;
+        }
+        // The next surge is expected 240 s after the last start: from 560 s on, the pool is held ahead of it.
+        let obs = scaler.observe(Some(sample(565.0, 0, 8, current as u64, published + 150, published + 150)), 565.0);
+        let d = scaler.decide(&obs, ReplicaCounts { current, ready: current }, &spec, 565.0);
+        assert_eq!((d.desired, d.reason), (12, ScaleReason::Anticipated), "{}", d.message);
+        assert!(d.message.contains("recurred every"), "{}", d.message);
     }
 }

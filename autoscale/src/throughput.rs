@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::rates::Observation;
+use crate::rates::Observation;
 
 /// Requests per second one worker is assumed to complete before anything is known: low, so that an unknown
 /// service is given too many workers rather than too few (the first saturated poll corrects it).
@@ -121,7 +121,7 @@ impl ThroughputEstimate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autoscale::rates::{ObservedQueue, WindowFigures};
+    use crate::rates::{ObservedQueue, WindowFigures};
 
     /// One observation over a 5 s window with steady consumers.
     fn obs(at: f64, backlog: u64, in_flight: u64, consumers: u64, completion: f64) -> Observation {

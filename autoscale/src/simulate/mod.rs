@@ -1,10 +1,13 @@
-//! `warren-operator simulate`: warren's autoscaler against KEDA + HPA on the same load traces, in a queue model
+//! `warren-autoscale simulate`: warren's autoscaler against KEDA + HPA (QueueLength and ExpectedQueueConsumptionTime)
+//! and Knative's KPA on the same load traces, in a queue model
 //! (docs/autoscaling.md, "Simulation").
 //!
-//! Both policies see the same requests (same arrival times, same service times), the same pod start delay, the
+//! All policies see the same requests (same arrival times, same service times), the same pod start delay, the
 //! same bounds and the same knowledge of one pod's throughput; warren runs the operator's own [`Autoscaler`].
 
 pub mod keda;
+pub mod keda_eqct;
+pub mod kpa;
 pub mod model;
 pub mod trace;
 
@@ -13,11 +16,15 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 pub use keda::KedaHpa;
-pub use model::{Cluster, Outcome, ScalingPolicy, TimelinePoint};
-pub use trace::{Request, ServiceTime, TRACE_NAMES, Trace};
+pub use keda_eqct::KedaEqct;
+pub use kpa::Kpa;
+pub use model::{Cluster, ScalingPolicy, TimelinePoint};
+pub use trace::{ServiceTime, TRACE_NAMES, Trace};
 
-use crate::autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts};
-use crate::crd::ScalingSpec;
+use warren_autoscale::{
+    Autoscaler, DEFAULT_SCALE_DOWN_DELAY_SECONDS, DEFAULT_TARGET_QUEUE_DELAY_SECONDS, DEFAULT_TARGET_UTILIZATION,
+    PolicySpec, QueueSample, ReplicaCounts,
+};
 
 /// The simulated world and the policies' settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,9 +52,9 @@ impl Default for SimConfig {
             service: ServiceTime { mean_seconds: 0.2, sigma: 0.5 },
             pod_start_delay: 10.0,
             poll_interval: 5.0,
-            target_queue_delay: 2.0,
-            scale_down_delay: 60,
-            target_utilization: 0.8,
+            target_queue_delay: DEFAULT_TARGET_QUEUE_DELAY_SECONDS,
+            scale_down_delay: DEFAULT_SCALE_DOWN_DELAY_SECONDS,
+            target_utilization: DEFAULT_TARGET_UTILIZATION,
             warren_hint: true,
         }
     }
@@ -69,19 +76,20 @@ impl SimConfig {
 
     /// warren's spec for a trace, as an RpcService would state it.
     pub fn warren_spec(&self, trace: &Trace) -> PolicySpec {
-        let scaling = ScalingSpec {
-            enabled: true,
+        PolicySpec {
             min_replicas: trace.min_replicas,
             max_replicas: trace.max_replicas,
             target_queue_delay_seconds: self.target_queue_delay,
-            scale_down_delay_seconds: self.scale_down_delay,
+            scale_down_delay_seconds: self.scale_down_delay as f64,
             target_utilization: self.target_utilization,
             per_replica_throughput_hint: self.warren_hint.then(|| self.per_replica_throughput()),
-        };
-        PolicySpec::new(&scaling, self.prefetch as i32)
+            prefetch: self.prefetch,
+            ..PolicySpec::default()
+        }
+        .sanitized()
     }
 
-    /// The pool both policies start with: what the trace's first rate needs at the target utilisation.
+    /// The pool every policy starts with: what the trace's first rate needs at the target utilisation.
     fn initial_replicas(&self, trace: &Trace) -> i32 {
         let need = trace.rate_at(0.0) / (self.per_replica_throughput() * self.target_utilization);
         (need.ceil() as i32).clamp(trace.min_replicas, trace.max_replicas)
@@ -121,7 +129,11 @@ impl ScalingPolicy for WarrenPolicy {
 }
 
 /// The policies compared.
-pub const POLICIES: [&str; 2] = ["warren", "keda"];
+pub const POLICIES: [&str; 4] = ["warren", "keda", "keda-eqct", "kpa"];
+
+/// The baselines warren is compared with, and the over-target ratio the goal allows against each.
+pub const BASELINES: [(&str, f64); 3] =
+    [("keda", GOAL_OVER_TARGET_RATIO), ("keda-eqct", GOAL_OVER_TARGET_RATIO_EQCT_KPA), ("kpa", GOAL_OVER_TARGET_RATIO_EQCT_KPA)];
 
 /// One (trace, policy) result: exactly what `--json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -155,11 +167,23 @@ fn policy_for(name: &str, config: &SimConfig, trace: &Trace) -> Box<dyn ScalingP
             trace.max_replicas,
             config.phase(2),
         )),
+        "keda-eqct" => Box::new(KedaEqct::new(
+            config.target_queue_delay,
+            trace.min_replicas,
+            trace.max_replicas,
+            config.phase(3),
+        )),
+        "kpa" => Box::new(Kpa::new(
+            config.prefetch as f64 * config.target_utilization,
+            trace.min_replicas,
+            trace.max_replicas,
+            config.phase(4),
+        )),
         other => panic!("unknown policy {other}"),
     }
 }
 
-/// Runs both policies on one trace; with `timeline_step`, also returns their timelines.
+/// Runs every policy on one trace; with `timeline_step`, also returns their timelines.
 pub fn run_trace(config: &SimConfig, trace: &Trace, timeline_step: Option<f64>) -> (Vec<RunResult>, Vec<Timeline>) {
     let requests = trace.requests(&config.service, config.seed);
     let mut results = Vec::new();
@@ -186,7 +210,7 @@ pub fn run_trace(config: &SimConfig, trace: &Trace, timeline_step: Option<f64>) 
     (results, timelines)
 }
 
-/// Runs both policies on the named traces (all when empty).
+/// Runs every policy on the named traces (all when empty).
 pub fn run_traces(config: &SimConfig, names: &[&str]) -> Result<Vec<RunResult>, UnknownTrace> {
     let names: Vec<&str> = if names.is_empty() { TRACE_NAMES.to_vec() } else { names.to_vec() };
     let mut results = Vec::new();
@@ -201,40 +225,52 @@ pub fn run_traces(config: &SimConfig, names: &[&str]) -> Result<Vec<RunResult>, 
 #[error("unknown trace {0:?}; the traces are {names}", names = TRACE_NAMES.join(", "))]
 pub struct UnknownTrace(pub String);
 
-/// The goal per trace: warren's over-target share at most this share of KEDA's...
+/// The goal per trace: warren's over-target share at most this share of KEDA QueueLength's (and
+/// [`BASELINES`] gives it for each baseline)...
 pub const GOAL_OVER_TARGET_RATIO: f64 = 0.2;
-/// ...at most this share of its replica-seconds.
+/// ...and of KEDA ExpectedQueueConsumptionTime's and Knative KPA's...
+pub const GOAL_OVER_TARGET_RATIO_EQCT_KPA: f64 = 0.5;
+/// ...at most this share of the baseline's replica-seconds.
 pub const GOAL_REPLICA_SECONDS_RATIO: f64 = 1.1;
 
-/// warren against KEDA on one trace.
+/// warren against one baseline on one trace.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Comparison {
     pub trace: String,
+    pub baseline: String,
     pub over_target_ratio: f64,
     pub replica_seconds_ratio: f64,
+    /// The over-target ratio the goal allows against this baseline.
+    pub goal_over_target_ratio: f64,
 }
 
 impl Comparison {
     pub fn meets_goal(&self) -> bool {
-        self.over_target_ratio <= GOAL_OVER_TARGET_RATIO && self.replica_seconds_ratio <= GOAL_REPLICA_SECONDS_RATIO
+        self.over_target_ratio <= self.goal_over_target_ratio
+            && self.replica_seconds_ratio <= GOAL_REPLICA_SECONDS_RATIO
     }
 }
 
-/// warren/KEDA ratios per trace. A trace on which neither misses the target has an over-target ratio of 0.
+/// warren/baseline ratios per trace and baseline. A trace on which neither misses the target has an over-target
+/// ratio of 0.
 pub fn compare(results: &[RunResult]) -> Vec<Comparison> {
     let mut out = Vec::new();
     for w in results.iter().filter(|r| r.policy == "warren") {
-        let Some(k) = results.iter().find(|r| r.policy == "keda" && r.trace == w.trace) else { continue };
-        let over_target_ratio = match (w.over_target_fraction, k.over_target_fraction) {
-            (0.0, _) => 0.0,
-            (_, 0.0) => f64::INFINITY,
-            (a, b) => a / b,
-        };
-        out.push(Comparison {
-            trace: w.trace.clone(),
-            over_target_ratio,
-            replica_seconds_ratio: w.replica_seconds / k.replica_seconds,
-        });
+        for (baseline, goal) in BASELINES {
+            let Some(k) = results.iter().find(|r| r.policy == baseline && r.trace == w.trace) else { continue };
+            let over_target_ratio = match (w.over_target_fraction, k.over_target_fraction) {
+                (0.0, _) => 0.0,
+                (_, 0.0) => f64::INFINITY,
+                (a, b) => a / b,
+            };
+            out.push(Comparison {
+                trace: w.trace.clone(),
+                baseline: baseline.to_owned(),
+                over_target_ratio,
+                replica_seconds_ratio: w.replica_seconds / k.replica_seconds,
+                goal_over_target_ratio: goal,
+            });
+        }
     }
     out
 }
@@ -244,13 +280,13 @@ pub fn table(results: &[RunResult], config: &SimConfig) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<8} {:<7} {:>8} {:>12} {:>9} {:>12} {:>7}",
+        "{:<8} {:<9} {:>8} {:>12} {:>9} {:>12} {:>7}",
         "trace", "policy", "requests", "over_target", "p99_wait", "replica_s", "scales"
     );
     for r in results {
         let _ = writeln!(
             s,
-            "{:<8} {:<7} {:>8} {:>11.2}% {:>8.2}s {:>12.0} {:>7}",
+            "{:<8} {:<9} {:>8} {:>11.2}% {:>8.2}s {:>12.0} {:>7}",
             r.trace,
             r.policy,
             r.requests,
@@ -263,13 +299,15 @@ pub fn table(results: &[RunResult], config: &SimConfig) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "warren/keda: over-target share (goal ≤ {GOAL_OVER_TARGET_RATIO}), replica-seconds (goal ≤ {GOAL_REPLICA_SECONDS_RATIO})"
+        "warren/baseline: over-target share (goal ≤ 0.2 × keda's, ≤ 0.5 × keda-eqct's and kpa's), \
+         replica-seconds (goal ≤ {GOAL_REPLICA_SECONDS_RATIO})"
     );
     for c in compare(results) {
         let _ = writeln!(
             s,
-            "{:<8} {:>6.3} {:>6.3}  {}",
+            "{:<8} {:<9} {:>6.3} {:>6.3}  {}",
             c.trace,
+            c.baseline,
             c.over_target_ratio,
             c.replica_seconds_ratio,
             if c.meets_goal() { "goal met" } else { "goal missed" }
@@ -294,17 +332,17 @@ pub fn table(results: &[RunResult], config: &SimConfig) -> String {
     s
 }
 
-/// `warren-operator simulate`.
+/// `warren-autoscale simulate`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct SimulateArgs {
-    /// Run only this trace (step, ramp, burst, diurnal, noisy, sparse); all when omitted.
+    /// Run only this trace (step, ramp, burst, diurnal, noisy, sparse, flash); all when omitted.
     #[arg(long)]
     pub trace: Option<String>,
     /// Print a JSON list of {trace, policy, requests, over_target_fraction, p99_wait_seconds, replica_seconds,
     /// scale_events} instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Print the trace's run second by second as JSON (both policies), for plots; needs --trace.
+    /// Print the trace's run second by second as JSON (every policy), for plots; needs --trace.
     #[arg(long, requires = "trace")]
     pub timeline_json: bool,
     /// Seed of the arrivals, service times and policy clock phases.
@@ -356,14 +394,14 @@ mod tests {
 
     use super::*;
 
-    /// Every trace, both policies, the default world, seed 1: computed once for all tests.
+    /// Every trace, every policy, the default world, seed 1: computed once for all tests.
     fn results() -> &'static [RunResult] {
         static RESULTS: OnceLock<Vec<RunResult>> = OnceLock::new();
         RESULTS.get_or_init(|| run_traces(&SimConfig::default(), &[]).expect("all traces exist"))
     }
 
     fn comparison(trace: &str) -> Comparison {
-        compare(results()).into_iter().find(|c| c.trace == trace).expect("trace was run")
+        compare(results()).into_iter().find(|c| c.trace == trace && c.baseline == "keda").expect("trace was run")
     }
 
     #[test]
@@ -388,7 +426,7 @@ mod tests {
     fn warren_without_a_hint_measures_throughput_and_keeps_queueing_short() {
         let config = SimConfig { warren_hint: false, ..SimConfig::default() };
         let results = run_traces(&config, &["step"]).unwrap();
-        let c = &compare(&results)[0];
+        let c = compare(&results).into_iter().find(|c| c.baseline == "keda").unwrap();
         assert!(c.over_target_ratio <= GOAL_OVER_TARGET_RATIO, "{c:?}");
     }
 
@@ -416,7 +454,7 @@ mod tests {
             "trace",
         ];
         assert_eq!(keys, expected);
-        assert_eq!(results().len(), 2 * TRACE_NAMES.len());
+        assert_eq!(results().len(), POLICIES.len() * TRACE_NAMES.len());
     }
 
     #[test]

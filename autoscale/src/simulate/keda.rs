@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 
 use super::model::ScalingPolicy;
-use crate::autoscale::{QueueSample, ReplicaCounts};
+use warren_autoscale::{QueueSample, ReplicaCounts};
 
 pub const HPA_SYNC_SECONDS: f64 = 15.0;
 pub const HPA_TOLERANCE: f64 = 0.1;
@@ -25,52 +25,29 @@ pub const HPA_SCALE_UP_PERIOD_SECONDS: f64 = 15.0;
 pub const KEDA_POLLING_SECONDS: f64 = 30.0;
 pub const KEDA_COOLDOWN_SECONDS: f64 = 300.0;
 
-/// KEDA's ScaledObject with its HPA.
+/// The HPA controller's part: stabilisation, the scale-up rate limit and the bounds, the same whatever the metric.
 #[derive(Clone, Debug)]
-pub struct KedaHpa {
-    /// The scaler's `value`: queue length per replica.
-    target_per_replica: f64,
+pub struct Hpa {
     /// KEDA's minReplicaCount (the HPA's minReplicas is at least 1).
-    min_replicas: i32,
-    max_replicas: i32,
-    next_sync: f64,
-    next_poll: f64,
+    pub min_replicas: i32,
+    pub max_replicas: i32,
     /// HPA's recorded (unstabilised) recommendations.
     recommendations: VecDeque<(f64, i32)>,
     /// Replicas added by the HPA, for its scale-up rate limit.
     scale_ups: VecDeque<(f64, i32)>,
-    last_active: Option<f64>,
 }
 
-impl KedaHpa {
-    /// `phase`: where in its periods the run starts, in [0, 1).
-    pub fn new(target_per_replica: f64, min_replicas: i32, max_replicas: i32, phase: f64) -> Self {
-        Self {
-            target_per_replica,
-            min_replicas,
-            max_replicas,
-            next_sync: phase * HPA_SYNC_SECONDS,
-            next_poll: phase * KEDA_POLLING_SECONDS,
-            recommendations: VecDeque::new(),
-            scale_ups: VecDeque::new(),
-            last_active: None,
-        }
+impl Hpa {
+    pub fn new(min_replicas: i32, max_replicas: i32) -> Self {
+        Self { min_replicas, max_replicas, recommendations: VecDeque::new(), scale_ups: VecDeque::new() }
     }
 
-    /// One HPA sync: the replicas it sets, if any.
-    fn hpa_sync(&mut self, now: f64, messages: f64, replicas: i32) -> Option<i32> {
-        if replicas == 0 {
-            return None; // scaling is disabled while the target has none
-        }
+    /// Applies one sync's proposal (what the replica calculator returned) to `replicas`: the replicas the HPA
+    /// sets, if it changes them.
+    pub fn apply(&mut self, now: f64, proposal: i32, replicas: i32) -> Option<i32> {
         if self.recommendations.is_empty() {
             self.recommendations.push_back((now, replicas));
         }
-        let ratio = messages / (self.target_per_replica * replicas as f64);
-        let proposal = if (1.0 - ratio).abs() > HPA_TOLERANCE {
-            (messages / self.target_per_replica).ceil() as i32
-        } else {
-            replicas
-        };
         // Stabilisation: up to the proposal at once (0 s window); down only to the window's highest.
         let highest = self
             .recommendations
@@ -103,22 +80,72 @@ impl KedaHpa {
         }
         (desired != replicas).then_some(desired)
     }
+}
+
+/// KEDA's ScaledObject with its HPA.
+#[derive(Clone, Debug)]
+pub struct KedaHpa {
+    /// The scaler's `value`: queue length per replica.
+    target_per_replica: f64,
+    hpa: Hpa,
+    next_sync: f64,
+    next_poll: f64,
+    last_active: Option<f64>,
+}
+
+impl KedaHpa {
+    /// `phase`: where in its periods the run starts, in [0, 1).
+    pub fn new(target_per_replica: f64, min_replicas: i32, max_replicas: i32, phase: f64) -> Self {
+        Self {
+            target_per_replica,
+            hpa: Hpa::new(min_replicas, max_replicas),
+            next_sync: phase * HPA_SYNC_SECONDS,
+            next_poll: phase * KEDA_POLLING_SECONDS,
+            last_active: None,
+        }
+    }
+
+    /// One HPA sync: the replicas it sets, if any.
+    fn hpa_sync(&mut self, now: f64, messages: f64, replicas: i32) -> Option<i32> {
+        if replicas == 0 {
+            return None; // scaling is disabled while the target has none
+        }
+        // AverageValue (GetExternalPerPodMetricReplicas): the tolerance on metric / (target × replicas).
+        let ratio = messages / (self.target_per_replica * replicas as f64);
+        let proposal = if (1.0 - ratio).abs() > HPA_TOLERANCE {
+            (messages / self.target_per_replica).ceil() as i32
+        } else {
+            replicas
+        };
+        self.hpa.apply(now, proposal, replicas)
+    }
 
     /// One KEDA poll: activation from and deactivation to zero.
     fn keda_poll(&mut self, now: f64, messages: f64, replicas: i32) -> Option<i32> {
-        let active = messages > 0.0;
-        if active {
-            self.last_active = Some(now);
-        }
-        if replicas == 0 && active {
-            return Some(self.min_replicas.max(1));
-        }
-        let cooled = self.last_active.is_none_or(|t| now - t >= KEDA_COOLDOWN_SECONDS);
-        if replicas > 0 && !active && self.min_replicas == 0 && cooled {
-            return Some(0);
-        }
-        None
+        keda_activation(&mut self.last_active, self.hpa.min_replicas, now, messages > 0.0, replicas)
     }
+}
+
+/// KEDA's activation loop at one poll: 0 → max(1, minReplicaCount) when the scaler is active, → 0 after the
+/// cooldown without activity when minReplicaCount is 0.
+pub fn keda_activation(
+    last_active: &mut Option<f64>,
+    min_replicas: i32,
+    now: f64,
+    active: bool,
+    replicas: i32,
+) -> Option<i32> {
+    if active {
+        *last_active = Some(now);
+    }
+    if replicas == 0 && active {
+        return Some(min_replicas.max(1));
+    }
+    let cooled = last_active.is_none_or(|t| now - t >= KEDA_COOLDOWN_SECONDS);
+    if replicas > 0 && !active && min_replicas == 0 && cooled {
+        return Some(0);
+    }
+    None
 }
 
 impl ScalingPolicy for KedaHpa {

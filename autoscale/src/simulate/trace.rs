@@ -18,7 +18,7 @@ pub struct Trace {
 }
 
 /// Every trace name, in the order they are reported.
-pub const TRACE_NAMES: [&str; 6] = ["step", "ramp", "burst", "diurnal", "noisy", "sparse"];
+pub const TRACE_NAMES: [&str; 7] = ["step", "ramp", "burst", "diurnal", "noisy", "sparse", "flash"];
 
 impl Trace {
     /// The trace called `name`; noisy shapes are drawn from `seed`.
@@ -85,6 +85,17 @@ impl Trace {
                 |t| {
                     let bursts = [120.0, 600.0, 1050.0, 1500.0];
                     if bursts.iter().any(|b| (*b..*b + 60.0).contains(&t)) { 15.0 } else { 0.0 }
+                },
+            ),
+            "flash" => Self::build(
+                "flash",
+                "30 req/s with seven 20 s flashes to 300 req/s (10×), 3.5-4.5 min apart",
+                1800,
+                1,
+                40,
+                |t| {
+                    let flashes = [150.0, 390.0, 600.0, 870.0, 1080.0, 1350.0, 1560.0];
+                    if flashes.iter().any(|f| (*f..*f + 20.0).contains(&t)) { 300.0 } else { 30.0 }
                 },
             ),
             _ => return None,

@@ -12,7 +12,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use serde::Serialize;
 
 use super::trace::{Request, Trace};
-use crate::autoscale::{QueueSample, ReplicaCounts};
+use warren_autoscale::{QueueSample, ReplicaCounts};
 
 /// A scaling policy as the simulator drives it.
 pub trait ScalingPolicy {

@@ -1,0 +1,152 @@
+//! Anticipating surges that recur, from the service's own history.
+//!
+//! A **surge** is a stretch of polls whose arrival rate needs at least twice the replicas of the quietest rate of
+//! the last [`BASE_HISTORY_SECONDS`] (and at least [`MIN_SURGE_EXTRA_REPLICAS`] more). The start of each surge and
+//! the most replicas its arrival rate needed are remembered. Once [`MIN_SURGES`] surges have started at most
+//! [`MAX_RECURRENCE_SECONDS`] apart, the next one is expected between the shortest and the longest interval seen
+//! after the last one's start; from [`ANTICIPATION_LEAD_SECONDS`] before that window opens until it closes (plus a
+//! slack), the pool is kept at the replicas the recent surges' rate needed, never above maxReplicas. If the surge
+//! does not come, the floor ends with the window: nothing is held longer than the history justifies.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// How far back the quiet level a surge is measured against reaches (seconds).
+pub const BASE_HISTORY_SECONDS: f64 = 600.0;
+/// A surge needs at least this many replicas more than the quiet level (and twice as many).
+pub const MIN_SURGE_EXTRA_REPLICAS: i32 = 1;
+/// Surges further apart than this are not treated as recurring (seconds).
+pub const MAX_RECURRENCE_SECONDS: f64 = 1200.0;
+/// How many surge starts it takes to expect another.
+pub const MIN_SURGES: usize = 2;
+/// How long before the expected window the floor starts: a poll, a pod start and a margin (seconds).
+pub const ANTICIPATION_LEAD_SECONDS: f64 = 20.0;
+/// The window is kept open this share of the shortest interval past the longest.
+pub const ANTICIPATION_SLACK_SHARE: f64 = 0.1;
+/// Surges remembered.
+const KEPT_SURGES: usize = 6;
+
+/// One surge: when it started and the most replicas its arrival rate needed.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Surge {
+    pub start: f64,
+    pub peak_replicas: i32,
+    pub peak_rate: f64,
+}
+
+/// The replicas to hold ahead of an expected surge, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Anticipation {
+    pub replicas: i32,
+    pub message: String,
+}
+
+/// The history of a service's surges.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recurrence {
+    /// (at, replicas the arrival rate needed) of recent polls.
+    rate_needs: VecDeque<(f64, i32)>,
+    surges: VecDeque<Surge>,
+    in_surge: bool,
+}
+
+impl Recurrence {
+    /// Records one poll's arrival rate and the replicas it needs at the target utilisation.
+    pub fn observe(&mut self, now: f64, arrival_rate: f64, rate_need: i32) {
+        self.rate_needs.push_back((now, rate_need));
+        while self.rate_needs.front().is_some_and(|(t, _)| *t < now - BASE_HISTORY_SECONDS) {
+            self.rate_needs.pop_front();
+        }
+        let base = self.rate_needs.iter().map(|(_, r)| *r).min().unwrap_or(rate_need);
+        let surging = rate_need >= (2 * base).max(base + MIN_SURGE_EXTRA_REPLICAS);
+        if surging && !self.in_surge {
+            self.surges.push_back(Surge { start: now, peak_replicas: rate_need, peak_rate: arrival_rate });
+            while self.surges.len() > KEPT_SURGES {
+                self.surges.pop_front();
+            }
+        } else if surging && let Some(s) = self.surges.back_mut() {
+            s.peak_replicas = s.peak_replicas.max(rate_need);
+            s.peak_rate = s.peak_rate.max(arrival_rate);
+        }
+        self.in_surge = surging;
+    }
+
+    /// The floor to hold at `now`, if a recurring surge is expected soon.
+    pub fn anticipate(&self, now: f64) -> Option<Anticipation> {
+        if self.in_surge || self.surges.len() < MIN_SURGES {
+            return None;
+        }
+        let starts: Vec<f64> = self.surges.iter().map(|s| s.start).collect();
+        let intervals: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        let shortest = intervals.iter().copied().fold(f64::INFINITY, f64::min);
+        let longest = intervals.iter().copied().fold(0.0, f64::max);
+        if longest > MAX_RECURRENCE_SECONDS || shortest <= 0.0 {
+            return None;
+        }
+        let last = *starts.last()?;
+        let opens = last + shortest - ANTICIPATION_LEAD_SECONDS;
+        let closes = last + longest + ANTICIPATION_SLACK_SHARE * shortest;
+        if now < opens || now > closes {
+            return None;
+        }
+        let recent = self.surges.iter().rev().take(3);
+        let (replicas, rate) =
+            recent.fold((0, 0.0_f64), |(r, l), s| (r.max(s.peak_replicas), l.max(s.peak_rate)));
+        let message = format!(
+            "surges to {rate:.1} req/s recurred every {shortest:.0}-{longest:.0}s ({} seen); the next is expected \
+             {:.0}-{:.0}s from now: holding the {} they needed",
+            self.surges.len(),
+            (last + shortest - now).max(0.0),
+            (last + longest - now).max(0.0),
+            if replicas == 1 { "1 replica".to_owned() } else { format!("{replicas} replicas") }
+        );
+        Some(Anticipation { replicas, message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(r: &mut Recurrence, from: f64, to: f64, rate: f64, need: i32) {
+        let mut t = from;
+        while t < to {
+            r.observe(t, rate, need);
+            t += 5.0;
+        }
+    }
+
+    #[test]
+    fn two_surges_a_few_minutes_apart_make_the_next_expected() {
+        let mut r = Recurrence::default();
+        run(&mut r, 0.0, 100.0, 30.0, 2);
+        run(&mut r, 100.0, 120.0, 300.0, 19);
+        run(&mut r, 120.0, 340.0, 30.0, 2);
+        assert_eq!(r.anticipate(330.0), None, "one surge is not a pattern");
+        run(&mut r, 340.0, 360.0, 300.0, 19);
+        run(&mut r, 360.0, 555.0, 30.0, 2);
+        // Interval 240 s: the window is [340 + 240 - 20, 340 + 240 + 24] = [560, 604].
+        assert_eq!(r.anticipate(555.0), None);
+        let a = r.anticipate(565.0).expect("expected");
+        assert_eq!(a.replicas, 19);
+        assert!(a.message.contains("every 240-240s"), "{}", a.message);
+        assert_eq!(r.anticipate(610.0), None, "a surge that did not come is not waited for");
+    }
+
+    #[test]
+    fn rare_or_small_changes_are_not_surges() {
+        let mut r = Recurrence::default();
+        run(&mut r, 0.0, 100.0, 30.0, 4);
+        run(&mut r, 100.0, 120.0, 50.0, 6);
+        run(&mut r, 120.0, 200.0, 30.0, 4);
+        run(&mut r, 200.0, 220.0, 50.0, 6);
+        assert!(r.surges.is_empty());
+        let mut r = Recurrence::default();
+        run(&mut r, 0.0, 100.0, 30.0, 2);
+        run(&mut r, 100.0, 120.0, 300.0, 19);
+        run(&mut r, 120.0, 1500.0, 30.0, 2);
+        run(&mut r, 1500.0, 1520.0, 300.0, 19);
+        assert_eq!(r.anticipate(2800.0), None, "21 min apart is not recurring");
+    }
+}

@@ -1,0 +1,540 @@
+//! The observer: the observe → decide → act loop that runs beside the reconcile pipeline.
+//!
+//! - observe: every poll interval, one management API request per broker vhost reads the figures of all the
+//!   services' queues on it ([`Observer::poll_once`]);
+//! - decide: each service's figures go through its [`Autoscaler`] ([`Observer::record`]);
+//! - act: a service whose decision, figures or metrics availability changed, or whose queue went missing, gets
+//!   one reconcile triggered. The reconciler is the only writer: it reads the observer's [`ServiceView`], applies
+//!   the replicas through the same server-side apply as everything else, and reports the view in status.
+//!
+//! What a reconcile learns (the spec's policy, the broker, the Deployment) comes in through
+//! [`Observer::register`]; one-shot news (a scale change, a queue gone missing) stays in the view until the
+//! reconcile has published it ([`Observer::announced`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::FutureExt;
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::{ObjectRef, Store};
+use warren_autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleDecision};
+
+use crate::broker::{Broker, BrokerError, QueueFigures};
+use crate::crd::{RpcService, RpcServiceSpec};
+use crate::metrics::{DirectionLabel, Metrics};
+
+/// What a reconcile tells the observer about a service.
+pub struct Registration {
+    key: ObjectRef<RpcService>,
+    broker: Arc<Broker>,
+    queue: String,
+    enabled: bool,
+    policy: PolicySpec,
+    replicas: ReplicaCounts,
+    /// Worker pods that exist (the Deployment's status), for the scale subresource.
+    pods: i32,
+    /// Replicas of the existing Deployment, the starting point before the first decision.
+    deployed: Option<i32>,
+    seed_throughput: Option<f64>,
+}
+
+impl Registration {
+    pub fn new(
+        key: ObjectRef<RpcService>,
+        svc: &RpcService,
+        broker: Arc<Broker>,
+        current: Option<&Deployment>,
+    ) -> Self {
+        let status = current.and_then(|d| d.status.as_ref());
+        Self {
+            key,
+            broker,
+            queue: svc.queue_name(),
+            enabled: svc.spec.scaling.enabled,
+            policy: policy(&svc.spec),
+            // The policy counts what was asked for: pods being created count, or it would ask again.
+            replicas: ReplicaCounts {
+                current: current.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(0),
+                ready: status.and_then(|s| s.ready_replicas).unwrap_or(0),
+            },
+            pods: status.and_then(|s| s.replicas).unwrap_or(0),
+            deployed: current.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas),
+            seed_throughput: svc.status.as_ref().and_then(|s| s.per_replica_throughput),
+        }
+    }
+}
+
+/// The autoscaling policy a service asks for: its `scaling` section and its workers' prefetch.
+pub fn policy(spec: &RpcServiceSpec) -> PolicySpec {
+    let scaling = &spec.scaling;
+    PolicySpec {
+        min_replicas: scaling.min_replicas,
+        max_replicas: scaling.max_replicas,
+        target_queue_delay_seconds: scaling.target_queue_delay_seconds,
+        scale_down_delay_seconds: f64::from(scaling.scale_down_delay_seconds),
+        target_utilization: scaling.target_utilization,
+        per_replica_throughput_hint: scaling.per_replica_throughput_hint,
+        prefetch: u32::try_from(spec.worker.prefetch).unwrap_or(1),
+        ..PolicySpec::default()
+    }
+    .sanitized()
+}
+
+/// One-shot news for events, kept until the reconcile has published them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Announcements {
+    /// The observer found the queue missing on the broker; the reconcile declares it again.
+    pub queue_missing: bool,
+    /// A new scale decision, as the event's note.
+    pub scaled: Option<String>,
+}
+
+/// What the reconcile reads back: the replicas to apply and everything status shows.
+#[derive(Clone, Debug)]
+pub struct ServiceView {
+    pub desired_replicas: i32,
+    /// Whether the operator sizes the pool (`spec.scaling.enabled`).
+    pub enabled: bool,
+    /// Pods that exist and pods that are ready.
+    pub replicas: ReplicaCounts,
+    pub figures: Option<QueueFigures>,
+    pub arrival_rate: Option<f64>,
+    pub completion_rate: Option<f64>,
+    pub per_replica_throughput: Option<f64>,
+    pub decision: Option<ScaleDecision>,
+    /// Why there are no figures this round, if there are none.
+    pub metrics_unavailable: Option<String>,
+    pub last_scale: Option<(Timestamp, String)>,
+    pub announcements: Announcements,
+}
+
+struct ServiceState {
+    registration: Registration,
+    scaler: Autoscaler,
+    figures: Option<QueueFigures>,
+    decision: Option<ScaleDecision>,
+    /// Replicas the last reconcile applied.
+    applied: Option<i32>,
+    last_scale: Option<(Timestamp, String)>,
+    announcements: Announcements,
+    metrics_unavailable: Option<String>,
+}
+
+/// Every service the operator reconciles, with its autoscaler state.
+pub struct Observer {
+    services: Mutex<HashMap<ObjectRef<RpcService>, ServiceState>>,
+    /// The controller's cache: a service removed without its finalizer running (finalizer stripped by hand) is
+    /// forgotten when it leaves the cache.
+    cache: Store<RpcService>,
+    trigger: UnboundedSender<ObjectRef<RpcService>>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl Observer {
+    pub fn new(
+        cache: Store<RpcService>,
+        trigger: UnboundedSender<ObjectRef<RpcService>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { services: Mutex::default(), cache, trigger, metrics, started: Instant::now() }
+    }
+
+    /// Records what a reconcile learned and returns what it should apply and report.
+    pub fn register(&self, reg: Registration) -> ServiceView {
+        use std::collections::hash_map::Entry;
+        let mut services = self.services.lock().expect("observer lock");
+        let state = match services.entry(reg.key.clone()) {
+            Entry::Occupied(e) => {
+                let state = e.into_mut();
+                state.registration = reg;
+                state
+            }
+            Entry::Vacant(e) => e.insert(ServiceState::new(reg)),
+        };
+        let view = state.view();
+        self.metrics.services.set(services.len() as i64);
+        view
+    }
+
+    /// Records the replicas a reconcile applied, so the observer knows when a decision is new.
+    pub fn applied(&self, key: &ObjectRef<RpcService>, replicas: i32) {
+        if let Some(state) = self.services.lock().expect("observer lock").get_mut(key) {
+            state.applied = Some(replicas);
+        }
+    }
+
+    /// Clears the news a reconcile has published; newer news that came in meanwhile stays.
+    pub fn announced(&self, key: &ObjectRef<RpcService>, published: &Announcements) {
+        if let Some(state) = self.services.lock().expect("observer lock").get_mut(key) {
+            if published.queue_missing {
+                state.announcements.queue_missing = false;
+            }
+            if published.scaled.is_some() && state.announcements.scaled == published.scaled {
+                state.announcements.scaled = None;
+            }
+        }
+    }
+
+    pub fn forget(&self, key: &ObjectRef<RpcService>) {
+        let mut services = self.services.lock().expect("observer lock");
+        services.remove(key);
+        self.metrics.services.set(services.len() as i64);
+    }
+
+    /// Drops services the cache no longer holds, once the cache has synced.
+    fn forget_departed(&self) {
+        if !matches!(self.cache.wait_until_ready().now_or_never(), Some(Ok(()))) {
+            return;
+        }
+        let mut services = self.services.lock().expect("observer lock");
+        services.retain(|key, _| self.cache.get(key).is_some());
+        self.metrics.services.set(services.len() as i64);
+    }
+
+    /// One round: a request per broker (observe), then a decision per service and its triggers.
+    pub async fn poll_once(&self) {
+        self.forget_departed();
+        let brokers: Vec<Arc<Broker>> = {
+            let services = self.services.lock().expect("observer lock");
+            let mut seen: Vec<Arc<Broker>> = Vec::new();
+            for s in services.values() {
+                if !seen.iter().any(|b| Arc::ptr_eq(b, &s.registration.broker)) {
+                    seen.push(s.registration.broker.clone());
+                }
+            }
+            seen
+        };
+        for broker in brokers {
+            self.metrics.observer_polls.inc();
+            let figures = broker.queue_figures().await;
+            if figures.is_err() {
+                self.metrics.observer_failures.inc();
+            }
+            self.record(&broker, &figures, self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Decides for every service on `broker` from one poll's `figures` (taken at `now`, seconds on the
+    /// observer's clock) and triggers one reconcile of each service that has something new to apply or report.
+    pub fn record(&self, broker: &Arc<Broker>, figures: &Result<Vec<QueueFigures>, BrokerError>, now: f64) {
+        let by_name: HashMap<&str, &QueueFigures> = match figures {
+            Ok(list) => list.iter().map(|f| (f.name.as_str(), f)).collect(),
+            Err(_) => HashMap::new(),
+        };
+        let mut triggers = Vec::new();
+        {
+            let mut services = self.services.lock().expect("observer lock");
+            for (key, state) in services.iter_mut().filter(|(_, s)| Arc::ptr_eq(&s.registration.broker, broker)) {
+                let found = by_name.get(state.registration.queue.as_str()).map(|f| (*f).clone());
+                let unavailable = match (figures, &found) {
+                    (Err(e), _) => Some(format!("the management API did not answer: {e}")),
+                    (Ok(_), None) => Some(format!("queue {} is missing on the broker", state.registration.queue)),
+                    (Ok(_), Some(_)) => None,
+                };
+                // Re-declared by the reconcile this triggers.
+                let went_missing = figures.is_ok() && found.is_none() && !state.announcements.queue_missing;
+                if went_missing {
+                    state.announcements.queue_missing = true;
+                }
+                if state.observe(found, unavailable, now, &self.metrics) || went_missing {
+                    triggers.push(key.clone());
+                }
+            }
+        }
+        for key in triggers {
+            let _ = self.trigger.unbounded_send(key);
+        }
+    }
+
+    /// Polls every `interval` until the task is dropped.
+    pub async fn run(self: Arc<Self>, interval: std::time::Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.poll_once().await;
+        }
+    }
+}
+
+impl ServiceState {
+    fn new(registration: Registration) -> Self {
+        Self {
+            scaler: Autoscaler::new(registration.seed_throughput),
+            registration,
+            figures: None,
+            decision: None,
+            applied: None,
+            last_scale: None,
+            announcements: Announcements::default(),
+            metrics_unavailable: None,
+        }
+    }
+
+    /// Feeds one round's figures to the scaler; returns whether the service's reconcile should run.
+    fn observe(
+        &mut self,
+        found: Option<QueueFigures>,
+        unavailable: Option<String>,
+        now: f64,
+        metrics: &Metrics,
+    ) -> bool {
+        let sample = found.as_ref().map(|f| QueueSample {
+            at: now,
+            ready: f.ready,
+            unacked: f.unacked,
+            consumers: f.consumers,
+            published_total: f.published_total,
+            acked_total: f.acked_total,
+        });
+        let figures_changed = match (&self.figures, &found) {
+            (Some(a), Some(b)) => {
+                (a.ready, a.unacked, a.consumers) != (b.ready, b.unacked, b.consumers)
+                    || a.published_total != b.published_total
+            }
+            (None, Some(_)) => true,
+            // No figures this round: the availability change below says so, once.
+            (_, None) => false,
+        };
+        let availability_changed = self.metrics_unavailable.is_some() != unavailable.is_some();
+        self.metrics_unavailable = unavailable;
+        if found.is_some() {
+            self.figures = found;
+        }
+        let reg = &self.registration;
+        let observation = self.scaler.observe(sample, now);
+        let decision = self.scaler.decide(&observation, reg.replicas, &reg.policy, now);
+        let previous = self.applied.or(reg.deployed);
+        let changed = reg.enabled && previous != Some(decision.desired);
+        // Announce a decision once, not on every poll until the reconcile has applied it.
+        let new_decision = self.decision.as_ref().map(|d| d.desired) != Some(decision.desired);
+        if changed && new_decision {
+            let from = previous.unwrap_or(0);
+            let message = format!("{} → {} replicas: {}", from, decision.desired, decision.message);
+            self.announcements.scaled = Some(message);
+            self.last_scale = Some((Timestamp::now(), format!("{}: {}", decision.reason, decision.message)));
+            let direction = if decision.desired > from { "up" } else { "down" };
+            metrics.scale_events.get_or_create(&DirectionLabel { direction: direction.into() }).inc();
+        }
+        self.decision = Some(decision);
+        changed || figures_changed || availability_changed
+    }
+
+    /// What the reconcile applies and reports; reading it changes nothing.
+    fn view(&self) -> ServiceView {
+        let reg = &self.registration;
+        let policy = &reg.policy;
+        let desired = match (&self.decision, reg.deployed) {
+            (Some(d), _) => d.desired,
+            // Before the first observation: keep what runs, within bounds.
+            (None, Some(deployed)) => deployed.clamp(policy.min_replicas, policy.max_replicas),
+            (None, None) => policy.min_replicas,
+        };
+        // No rates until two polls span a window: empty in status, not a misleading 0.
+        let known = self.decision.as_ref().filter(|d| d.inputs.rates_known);
+        ServiceView {
+            desired_replicas: desired,
+            enabled: reg.enabled,
+            replicas: ReplicaCounts { current: reg.pods, ready: reg.replicas.ready },
+            figures: self.figures.clone(),
+            arrival_rate: known.map(|d| d.inputs.arrival_rate),
+            completion_rate: known.map(|d| d.inputs.completion_rate),
+            per_replica_throughput: self.scaler.measured_throughput(),
+            decision: self.decision.clone(),
+            metrics_unavailable: self.metrics_unavailable.clone(),
+            last_scale: self.last_scale.clone(),
+            announcements: self.announcements.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::channel::mpsc::{UnboundedReceiver, unbounded};
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use kube::runtime::reflector;
+
+    use super::*;
+    use crate::broker::{BrokerEndpoint, BrokerPool};
+    use crate::crd::RpcServiceSpec;
+
+    struct Fixture {
+        observer: Observer,
+        triggers: UnboundedReceiver<ObjectRef<RpcService>>,
+        broker: Arc<Broker>,
+        svc: RpcService,
+        key: ObjectRef<RpcService>,
+        _cache: reflector::store::Writer<RpcService>,
+    }
+
+    /// A service of 1..10 workers of 10 req/s each (T 2 s, u 0.8: 8 req/s per worker planned); no broker is
+    /// contacted, the figures are handed to [`Observer::record`].
+    fn fixture() -> Fixture {
+        let (cache, writer) = reflector::store();
+        let (trigger, triggers) = unbounded();
+        let observer = Observer::new(cache, trigger, Arc::new(Metrics::default()));
+        let endpoint = BrokerEndpoint {
+            amqp_uri: "amqp://u:p@rabbit/%2f".into(),
+            management_uri: "http://u:p@rabbit:15672".into(),
+        };
+        let broker = BrokerPool::default().get(&endpoint).unwrap();
+        let spec: RpcServiceSpec =
+            serde_yaml::from_str("{ scaling: { perReplicaThroughputHint: 10 }, worker: { prefetch: 4 } }").unwrap();
+        let mut svc = RpcService::new("calc", spec);
+        svc.metadata.namespace = Some("shop".into());
+        let key = ObjectRef::from_obj(&svc);
+        Fixture { observer, triggers, broker, svc, key, _cache: writer }
+    }
+
+    fn deployment(replicas: i32) -> Deployment {
+        Deployment {
+            spec: Some(DeploymentSpec { replicas: Some(replicas), ..Default::default() }),
+            status: Some(DeploymentStatus {
+                replicas: Some(replicas),
+                ready_replicas: Some(replicas),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn queue(ready: u64, published: u64) -> QueueFigures {
+        QueueFigures {
+            name: "shop.calc".into(),
+            ready,
+            unacked: 0,
+            consumers: 1,
+            published_total: published,
+            acked_total: 0,
+        }
+    }
+
+    impl Fixture {
+        /// What a reconcile does with the observer: register, apply the view's replicas, publish its news.
+        fn reconcile(&self, deployed: i32) -> ServiceView {
+            let current = deployment(deployed);
+            let view = self.observer.register(Registration::new(
+                self.key.clone(),
+                &self.svc,
+                self.broker.clone(),
+                Some(&current),
+            ));
+            self.observer.applied(&self.key, view.desired_replicas);
+            self.observer.announced(&self.key, &view.announcements);
+            view
+        }
+
+        fn poll(&self, figures: Result<Vec<QueueFigures>, BrokerError>, at: f64) {
+            self.observer.record(&self.broker, &figures, at);
+        }
+
+        /// The reconciles triggered since the last call.
+        fn triggered(&mut self) -> usize {
+            std::iter::from_fn(|| self.triggers.try_recv().ok()).inspect(|k| assert_eq!(*k, self.key)).count()
+        }
+    }
+
+    #[test]
+    fn the_policy_takes_the_spec_and_the_prefetch_and_shares_its_defaults() {
+        assert_eq!(policy(&RpcServiceSpec::default()), PolicySpec::default());
+        let mut spec = RpcServiceSpec::default();
+        spec.scaling.per_replica_throughput_hint = Some(3.0);
+        spec.scaling.scale_down_delay_seconds = 90;
+        spec.worker.prefetch = 16;
+        let p = policy(&spec);
+        assert_eq!((p.min_replicas, p.max_replicas, p.prefetch), (1, 10, 16));
+        assert_eq!((p.target_queue_delay_seconds, p.scale_down_delay_seconds, p.target_utilization), (2.0, 90.0, 0.8));
+        assert_eq!(p.per_replica_throughput_hint, Some(3.0));
+    }
+
+    #[test]
+    fn a_new_decision_triggers_exactly_one_reconcile() {
+        let mut f = fixture();
+        let view = f.reconcile(1);
+        assert_eq!(view.desired_replicas, 1);
+        f.poll(Ok(vec![queue(0, 0)]), 0.0);
+        assert_eq!(f.triggered(), 1, "the first figures are news for status");
+        f.reconcile(1);
+        f.poll(Ok(vec![queue(0, 0)]), 5.0);
+        assert_eq!(f.triggered(), 0, "nothing changed");
+
+        // 160 waiting: (160 / 2 s) / 8 req/s per worker = 10 workers.
+        f.poll(Ok(vec![queue(160, 160)]), 10.0);
+        assert_eq!(f.triggered(), 1, "one reconcile for the new decision and the new figures");
+        let view = f.reconcile(1);
+        assert_eq!(view.desired_replicas, 10);
+        assert!(view.announcements.scaled.as_deref().is_some_and(|s| s.starts_with("1 → 10 replicas")), "{view:?}");
+        f.poll(Ok(vec![queue(160, 160)]), 15.0);
+        assert_eq!(f.triggered(), 0, "the decision is applied and the figures did not move");
+        assert_eq!(f.reconcile(10).announcements, Announcements::default(), "the Scaled event was published once");
+    }
+
+    #[test]
+    fn the_view_changes_nothing_and_news_waits_until_published() {
+        let f = fixture();
+        f.reconcile(1);
+        f.poll(Ok(vec![queue(160, 0)]), 0.0);
+        let registration = || Registration::new(f.key.clone(), &f.svc, f.broker.clone(), Some(&deployment(1)));
+        let first = f.observer.register(registration());
+        let again = f.observer.register(registration());
+        assert!(first.announcements.scaled.is_some());
+        assert_eq!(first.announcements, again.announcements, "reading the view keeps the news");
+        // A reconcile whose Deployment patch failed publishes nothing; the next one still has the news.
+        f.observer.announced(&f.key, &first.announcements);
+        assert_eq!(f.observer.register(registration()).announcements, Announcements::default());
+    }
+
+    #[test]
+    fn a_missing_queue_triggers_one_reconcile_and_stays_news_until_declared() {
+        let mut f = fixture();
+        f.reconcile(1);
+        f.poll(Ok(vec![queue(0, 0)]), 0.0);
+        f.reconcile(1);
+        f.triggered();
+
+        f.poll(Ok(vec![]), 5.0);
+        assert_eq!(f.triggered(), 1);
+        let registration = Registration::new(f.key.clone(), &f.svc, f.broker.clone(), Some(&deployment(1)));
+        let view = f.observer.register(registration);
+        assert!(view.announcements.queue_missing);
+        assert_eq!(view.metrics_unavailable.as_deref(), Some("queue shop.calc is missing on the broker"));
+        // That pass failed to declare it: it announced nothing, and the observer does not trigger again.
+        f.poll(Ok(vec![]), 10.0);
+        assert_eq!(f.triggered(), 0);
+        // The next pass declares it and announces it, once.
+        assert!(f.reconcile(1).announcements.queue_missing);
+        assert!(!f.reconcile(1).announcements.queue_missing);
+    }
+
+    #[test]
+    fn an_unanswered_poll_triggers_once_and_keeps_the_pool() {
+        let mut f = fixture();
+        f.reconcile(3);
+        f.poll(Ok(vec![queue(0, 0)]), 0.0);
+        f.reconcile(3);
+        f.triggered();
+        for at in [5.0, 10.0] {
+            f.poll(Err(BrokerError::ManagementUnavailable("connection refused".into())), at);
+        }
+        assert_eq!(f.triggered(), 1, "the availability changed once");
+        let view = f.reconcile(3);
+        assert_eq!(view.desired_replicas, 3);
+        assert!(view.metrics_unavailable.is_some_and(|m| m.contains("connection refused")));
+    }
+
+    #[test]
+    fn a_service_with_autoscaling_off_reports_but_never_scales() {
+        let mut f = fixture();
+        f.svc.spec.scaling.enabled = false;
+        f.reconcile(2);
+        f.poll(Ok(vec![queue(5000, 5000)]), 0.0);
+        assert_eq!(f.triggered(), 1, "new figures for status");
+        let view = f.reconcile(2);
+        assert!(!view.enabled);
+        assert_eq!(view.announcements.scaled, None);
+    }
+}
