@@ -24,12 +24,13 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::oneshot;
+use warren_client::endpoint::{BROKER_URI_ENV, LOCAL_BROKER_URI};
 
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 #[derive(Parser)]
 struct Cli {
-    #[arg(long, env = "WARREN_BROKER_URI", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(long, env = BROKER_URI_ENV, default_value = LOCAL_BROKER_URI)]
     broker_uri: String,
     #[command(subcommand)]
     mode: Mode,

@@ -1,4 +1,7 @@
-//! warren-client: the wire protocol types, the queue topology shared with the operator, and the caller library.
+//! warren-client: the wire protocol types, the caller library, and what the operator, the worker and the tests
+//! share besides: the queue topology ([`topology`]), the broker's URIs and the names that carry them
+//! ([`endpoint`]), the retry schedule ([`backoff`]) and, with the `management` feature, the management API client
+//! (`management`).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), warren_client::CallError> {
@@ -9,11 +12,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backoff;
 pub mod bench;
 pub mod bench_report;
 mod client;
+pub mod endpoint;
 pub mod envelope;
 mod error;
+#[cfg(feature = "management")]
+pub mod management;
 mod pending;
 pub mod protocol;
 pub mod topology;

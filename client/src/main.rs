@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use warren_client::bench::{self, BenchSpec};
+use warren_client::endpoint::{BROKER_URI_ENV, LOCAL_BROKER_URI};
 use warren_client::{CallError, Client, ErrorKind};
 
 /// Call warren RPC services over RabbitMQ.
@@ -13,7 +14,7 @@ use warren_client::{CallError, Client, ErrorKind};
 #[command(name = "warren", version, after_help = EXIT_CODES)]
 struct Cli {
     /// AMQP URI of the broker.
-    #[arg(long, env = "WARREN_BROKER_URI", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
+    #[arg(long, env = BROKER_URI_ENV, default_value = LOCAL_BROKER_URI, global = true)]
     broker_uri: String,
     #[command(subcommand)]
     command: Command,

@@ -7,8 +7,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 /// The suffix of a request queue's dead-letter queue.
 pub const DEAD_LETTER_SUFFIX: &str = ".dead";
 
-/// RabbitMQ queue type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// RabbitMQ queue type: the one mapping to `x-queue-type` (the CRD's `queue.type` and the worker's
+/// `--queue-type` both map here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum QueueKind {
     #[default]
     Quorum,
@@ -34,6 +35,23 @@ pub struct QueueOptions {
     pub max_length: Option<i64>,
     /// How long a request may wait, in milliseconds.
     pub message_ttl_ms: Option<i64>,
+}
+
+impl QueueOptions {
+    /// The options as a service states them (the CRD's `queue`, the worker's `--declare` flags): the TTL in seconds.
+    pub fn new(
+        kind: QueueKind,
+        delivery_limit: i64,
+        max_length: Option<i64>,
+        message_ttl_seconds: Option<i64>,
+    ) -> Self {
+        Self {
+            kind,
+            delivery_limit: Some(delivery_limit),
+            max_length,
+            message_ttl_ms: message_ttl_seconds.map(|s| s.saturating_mul(1000)),
+        }
+    }
 }
 
 impl Default for QueueOptions {
@@ -147,6 +165,13 @@ mod tests {
         assert!(args.contains(&("x-max-length", ArgValue::Int(10))));
         assert!(args.contains(&("x-overflow", ArgValue::Str("reject-publish".into()))));
         assert!(args.contains(&("x-message-ttl", ArgValue::Int(30_000))));
+    }
+
+    #[test]
+    fn options_take_the_ttl_in_seconds() {
+        let options = QueueOptions::new(QueueKind::Classic, 3, Some(10), Some(30));
+        assert_eq!(options.message_ttl_ms, Some(30_000));
+        assert_eq!(QueueOptions::new(QueueKind::Quorum, 5, None, None), QueueOptions::default());
     }
 
     #[test]

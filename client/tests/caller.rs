@@ -12,12 +12,14 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, Basi
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
+use warren_client::endpoint::BrokerEndpoint;
 use warren_client::envelope;
+use warren_client::management::Management;
 use warren_client::protocol::{DIRECT_REPLY_TO, ErrorBody, ErrorCode, HEADER_STATUS};
 use warren_client::{CallError, CallOptions, Client, TraceContext};
 
 fn broker_uri() -> String {
-    std::env::var("WARREN_BROKER_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    BrokerEndpoint::from_env().amqp_uri
 }
 
 fn unique_queue(what: &str) -> String {
@@ -297,52 +299,20 @@ async fn connecting_to_a_closed_port_fails_with_connection() {
     assert!(matches!(error, CallError::Connection(_)), "{error:?}");
 }
 
-/// The management API, for forcing a connection closed.
-struct Management {
-    http: reqwest::Client,
-    base: reqwest::Url,
-    user: String,
-    password: String,
-}
-
-impl Management {
-    fn new() -> Self {
-        let uri =
-            std::env::var("WARREN_MANAGEMENT_URI").unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into());
-        let mut base = reqwest::Url::parse(&uri).unwrap();
-        let user = base.username().to_owned();
-        let password = base.password().unwrap_or_default().to_owned();
-        base.set_username("").unwrap();
-        base.set_password(None).unwrap();
-        Self { http: reqwest::Client::new(), base, user, password }
-    }
-
-    /// Closes the connection with this client-given name, waiting for the broker to list it first.
-    async fn close_connection(&self, connection_name: &str) {
-        let url = self.base.join("api/connections?columns=name,client_properties.connection_name").unwrap();
-        for _ in 0..200 {
-            let connections: Vec<Value> = self
-                .http
-                .get(url.clone())
-                .basic_auth(&self.user, Some(&self.password))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let ours = connections.iter().find(|c| c["client_properties"]["connection_name"] == connection_name);
-            if let Some(name) = ours.and_then(|c| c["name"].as_str()) {
-                let mut url = self.base.join("api/connections/").unwrap();
-                url.path_segments_mut().unwrap().pop_if_empty().push(name);
-                let response = self.http.delete(url).basic_auth(&self.user, Some(&self.password)).send().await.unwrap();
-                assert!(response.status().is_success(), "closing {name}: {}", response.status());
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Closes the connection with this client-given name through the management API, waiting for the broker to list
+/// it first.
+async fn close_connection(connection_name: &str) {
+    let management = Management::new(&BrokerEndpoint::from_env().management_uri).unwrap();
+    for _ in 0..200 {
+        let connections = management.connections().await.unwrap();
+        let ours = connections.iter().find(|c| c["client_properties"]["connection_name"] == connection_name);
+        if let Some(name) = ours.and_then(|c| c["name"].as_str()) {
+            management.close_connection(name).await.unwrap_or_else(|e| panic!("closing {name}: {e}"));
+            return;
         }
-        panic!("the broker never listed connection {connection_name:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    panic!("the broker never listed connection {connection_name:?}");
 }
 
 #[tokio::test]
@@ -358,7 +328,7 @@ async fn a_lost_connection_fails_waiting_calls_and_the_next_call_reconnects() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let first_connection = client.connection_name();
-    Management::new().close_connection(&first_connection).await;
+    close_connection(&first_connection).await;
 
     // A hang guard only: the call must end long before its own 600 s timeout.
     let result = tokio::time::timeout(Duration::from_secs(60), waiting).await.expect("the call did not hang").unwrap();

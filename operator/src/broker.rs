@@ -3,7 +3,6 @@
 //! figures for all services of a vhost in one request.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,14 +10,15 @@ use std::time::{Duration, Instant};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
-use serde::Deserialize;
+pub use warren_client::endpoint::{BrokerEndpoint, redact};
+pub use warren_client::management::QueueFigures;
+use warren_client::management::{Management, ManagementError};
 use warren_client::topology::{self, QueueOptions};
 
 /// How long a failed connection attempt is remembered before the next one: a thousand reconciles during an
 /// outage make one connection attempt per window, not a thousand.
 const RECONNECT_COOLDOWN: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const MANAGEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -32,6 +32,16 @@ pub enum BrokerError {
     Refused(String),
     #[error("management API unavailable: {0}")]
     ManagementUnavailable(String),
+}
+
+impl From<ManagementError> for BrokerError {
+    fn from(e: ManagementError) -> Self {
+        match e {
+            ManagementError::InvalidUri(reason) => Self::InvalidUri(format!("managementUri: {reason}")),
+            ManagementError::Unavailable(reason) => Self::ManagementUnavailable(reason),
+            ManagementError::Refused(reason) => Self::Refused(reason),
+        }
+    }
 }
 
 impl BrokerError {
@@ -51,30 +61,6 @@ impl BrokerError {
             Self::InvalidUri(_) | Self::QueueConflict { .. } | Self::Refused(_) => true,
             Self::Unavailable(_) | Self::ManagementUnavailable(_) => false,
         }
-    }
-}
-
-/// Where a broker is, as read from an RpcService's Secret. `Debug` never prints credentials.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct BrokerEndpoint {
-    pub amqp_uri: String,
-    pub management_uri: String,
-}
-
-impl fmt::Debug for BrokerEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BrokerEndpoint")
-            .field("amqp", &redact(&self.amqp_uri))
-            .field("management", &redact(&self.management_uri))
-            .finish()
-    }
-}
-
-/// A URI with its userinfo removed, for logs and status.
-pub fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}***@{}", &uri[..scheme_end + 3], &uri[at + 1..]),
-        _ => uri.to_owned(),
     }
 }
 
@@ -167,7 +153,7 @@ impl Broker {
 
     /// Every queue of this broker's vhost, with the figures the autoscaler needs, in one request.
     pub async fn queue_figures(&self) -> Result<Vec<QueueFigures>, BrokerError> {
-        self.management.queues(&self.vhost).await
+        Ok(self.management.queue_figures(&self.vhost).await?)
     }
 }
 
@@ -203,126 +189,6 @@ pub fn conflicting_argument(message: &str) -> Option<String> {
     Some(rest[..rest.find('\'')?].to_owned())
 }
 
-/// A queue's figures from the management API. Counters are cumulative; rates come from their deltas.
-#[derive(Clone, Debug, PartialEq, Default)]
-pub struct QueueFigures {
-    pub name: String,
-    pub ready: u64,
-    pub unacked: u64,
-    pub consumers: u64,
-    pub published_total: u64,
-    pub acked_total: u64,
-}
-
-#[derive(Deserialize)]
-struct QueueRow {
-    name: String,
-    #[serde(default)]
-    messages_ready: u64,
-    #[serde(default)]
-    messages_unacknowledged: u64,
-    #[serde(default)]
-    consumers: u64,
-    #[serde(default)]
-    message_stats: Option<MessageStats>,
-}
-
-#[derive(Deserialize, Default)]
-struct MessageStats {
-    #[serde(default)]
-    publish: u64,
-    #[serde(default)]
-    ack: u64,
-}
-
-/// The RabbitMQ management HTTP API, with the credentials from the management URI.
-struct Management {
-    http: reqwest::Client,
-    base: reqwest::Url,
-    user: String,
-    password: Option<String>,
-}
-
-impl Management {
-    fn new(uri: &str) -> Result<Self, BrokerError> {
-        let mut base = reqwest::Url::parse(uri).map_err(|e| BrokerError::InvalidUri(format!("managementUri: {e}")))?;
-        if !matches!(base.scheme(), "http" | "https") {
-            return Err(BrokerError::InvalidUri("managementUri: scheme must be http or https".into()));
-        }
-        let user = percent_decode(base.username());
-        let password = base.password().map(percent_decode);
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
-        if !base.path().ends_with('/') {
-            let path = format!("{}/", base.path());
-            base.set_path(&path);
-        }
-        let http = reqwest::Client::builder()
-            .timeout(MANAGEMENT_TIMEOUT)
-            .pool_max_idle_per_host(2)
-            .build()
-            .map_err(|e| BrokerError::ManagementUnavailable(e.to_string()))?;
-        Ok(Self { http, base, user, password })
-    }
-
-    fn url(&self, segments: &[&str]) -> reqwest::Url {
-        let mut url = self.base.clone();
-        url.path_segments_mut().expect("http URL has a path").pop_if_empty().push("api").extend(segments);
-        url
-    }
-
-    async fn queues(&self, vhost: &str) -> Result<Vec<QueueFigures>, BrokerError> {
-        let mut url = self.url(&["queues", vhost]);
-        url.query_pairs_mut().append_pair(
-            "columns",
-            "name,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.ack",
-        );
-        let rows: Vec<QueueRow> = self
-            .http
-            .get(url)
-            .basic_auth(&self.user, self.password.as_ref())
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| BrokerError::ManagementUnavailable(e.without_url().to_string()))?
-            .json()
-            .await
-            .map_err(|e| BrokerError::ManagementUnavailable(e.without_url().to_string()))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let stats = r.message_stats.unwrap_or_default();
-                QueueFigures {
-                    name: r.name,
-                    ready: r.messages_ready,
-                    unacked: r.messages_unacknowledged,
-                    consumers: r.consumers,
-                    published_total: stats.publish,
-                    acked_total: stats.ack,
-                }
-            })
-            .collect())
-    }
-
-    async fn delete_queue(&self, vhost: &str, queue: &str) -> Result<(), BrokerError> {
-        let response = self
-            .http
-            .delete(self.url(&["queues", vhost, queue]))
-            .basic_auth(&self.user, self.password.as_ref())
-            .send()
-            .await
-            .map_err(|e| BrokerError::ManagementUnavailable(e.without_url().to_string()))?;
-        match response.status() {
-            s if s.is_success() || s == reqwest::StatusCode::NOT_FOUND => Ok(()),
-            s => Err(BrokerError::Refused(format!("deleting queue {queue}: HTTP {s}"))),
-        }
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
-}
-
 /// The brokers in use, one [`Broker`] per endpoint, shared by every reconcile.
 #[derive(Default)]
 pub struct BrokerPool {
@@ -356,22 +222,5 @@ mod tests {
                    received the value '10' of type 'signedint' but current is none";
         assert_eq!(conflicting_argument(msg).as_deref(), Some("x-max-length"));
         assert_eq!(conflicting_argument("PRECONDITION_FAILED - something else"), None);
-    }
-
-    #[test]
-    fn redact_hides_credentials() {
-        assert_eq!(redact("amqp://user:secret@rabbit:5672/%2f"), "amqp://***@rabbit:5672/%2f");
-        assert_eq!(redact("http://rabbit:15672"), "http://rabbit:15672");
-        let e = BrokerEndpoint { amqp_uri: "amqp://u:p@h/".into(), management_uri: "http://u:p@h:15672".into() };
-        assert!(!format!("{e:?}").contains(":p@"));
-    }
-
-    #[test]
-    fn management_url_encodes_the_vhost() {
-        let m = Management::new("http://guest:gu%40st@127.0.0.1:15672").unwrap();
-        assert_eq!(m.password.as_deref(), Some("gu@st"));
-        assert_eq!(m.url(&["queues", "/"]).as_str(), "http://127.0.0.1:15672/api/queues/%2F");
-        let m = Management::new("https://u:p@rabbit.example/mgmt").unwrap();
-        assert_eq!(m.url(&["queues", "prod", "a.b"]).as_str(), "https://rabbit.example/mgmt/api/queues/prod/a.b");
     }
 }

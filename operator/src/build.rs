@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use warren_client::topology::{QueueKind, QueueOptions};
+use warren_client::endpoint::{BROKER_URI_ENV, SECRET_URI_KEY};
+use warren_client::topology::QueueOptions;
 
-use crate::crd::{QueueType, RpcService};
+use crate::crd::RpcService;
 
 /// The port of the worker's `/metrics`, `/healthz` and `/readyz`.
 pub const WORKER_METRICS_PORT: i32 = 9090;
@@ -38,15 +39,7 @@ pub struct BuildInputs {
 /// The request queue's declaration options from the spec.
 pub fn queue_options(svc: &RpcService) -> QueueOptions {
     let q = &svc.spec.queue;
-    QueueOptions {
-        kind: match q.queue_type {
-            QueueType::Quorum => QueueKind::Quorum,
-            QueueType::Classic => QueueKind::Classic,
-        },
-        delivery_limit: Some(i64::from(q.delivery_limit)),
-        max_length: q.max_length,
-        message_ttl_ms: q.message_ttl_seconds.map(|s| s.saturating_mul(1000)),
-    }
+    QueueOptions::new(q.queue_type.into(), i64::from(q.delivery_limit), q.max_length, q.message_ttl_seconds)
 }
 
 /// The labels that select a service's worker pods.
@@ -104,11 +97,11 @@ fn worker_container(svc: &RpcService, inputs: &BuildInputs) -> Container {
         args.extend(["--default-method".to_owned(), method]);
     }
     let mut env = vec![EnvVar {
-        name: "WARREN_BROKER_URI".to_owned(),
+        name: BROKER_URI_ENV.to_owned(),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: inputs.broker_secret.clone(),
-                key: "uri".to_owned(),
+                key: SECRET_URI_KEY.to_owned(),
                 optional: Some(false),
             }),
             ..Default::default()
@@ -204,6 +197,7 @@ pub fn deployment(svc: &RpcService, inputs: &BuildInputs) -> Deployment {
 mod tests {
     use super::*;
     use crate::crd::RpcServiceSpec;
+    use warren_client::topology::QueueKind;
 
     fn fixture(yaml: &str) -> RpcService {
         let spec: RpcServiceSpec = serde_yaml::from_str(yaml).expect("fixture parses");

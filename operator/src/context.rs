@@ -7,6 +7,7 @@ use std::time::Duration;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use warren_client::backoff::Backoff;
 
 use crate::broker::BrokerPool;
 use crate::crd::RpcService;
@@ -75,12 +76,14 @@ impl Context {
     }
 }
 
-/// Backoff for the `n`th consecutive transient failure: 1 s, 2 s, 4 s ... capped at a minute, with jitter so
-/// many objects failing together (a broker outage) do not retry in lockstep.
+/// The requeue schedule: 1 s, 2 s, 4 s ... capped at a minute.
+const REQUEUE: Backoff = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(60) };
+
+/// The requeue delay after the `n`th consecutive transient failure, within ±10 % of [`REQUEUE`]'s ceiling: enough
+/// that many objects failing together (a broker outage) do not retry in lockstep, close enough to stay predictable.
 pub fn backoff(n: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << n.saturating_sub(1).min(6)).min(Duration::from_secs(60));
     let jitter = rand::random::<f64>() * 0.2 + 0.9;
-    base.mul_f64(jitter)
+    REQUEUE.ceiling(n.saturating_sub(1)).mul_f64(jitter)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use warren_client::topology::QueueKind;
 
 /// An RPC service: a RabbitMQ request queue (with its dead-letter queue) and a pool of workers that consume it,
 /// run the handler and reply to each caller. The operator sizes the pool from the queue's backlog, arrival rate
@@ -153,6 +154,15 @@ pub enum QueueType {
     Quorum,
     /// A classic durable queue (no delivery limit).
     Classic,
+}
+
+impl From<QueueType> for QueueKind {
+    fn from(t: QueueType) -> Self {
+        match t {
+            QueueType::Quorum => QueueKind::Quorum,
+            QueueType::Classic => QueueKind::Classic,
+        }
+    }
 }
 
 /// What deleting the RpcService does to its queues.

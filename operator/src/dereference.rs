@@ -6,6 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
+use warren_client::endpoint::{SECRET_MANAGEMENT_URI_KEY, SECRET_URI_KEY};
 
 use crate::broker::{Broker, BrokerEndpoint, BrokerError};
 use crate::context::Context;
@@ -89,7 +90,7 @@ fn endpoint(secret: &Secret) -> Result<BrokerEndpoint, String> {
         let value = value.ok_or_else(|| format!("key {k} is missing"))?;
         String::from_utf8(value).map(|s| s.trim().to_owned()).map_err(|_| format!("key {k} is not UTF-8"))
     };
-    Ok(BrokerEndpoint { amqp_uri: key("uri")?, management_uri: key("managementUri")? })
+    Ok(BrokerEndpoint { amqp_uri: key(SECRET_URI_KEY)?, management_uri: key(SECRET_MANAGEMENT_URI_KEY)? })
 }
 
 #[cfg(test)]

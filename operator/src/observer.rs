@@ -413,16 +413,26 @@ mod tests {
         }
     }
 
+    /// A fixture whose service has been reconciled with `replicas`, polled once idle and reconciled again.
+    fn settled(replicas: i32) -> Fixture {
+        let mut f = fixture();
+        f.reconcile(replicas);
+        f.poll(Ok(vec![queue(0, 0)]), 0.0);
+        f.reconcile(replicas);
+        f.triggered();
+        f
+    }
+
     impl Fixture {
+        /// A pass that stops before publishing (its Deployment patch or its declaration failed): it reads the view.
+        fn failed_pass(&self, deployed: i32) -> ServiceView {
+            let current = deployment(deployed);
+            self.observer.register(Registration::new(self.key.clone(), &self.svc, self.broker.clone(), Some(&current)))
+        }
+
         /// What a reconcile does with the observer: register, apply the view's replicas, publish its news.
         fn reconcile(&self, deployed: i32) -> ServiceView {
-            let current = deployment(deployed);
-            let view = self.observer.register(Registration::new(
-                self.key.clone(),
-                &self.svc,
-                self.broker.clone(),
-                Some(&current),
-            ));
+            let view = self.failed_pass(deployed);
             self.observer.applied(&self.key, view.desired_replicas);
             self.observer.announced(&self.key, &view.announcements);
             view
@@ -478,28 +488,19 @@ mod tests {
         let f = fixture();
         f.reconcile(1);
         f.poll(Ok(vec![queue(160, 0)]), 0.0);
-        let registration = || Registration::new(f.key.clone(), &f.svc, f.broker.clone(), Some(&deployment(1)));
-        let first = f.observer.register(registration());
-        let again = f.observer.register(registration());
+        let first = f.failed_pass(1);
         assert!(first.announcements.scaled.is_some());
-        assert_eq!(first.announcements, again.announcements, "reading the view keeps the news");
-        // A reconcile whose Deployment patch failed publishes nothing; the next one still has the news.
-        f.observer.announced(&f.key, &first.announcements);
-        assert_eq!(f.observer.register(registration()).announcements, Announcements::default());
+        assert_eq!(f.failed_pass(1).announcements, first.announcements, "reading the view keeps the news");
+        assert!(f.reconcile(1).announcements.scaled.is_some(), "a pass that gets through publishes it");
+        assert_eq!(f.failed_pass(1).announcements, Announcements::default(), "once");
     }
 
     #[test]
     fn a_missing_queue_triggers_one_reconcile_and_stays_news_until_declared() {
-        let mut f = fixture();
-        f.reconcile(1);
-        f.poll(Ok(vec![queue(0, 0)]), 0.0);
-        f.reconcile(1);
-        f.triggered();
-
+        let mut f = settled(1);
         f.poll(Ok(vec![]), 5.0);
         assert_eq!(f.triggered(), 1);
-        let registration = Registration::new(f.key.clone(), &f.svc, f.broker.clone(), Some(&deployment(1)));
-        let view = f.observer.register(registration);
+        let view = f.failed_pass(1);
         assert!(view.announcements.queue_missing);
         assert_eq!(view.metrics_unavailable.as_deref(), Some("queue shop.calc is missing on the broker"));
         // That pass failed to declare it: it announced nothing, and the observer does not trigger again.
@@ -512,11 +513,7 @@ mod tests {
 
     #[test]
     fn an_unanswered_poll_triggers_once_and_keeps_the_pool() {
-        let mut f = fixture();
-        f.reconcile(3);
-        f.poll(Ok(vec![queue(0, 0)]), 0.0);
-        f.reconcile(3);
-        f.triggered();
+        let mut f = settled(3);
         for at in [5.0, 10.0] {
             f.poll(Err(BrokerError::ManagementUnavailable("connection refused".into())), at);
         }

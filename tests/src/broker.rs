@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 use tokio::sync::RwLock;
+use warren_client::management::Management;
 
 fn disruption_lock() -> &'static RwLock<()> {
     static LOCK: OnceLock<RwLock<()>> = OnceLock::new();
@@ -24,39 +25,25 @@ pub async fn disruption() -> tokio::sync::RwLockWriteGuard<'static, ()> {
     disruption_lock().write().await
 }
 
-fn management() -> (reqwest::Client, reqwest::Url) {
-    let url = reqwest::Url::parse(&crate::management_uri()).expect("WARREN_MANAGEMENT_URI is a URL");
-    (reqwest::Client::new(), url)
-}
-
-fn api_url(segments: &[&str]) -> (reqwest::Client, reqwest::Url, String, Option<String>) {
-    let (http, mut url) = management();
-    let user = url.username().to_owned();
-    let password = url.password().map(str::to_owned);
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.path_segments_mut().expect("http URL").pop_if_empty().push("api").extend(segments);
-    (http, url, user, password)
+/// The test broker's management API (`WARREN_MANAGEMENT_URI`).
+pub fn management() -> Management {
+    Management::new(&crate::management_uri()).expect("WARREN_MANAGEMENT_URI is an http(s) URL")
 }
 
 /// The queue as the management API shows it, or `None` when it does not exist.
 pub async fn queue(vhost: &str, name: &str) -> anyhow::Result<Option<Value>> {
-    let (http, url, user, password) = api_url(&["queues", vhost, name]);
-    let response = http.get(url).basic_auth(user, password).send().await.context("management API")?;
-    if response.status() == reqwest::StatusCode::NOT_FOUND {
-        return Ok(None);
-    }
-    Ok(Some(response.error_for_status()?.json().await?))
+    Ok(management().queue(vhost, name).await?)
 }
 
 /// Deletes a queue through the management API (a missing one is fine).
 pub async fn delete_queue(vhost: &str, name: &str) -> anyhow::Result<()> {
-    let (http, url, user, password) = api_url(&["queues", vhost, name]);
-    let response = http.delete(url).basic_auth(user, password).send().await?;
-    if !(response.status().is_success() || response.status() == reqwest::StatusCode::NOT_FOUND) {
-        bail!("deleting queue {name}: HTTP {}", response.status());
-    }
-    Ok(())
+    Ok(management().delete_queue(vhost, name).await?)
+}
+
+/// Deletes a service's request queue and its dead-letter queue, what a test leaves on the broker.
+pub async fn delete_service_queues(queue: &str) -> anyhow::Result<()> {
+    delete_queue("/", queue).await?;
+    delete_queue("/", &format!("{queue}.dead")).await
 }
 
 fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
@@ -92,12 +79,10 @@ impl Drop for RestartOnDrop {
 /// Waits until the management API answers again after a restart.
 pub async fn wait_until_up(timeout: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let management = management();
     loop {
-        let (http, url, user, password) = api_url(&["overview"]);
-        if let Ok(r) = http.get(url).basic_auth(user, password).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
+        if management.overview().await.is_ok() {
+            return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
             bail!("the management API did not come back within {timeout:?}");

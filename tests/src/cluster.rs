@@ -16,6 +16,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{Condition, await_condition, conditions};
 use kube::{Client, Config, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+use warren_client::endpoint::{SECRET_MANAGEMENT_URI_KEY, SECRET_URI_KEY};
 use warren_operator::RpcService;
 
 /// The field manager the tests write with.
@@ -178,8 +179,11 @@ impl TestNamespace {
         let secret = Secret {
             metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
             string_data: Some(
-                [("uri".to_string(), crate::broker_uri()), ("managementUri".to_string(), crate::management_uri())]
-                    .into(),
+                [
+                    (SECRET_URI_KEY.to_string(), crate::broker_uri()),
+                    (SECRET_MANAGEMENT_URI_KEY.to_string(), crate::management_uri()),
+                ]
+                .into(),
             ),
             ..Secret::default()
         };

@@ -9,14 +9,16 @@ pub mod worker_process;
 
 use std::path::PathBuf;
 
+use warren_client::endpoint::BrokerEndpoint;
+
 /// AMQP URI of the test broker (`WARREN_BROKER_URI`).
 pub fn broker_uri() -> String {
-    std::env::var("WARREN_BROKER_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    BrokerEndpoint::from_env().amqp_uri
 }
 
 /// Management API URI of the test broker (`WARREN_MANAGEMENT_URI`).
 pub fn management_uri() -> String {
-    std::env::var("WARREN_MANAGEMENT_URI").unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into())
+    BrokerEndpoint::from_env().management_uri
 }
 
 /// A name no other test (or earlier run) uses: `<prefix>-<8 hex>`.

@@ -220,7 +220,7 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
         .args(["bench", queue, "sleep", &format!("{{\"ms\":{SLEEP_MS}}}")])
         .args(["--concurrency", &CONCURRENCY.to_string(), "--rate", &RATE.to_string()])
         .args(["--duration", &format!("{}ms", load_duration().as_millis()), "--timeout", CALL_TIMEOUT, "--json"])
-        .env("WARREN_BROKER_URI", warren_tests::broker_uri())
+        .env(warren_client::endpoint::BROKER_URI_ENV, warren_tests::broker_uri())
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(load_duration() + Duration::from_secs(120), bench)

@@ -2,7 +2,8 @@
 
 use std::net::SocketAddr;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use warren_client::endpoint::BROKER_URI_ENV;
 use warren_client::topology::{QueueKind, QueueOptions};
 
 use crate::builtin;
@@ -36,8 +37,8 @@ pub struct Args {
     pub declare: bool,
 
     /// Queue type used by --declare.
-    #[arg(long, value_enum, default_value_t = QueueType::Quorum)]
-    pub queue_type: QueueType,
+    #[arg(long, value_enum, default_value_t = QueueKind::Quorum)]
+    pub queue_type: QueueKind,
 
     /// Deliveries before a request is dead-lettered (quorum queues; used by --declare).
     #[arg(long, default_value_t = 5)]
@@ -52,7 +53,7 @@ pub struct Args {
     pub message_ttl_seconds: Option<i64>,
 
     /// AMQP URI of the broker.
-    #[arg(long, env = "WARREN_BROKER_URI")]
+    #[arg(long, env = BROKER_URI_ENV)]
     pub broker_uri: String,
 
     /// Address of the /metrics, /healthz and /readyz endpoints.
@@ -62,12 +63,6 @@ pub struct Args {
     /// FOR TESTS ONLY: serve a `crash` method that aborts the process (to test poison-message dead-lettering).
     #[arg(long, env = "WARREN_ENABLE_CRASH_METHOD", hide = true)]
     pub enable_crash_method: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum QueueType {
-    Quorum,
-    Classic,
 }
 
 impl Args {
@@ -83,15 +78,8 @@ impl Args {
 
     /// The queue arguments `--declare` uses, or `None` without it.
     pub fn queue_options(&self) -> Option<QueueOptions> {
-        self.declare.then(|| QueueOptions {
-            kind: match self.queue_type {
-                QueueType::Quorum => QueueKind::Quorum,
-                QueueType::Classic => QueueKind::Classic,
-            },
-            delivery_limit: Some(self.delivery_limit),
-            max_length: self.max_length,
-            message_ttl_ms: self.message_ttl_seconds.map(|s| s.saturating_mul(1000)),
-        })
+        self.declare
+            .then(|| QueueOptions::new(self.queue_type, self.delivery_limit, self.max_length, self.message_ttl_seconds))
     }
 
     /// A worker configured from the arguments, with `handlers`.

@@ -1,0 +1,191 @@
+//! The RabbitMQ management HTTP API, as the operator and the tests use it: queue figures for a whole vhost in one
+//! request, a queue as the API shows it, deleting queues, closing connections. The credentials come from the
+//! management URI (`http://user:password@host:15672`), percent-decoded, and are sent as basic auth.
+//!
+//! Behind the `management` feature: a caller or a worker does not need it.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// No request waits longer than this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ManagementError {
+    #[error("invalid management URI: {0}")]
+    InvalidUri(String),
+    #[error("management API unavailable: {0}")]
+    Unavailable(String),
+    #[error("management API refused: {0}")]
+    Refused(String),
+}
+
+/// A queue's figures. Counters are cumulative; rates come from their deltas.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct QueueFigures {
+    pub name: String,
+    pub ready: u64,
+    pub unacked: u64,
+    pub consumers: u64,
+    pub published_total: u64,
+    pub acked_total: u64,
+}
+
+#[derive(Deserialize)]
+struct QueueRow {
+    name: String,
+    #[serde(default)]
+    messages_ready: u64,
+    #[serde(default)]
+    messages_unacknowledged: u64,
+    #[serde(default)]
+    consumers: u64,
+    #[serde(default)]
+    message_stats: Option<MessageStats>,
+}
+
+#[derive(Deserialize, Default)]
+struct MessageStats {
+    #[serde(default)]
+    publish: u64,
+    #[serde(default)]
+    ack: u64,
+}
+
+/// A client of one broker's management API; cheap to clone, one connection pool.
+#[derive(Clone)]
+pub struct Management {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    user: String,
+    password: Option<String>,
+}
+
+impl Management {
+    pub fn new(uri: &str) -> Result<Self, ManagementError> {
+        let mut base = reqwest::Url::parse(uri).map_err(|e| ManagementError::InvalidUri(e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(ManagementError::InvalidUri("scheme must be http or https".into()));
+        }
+        let user = percent_decode(base.username());
+        let password = base.password().map(percent_decode);
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .pool_max_idle_per_host(2)
+            .build()
+            .map_err(|e| ManagementError::Unavailable(e.to_string()))?;
+        Ok(Self { http, base, user, password })
+    }
+
+    /// `<base>/api/<segments...>`, each segment percent-encoded (a vhost `/` is `%2F`).
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut().expect("http URL has a path").pop_if_empty().push("api").extend(segments);
+        url
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ManagementError> {
+        request
+            .basic_auth(&self.user, self.password.as_ref())
+            .send()
+            .await
+            .map_err(|e| ManagementError::Unavailable(e.without_url().to_string()))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, url: reqwest::Url) -> Result<T, ManagementError> {
+        let unavailable = |e: reqwest::Error| ManagementError::Unavailable(e.without_url().to_string());
+        self.send(self.http.get(url)).await?.error_for_status().map_err(unavailable)?.json().await.map_err(unavailable)
+    }
+
+    /// Every queue of `vhost` with the figures the autoscaler needs, in one request.
+    pub async fn queue_figures(&self, vhost: &str) -> Result<Vec<QueueFigures>, ManagementError> {
+        let mut url = self.url(&["queues", vhost]);
+        url.query_pairs_mut().append_pair(
+            "columns",
+            "name,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.ack",
+        );
+        let rows: Vec<QueueRow> = self.get(url).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let stats = r.message_stats.unwrap_or_default();
+                QueueFigures {
+                    name: r.name,
+                    ready: r.messages_ready,
+                    unacked: r.messages_unacknowledged,
+                    consumers: r.consumers,
+                    published_total: stats.publish,
+                    acked_total: stats.ack,
+                }
+            })
+            .collect())
+    }
+
+    /// The queue as the management API shows it, or `None` when it does not exist.
+    pub async fn queue(&self, vhost: &str, name: &str) -> Result<Option<Value>, ManagementError> {
+        let response = self.send(self.http.get(self.url(&["queues", vhost, name]))).await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let unavailable = |e: reqwest::Error| ManagementError::Unavailable(e.without_url().to_string());
+        Ok(Some(response.error_for_status().map_err(unavailable)?.json().await.map_err(unavailable)?))
+    }
+
+    /// Deletes a queue; one that does not exist counts as deleted.
+    pub async fn delete_queue(&self, vhost: &str, name: &str) -> Result<(), ManagementError> {
+        self.delete(&["queues", vhost, name], &format!("deleting queue {name}")).await
+    }
+
+    /// The broker's overview: answers once the broker is up.
+    pub async fn overview(&self) -> Result<Value, ManagementError> {
+        self.get(self.url(&["overview"])).await
+    }
+
+    /// Every connection, with its broker-given `name` and the `client_properties` the client sent.
+    pub async fn connections(&self) -> Result<Vec<Value>, ManagementError> {
+        let mut url = self.url(&["connections"]);
+        url.query_pairs_mut().append_pair("columns", "name,client_properties.connection_name");
+        self.get(url).await
+    }
+
+    /// Closes the connection the broker calls `name` (one that is gone counts as closed).
+    pub async fn close_connection(&self, name: &str) -> Result<(), ManagementError> {
+        self.delete(&["connections", name], &format!("closing connection {name}")).await
+    }
+
+    async fn delete(&self, segments: &[&str], what: &str) -> Result<(), ManagementError> {
+        let response = self.send(self.http.delete(self.url(segments))).await?;
+        match response.status() {
+            s if s.is_success() || s == reqwest::StatusCode::NOT_FOUND => Ok(()),
+            s => Err(ManagementError::Refused(format!("{what}: HTTP {s}"))),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn management_url_encodes_the_vhost() {
+        let m = Management::new("http://guest:gu%40st@127.0.0.1:15672").unwrap();
+        assert_eq!(m.password.as_deref(), Some("gu@st"));
+        assert_eq!(m.url(&["queues", "/"]).as_str(), "http://127.0.0.1:15672/api/queues/%2F");
+        let m = Management::new("https://u:p@rabbit.example/mgmt").unwrap();
+        assert_eq!(m.url(&["queues", "prod", "a.b"]).as_str(), "https://rabbit.example/mgmt/api/queues/prod/a.b");
+        assert!(matches!(Management::new("amqp://h"), Err(ManagementError::InvalidUri(_))));
+    }
+}
