@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod bench_report;
+pub mod broker_uri;
 mod client;
 pub mod envelope;
 mod error;
@@ -18,6 +19,6 @@ mod pending;
 pub mod protocol;
 pub mod topology;
 
-pub use client::{CallOptions, Client, NOTIFY_TIMEOUT, RECONNECT_INTERVAL};
+pub use client::{CONNECT_TIMEOUT, CallOptions, Client, NOTIFY_TIMEOUT, RECONNECT_INTERVAL};
 pub use envelope::TraceContext;
 pub use error::{CallError, ErrorKind};
