@@ -238,6 +238,8 @@ impl Drop for WorkerProcess {
         }
         if std::thread::panicking() {
             eprintln!("--- warren-worker log ({}):\n{}", self.log_path.display(), self.log_tail());
+        } else if std::env::var_os("WARREN_KEEP_WORKER_LOGS").is_some() {
+            eprintln!("--- warren-worker log kept: {}", self.log_path.display());
         } else {
             let _ = std::fs::remove_file(&self.log_path);
         }

@@ -304,7 +304,7 @@ async fn a_reply_to_a_vanished_caller_does_not_disturb_the_worker() {
     let worker = WorkerCommand::new(&queue).arg("--declare").start().await.unwrap();
     let caller = RawCaller::new().await;
     for reply_to in
-        ["amq.rabbitmq.reply-to.g2dkABNyYWJiaXRAbG9jYWxob3N0AAAAAAAAAAAAAAAAAAAAAA==", "no-such-reply-queue"]
+        ["amq.rabbitmq.reply-to.g2dkABNyYWJiaXRAbG9jYWxob3N0AAAAAAAAAAAAAAAAAAAAAA==", "amq.gen-no-such-reply-queue"]
     {
         let properties = BasicProperties::default()
             .with_type("echo".into())
@@ -723,17 +723,24 @@ async fn the_http_handler_forwards_calls_and_maps_non_2xx_to_handler_error() {
 }
 
 #[tokio::test]
-async fn an_unreachable_http_handler_is_an_internal_error() {
+async fn an_unreachable_http_handler_takes_no_work_until_it_answers() {
     let _broker = broker::shared().await;
     let queue = unique_name("rpc-http-down");
     let _cleanup = QueueCleanup::service(&queue);
     let port = warren_tests::operator_process::free_port();
     let url = format!("http://127.0.0.1:{port}/rpc");
-    let worker = WorkerCommand::new(&queue).handler(&url).arg("--declare").start().await.unwrap();
+    let mut worker = WorkerCommand::new(&queue).handler(&url).arg("--declare").spawn().unwrap();
+    worker.wait_healthy(CALL_TIMEOUT).await.unwrap();
     let client = client().await;
-    let result = client.call(&queue, Some("add"), json!([1, 2]), CALL_TIMEOUT).await;
-    assert_eq!(remote_code(&result), Some("internal"), "{result:?}");
-    // Answered and acked, not requeued.
-    worker.wait_metric_at_most("warren_worker_requests_in_flight", 0.0, CALL_TIMEOUT).await.unwrap();
-    assert_eq!(worker.metric(r#"warren_worker_requests_total{method="add",outcome="internal"}"#).await, 1.0);
+    // Not an error reply: the request waits in the queue while the worker, not ready, probes its backend.
+    let result = client.call(&queue, Some("add"), json!([1, 2]), Duration::from_secs(2)).await;
+    assert!(matches!(result, Err(CallError::Timeout)), "{result:?}");
+    assert!(!worker.ready().await);
+    assert_eq!(worker.metric(r#"warren_worker_requests_total{method="add",outcome="internal"}"#).await, 0.0);
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let waiting = channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.unwrap();
+    assert_eq!(waiting.message_count(), 1);
+    let _ = connection.close(200, "done".into()).await;
 }
