@@ -611,6 +611,8 @@ async fn a_memory_alarm_under_load_runs_each_request_once() {
         .await
         .unwrap();
     let client = Client::connect(&broker.uri()).await.unwrap();
+    // A worker runs its first request alone, then opens its prefetch window.
+    client.call(&queue, Some("echo"), json!("warm-up"), Duration::from_secs(30)).await.unwrap();
     let mut counts = Counts::default();
     let in_flight = 16;
     let calls: Vec<_> = (0..in_flight)

@@ -426,11 +426,12 @@ enum SessionEnd {
 }
 
 /// How requests come in during a session. A prefetch change takes a new consumer (RabbitMQ applies `basic.qos` only
-/// to consumers started after it), so a cancelled consumer may still be delivering what it had in flight next to its
+/// to consumers started after it), so a cancelled consumer may still be delivering what it had sent next to its
 /// successor: the intake reads them all.
 enum Intake {
-    /// Consuming with the consumer `tag`: deliveries are handled.
-    Consuming { consumers: SelectAll<Consumer>, tag: String },
+    /// Deliveries are handled. `active`: the tag of the consumer taking more, `None` while the admission waits for
+    /// quiet before starting the next one.
+    Consuming { consumers: SelectAll<Consumer>, active: Option<String> },
     /// The handler became unavailable: the consumer is being cancelled, deliveries still arriving are requeued.
     Pausing { consumers: SelectAll<Consumer> },
     /// No consumer; probing the handler until it answers.
@@ -444,12 +445,15 @@ enum IntakeEvent {
 }
 
 impl Intake {
-    /// The next delivery, or the end of the probe; cancel-safe.
-    async fn next(&mut self) -> IntakeEvent {
+    /// The next delivery, or the end of the probe; cancel-safe. Without an active consumer the end of the
+    /// cancelled ones is no end: a new one is coming (unless `draining`).
+    async fn next(&mut self, draining: bool) -> IntakeEvent {
         match self {
-            Self::Consuming { consumers, .. } | Self::Pausing { consumers } => {
-                IntakeEvent::Delivery(consumers.next().await)
-            }
+            Self::Consuming { consumers, active } => match consumers.next().await {
+                None if active.is_none() && !draining => std::future::pending().await,
+                delivery => IntakeEvent::Delivery(delivery),
+            },
+            Self::Pausing { consumers } => IntakeEvent::Delivery(consumers.next().await),
             Self::Paused { probe } => {
                 probe.await;
                 IntakeEvent::HandlerAnswers
@@ -539,7 +543,7 @@ impl Session {
         // before consuming, so no request is taken only to be given back.
         let intake = if worker.context.availability.is_up() {
             let (consumer, tag) = consume(&consume_channel, worker).await.map_err(retry)?;
-            Intake::Consuming { consumers: select_all([consumer]), tag }
+            Intake::Consuming { consumers: select_all([consumer]), active: Some(tag) }
         } else {
             Intake::Paused { probe: Box::pin(probe_until_available(worker.context.clone())) }
         };
@@ -568,18 +572,18 @@ impl Session {
                 _ = shutdown.requested(), if !draining => {
                     draining = true;
                     worker.metrics.set_consuming(false);
+                    self.admission.suspend();
                     info!(queue = %worker.queue, "shutting down: cancelling the consumer, finishing requests in flight");
-                    let tag = match &self.intake {
-                        Intake::Consuming { tag, .. } => Some(tag.clone()),
-                        Intake::Pausing { .. } => None,
-                        Intake::Paused { .. } => {
-                            intake_ended = true;
-                            None
+                    match &mut self.intake {
+                        Intake::Consuming { consumers, active } => {
+                            // Requests already delivered still arrive on the stream, which ends after the cancel-ok.
+                            if let Some(tag) = active.take() {
+                                cancel(&self.consume_channel, &tag).await;
+                            }
+                            intake_ended = consumers.is_empty();
                         }
-                    };
-                    // Requests already delivered still arrive on the stream, which ends after the cancel-ok.
-                    if let Some(tag) = tag {
-                        cancel(&self.consume_channel, &tag).await;
+                        Intake::Pausing { .. } => {}
+                        Intake::Paused { .. } => intake_ended = true,
                     }
                 }
                 _ = self.publisher.broken.notified() => {
@@ -587,7 +591,7 @@ impl Session {
                 }
                 // The watch guard is not held past the wait.
                 () = async { let _ = availability.wait_for(|up| !*up).await; }, if consuming && !draining => {
-                    let Intake::Consuming { consumers, tag } =
+                    let Intake::Consuming { consumers, active } =
                         std::mem::replace(&mut self.intake, Intake::Paused { probe: Box::pin(std::future::pending()) })
                     else {
                         unreachable!("checked by the branch condition")
@@ -598,8 +602,15 @@ impl Session {
                         queue = %worker.queue,
                         "the handler is unavailable: stopped consuming; requests that cannot run go back to the queue"
                     );
-                    cancel(&self.consume_channel, &tag).await;
-                    self.intake = Intake::Pausing { consumers };
+                    if let Some(tag) = active {
+                        cancel(&self.consume_channel, &tag).await;
+                    }
+                    self.intake = if consumers.is_empty() {
+                        Intake::Paused { probe: Box::pin(probe_until_available(worker.context.clone())) }
+                    } else {
+                        Intake::Pausing { consumers }
+                    };
+                    self.admission.suspend();
                     for (delivery, kind) in self.admission.take_waiting() {
                         self.requeue_unrun(delivery, kind == Kind::Suspect, worker);
                     }
@@ -610,7 +621,7 @@ impl Session {
                         break SessionEnd::Lost(error.to_string());
                     }
                 }
-                event = self.intake.next(), if !intake_ended => match event {
+                event = self.intake.next(draining), if !intake_ended => match event {
                     IntakeEvent::Delivery(Some(Ok(delivery))) => match self.intake {
                         Intake::Consuming { .. } => {
                             let count = crate::request::delivery_count(&delivery.properties);
@@ -638,9 +649,9 @@ impl Session {
                             None => "the broker cancelled the consumer (queue deleted?)".into(),
                         }),
                     },
-                    IntakeEvent::HandlerAnswers => match consume(&self.consume_channel, worker).await {
+                    IntakeEvent::HandlerAnswers => match start_intake(&self.consume_channel, self.admission.resume(), worker).await {
                         Ok((consumer, tag)) => {
-                            self.intake = Intake::Consuming { consumers: select_all([consumer]), tag };
+                            self.intake = Intake::Consuming { consumers: select_all([consumer]), active: Some(tag) };
                             worker.metrics.set_consuming(true);
                             info!(queue = %worker.queue, prefetch = worker.prefetch, "consuming");
                         }
@@ -657,18 +668,22 @@ impl Session {
     async fn apply(&mut self, steps: Vec<Step<Delivery>>, worker: &Worker, draining: bool) -> Result<(), lapin::Error> {
         for step in steps {
             match step {
-                Step::SetPrefetch(prefetch) => {
-                    debug!(prefetch, "prefetch");
-                    self.consume_channel.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
-                    // Only a new consumer gets the new prefetch; the old one still delivers what it had in flight.
-                    if let Intake::Consuming { consumers, tag } = &mut self.intake
-                        && !draining
+                Step::StopIntake => {
+                    if let Intake::Consuming { active, .. } = &mut self.intake
+                        && let Some(tag) = active.take()
                     {
-                        let old = std::mem::take(tag);
-                        cancel(&self.consume_channel, &old).await;
-                        let (consumer, new_tag) = consume(&self.consume_channel, worker).await?;
+                        debug!("no more requests until those received are done");
+                        cancel(&self.consume_channel, &tag).await;
+                    }
+                }
+                Step::StartIntake(prefetch) => {
+                    if draining || !matches!(self.intake, Intake::Consuming { active: None, .. }) {
+                        continue;
+                    }
+                    let (consumer, tag) = start_intake(&self.consume_channel, prefetch, worker).await?;
+                    if let Intake::Consuming { consumers, active } = &mut self.intake {
                         consumers.push(consumer);
-                        *tag = new_tag;
+                        *active = Some(tag);
                     }
                 }
                 Step::Run(delivery, kind) => {
@@ -744,6 +759,13 @@ async fn cancel(channel: &Channel, tag: &str) {
     if let Err(error) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
         warn!(%error, "could not cancel the consumer");
     }
+}
+
+/// A new consumer with `prefetch` (a prefetch applies to the consumers started after it).
+async fn start_intake(channel: &Channel, prefetch: u16, worker: &Worker) -> Result<(Consumer, String), lapin::Error> {
+    debug!(prefetch, "consuming with a new prefetch");
+    channel.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+    consume(channel, worker).await
 }
 
 /// Starts a consumer on the request queue.
