@@ -14,6 +14,7 @@ use std::time::Duration;
 use lapin::message::{Delivery, DeliveryResult};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ConsumerDelegate};
 use serde::Serialize;
 use serde_json::Value;
@@ -22,11 +23,15 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::broker_uri::Redacted;
 use crate::envelope::{self, RequestMeta, TraceContext};
 use crate::error::CallError;
 use crate::pending::{Outcome, PendingCalls};
 use crate::protocol::DIRECT_REPLY_TO;
 
+/// How long opening a connection (TCP, TLS, the AMQP handshake, the reply channel) may take by default: a broker
+/// address that accepts TCP but never answers must not hang a caller for minutes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a failed reconnect, calls fail at once with [`CallError::Connection`] for this long before the next try.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long [`Client::notify`] waits for the broker to take the request.
@@ -59,7 +64,8 @@ pub struct Client {
 }
 
 struct Shared {
-    uri: String,
+    uri: AMQPUri,
+    connect_timeout: Duration,
     session: RwLock<Arc<Session>>,
     /// Serialises reconnects and remembers the last failed one.
     reconnect: tokio::sync::Mutex<Option<(Instant, lapin::Error)>>,
@@ -67,13 +73,21 @@ struct Shared {
 }
 
 impl Client {
-    /// Connects to the broker at `uri` (`amqp://user:pass@host:port/vhost`).
+    /// Connects to the broker at `uri` (`amqp://user:pass@host:port/vhost`), giving up after [`CONNECT_TIMEOUT`].
     pub async fn connect(uri: &str) -> Result<Client, CallError> {
+        Self::connect_with_timeout(uri, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Client::connect`] giving up after `timeout` (reconnects later are bounded by it too). A malformed `uri` is
+    /// [`CallError::InvalidRequest`], whose message never contains the URI's password.
+    pub async fn connect_with_timeout(uri: &str, timeout: Duration) -> Result<Client, CallError> {
+        let uri = crate::broker_uri::parse(uri).map_err(|e| CallError::InvalidRequest(e.to_string()))?;
         let unmatched_replies = Arc::new(AtomicU64::new(0));
-        let session = Session::open(uri, unmatched_replies.clone()).await?;
+        let session = Session::open(&uri, timeout, unmatched_replies.clone()).await?;
         Ok(Client {
             shared: Arc::new(Shared {
-                uri: uri.to_owned(),
+                uri,
+                connect_timeout: timeout,
                 session: RwLock::new(Arc::new(session)),
                 reconnect: tokio::sync::Mutex::new(None),
                 unmatched_replies,
@@ -227,7 +241,8 @@ impl Client {
         {
             return Err(CallError::Connection(error.clone()));
         }
-        match Session::open(&self.shared.uri, self.shared.unmatched_replies.clone()).await {
+        match Session::open(&self.shared.uri, self.shared.connect_timeout, self.shared.unmatched_replies.clone()).await
+        {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 *self.shared.session.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
@@ -266,11 +281,25 @@ struct Session {
 }
 
 impl Session {
-    async fn open(uri: &str, unmatched_replies: Arc<AtomicU64>) -> Result<Session, lapin::Error> {
+    /// Opens a session within `timeout`; a broker that never finishes the handshake is a connection error.
+    async fn open(
+        uri: &AMQPUri,
+        timeout: Duration,
+        unmatched_replies: Arc<AtomicU64>,
+    ) -> Result<Session, lapin::Error> {
+        tokio::time::timeout(timeout, Self::open_unbounded(uri, unmatched_replies)).await.unwrap_or_else(|_| {
+            Err(lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the broker at {} did not complete the AMQP handshake within {timeout:?}", Redacted(uri)),
+            )))))
+        })
+    }
+
+    async fn open_unbounded(uri: &AMQPUri, unmatched_replies: Arc<AtomicU64>) -> Result<Session, lapin::Error> {
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let properties =
             ConnectionProperties::default().with_connection_name(format!("warren-client {instance}").into());
-        let connection = Connection::connect(uri, properties).await?;
+        let connection = Connection::connect_uri(uri.clone(), properties).await?;
         let channel = connection.create_channel().await?;
         // Direct reply-to must be consumed, with no-ack, on the channel that publishes the requests.
         let replies: Consumer = channel

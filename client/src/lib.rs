@@ -15,6 +15,7 @@
 pub mod backoff;
 pub mod bench;
 pub mod bench_report;
+pub mod broker_uri;
 mod client;
 pub mod endpoint;
 pub mod envelope;
@@ -25,6 +26,6 @@ mod pending;
 pub mod protocol;
 pub mod topology;
 
-pub use client::{CallOptions, Client, NOTIFY_TIMEOUT, RECONNECT_INTERVAL};
+pub use client::{CONNECT_TIMEOUT, CallOptions, Client, NOTIFY_TIMEOUT, RECONNECT_INTERVAL};
 pub use envelope::TraceContext;
 pub use error::{CallError, ErrorKind};

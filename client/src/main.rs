@@ -13,9 +13,12 @@ use warren_client::{CallError, Client, ErrorKind};
 #[derive(Parser)]
 #[command(name = "warren", version, after_help = EXIT_CODES)]
 struct Cli {
-    /// AMQP URI of the broker.
-    #[arg(long, env = BROKER_URI_ENV, default_value = LOCAL_BROKER_URI, global = true)]
+    /// AMQP URI of the broker (its password is never printed).
+    #[arg(long, env = BROKER_URI_ENV, hide_env_values = true, default_value = LOCAL_BROKER_URI, global = true)]
     broker_uri: String,
+    /// How long connecting to the broker may take (e.g. 500ms, 10s).
+    #[arg(long, env = "WARREN_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    connect_timeout: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -151,14 +154,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Call { target, timeout } => {
             let params = parse_params(&target.params)?;
-            let client = Client::connect(&cli.broker_uri).await?;
+            let client = Client::connect_with_timeout(&cli.broker_uri, cli.connect_timeout).await?;
             let result = client.call(&target.queue, target.method(), params, timeout).await;
             let _ = client.close().await;
             println!("{}", result?);
         }
         Command::Notify { target } => {
             let params = parse_params(&target.params)?;
-            let client = Client::connect(&cli.broker_uri).await?;
+            let client = Client::connect_with_timeout(&cli.broker_uri, cli.connect_timeout).await?;
             let sent = client.notify(&target.queue, target.method(), params).await;
             let _ = client.close().await;
             sent?;
@@ -180,7 +183,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 rate,
                 timeout,
             };
-            let client = Client::connect(&cli.broker_uri).await?;
+            let client = Client::connect_with_timeout(&cli.broker_uri, cli.connect_timeout).await?;
             let report = bench::run(&client, &spec).await;
             let _ = client.close().await;
             if json {

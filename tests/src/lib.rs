@@ -1,7 +1,9 @@
 //! Test support: the environment `scripts/env up` starts (a real RabbitMQ and a real kube-apiserver), reached
 //! through the variables it exports, with defaults that match it.
 
+pub mod backend;
 pub mod broker;
+pub mod chaos_broker;
 pub mod cluster;
 pub mod local_runtime;
 pub mod operator_process;

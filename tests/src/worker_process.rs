@@ -15,13 +15,26 @@ use tokio::process::{Child, Command};
 pub struct WorkerCommand {
     queue: String,
     handler: String,
+    broker_uri: Option<String>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl WorkerCommand {
     /// A worker with the built-in handlers on `queue`.
     pub fn new(queue: &str) -> Self {
-        Self { queue: queue.into(), handler: "builtin".into(), args: Vec::new() }
+        Self { queue: queue.into(), handler: "builtin".into(), broker_uri: None, args: Vec::new(), env: Vec::new() }
+    }
+
+    /// Another broker than the test environment's (e.g. a chaos test's own node).
+    pub fn broker_uri(mut self, uri: &str) -> Self {
+        self.broker_uri = Some(uri.into());
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
     }
 
     /// `builtin` or an HTTP handler URL.
@@ -45,11 +58,13 @@ impl WorkerCommand {
         let log_path = std::env::temp_dir().join(format!("{}.{}.log", self.queue, uuid::Uuid::new_v4().simple()));
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(crate::bin_path("warren-worker"))
-            .args(["--queue", &self.queue, "--handler", &self.handler, "--broker-uri", &crate::broker_uri()])
+            .args(["--queue", &self.queue, "--handler", &self.handler])
+            .args(["--broker-uri", &self.broker_uri.clone().unwrap_or_else(crate::broker_uri)])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(&self.args)
             .env("RUST_LOG", std::env::var("WARREN_WORKER_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -96,6 +111,23 @@ impl WorkerProcess {
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("warren-worker not ready within {timeout:?}:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the worker's HTTP port answers `/healthz` (it may not be ready: e.g. its backend is down).
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("warren-worker exited ({status}):\n{}", self.log_tail());
+            }
+            if self.healthy().await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("warren-worker not healthy within {timeout:?}:\n{}", self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -206,10 +238,20 @@ impl Drop for WorkerProcess {
         }
         if std::thread::panicking() {
             eprintln!("--- warren-worker log ({}):\n{}", self.log_path.display(), self.log_tail());
+        } else if std::env::var_os("WARREN_KEEP_WORKER_LOGS").is_some() {
+            eprintln!("--- warren-worker log kept: {}", self.log_path.display());
         } else {
             let _ = std::fs::remove_file(&self.log_path);
         }
     }
+}
+
+/// The sum of every series of `metric` whatever its labels, e.g. all `warren_worker_requests_total{...}`.
+pub fn metric_sum(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(metric) && line[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// The value of `series` in Prometheus text (a series name with its exact label set); 0 when absent.

@@ -1,6 +1,7 @@
 //! The `warren-worker` command line.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
 use warren_client::endpoint::BROKER_URI_ENV;
@@ -8,8 +9,10 @@ use warren_client::topology::{QueueKind, QueueOptions};
 
 use crate::builtin;
 use crate::handler::Handlers;
-use crate::http_handler::{HttpHandler, HttpHandlerError};
-use crate::worker::{DEFAULT_PREFETCH, Worker, WorkerBuilder};
+use crate::http_handler::{HttpHandler, HttpHandlerError, HttpLimits};
+use crate::metrics::DEFAULT_MAX_METHOD_LABELS;
+use crate::reply_to::{InvalidPattern, ReplyToPolicy};
+use crate::worker::{DEFAULT_MAX_REPLY_BYTES, DEFAULT_PREFETCH, Worker, WorkerBuilder};
 
 /// Serves RPC requests from a RabbitMQ queue: runs the handler, replies, acks.
 #[derive(Debug, Clone, Parser)]
@@ -52,9 +55,28 @@ pub struct Args {
     #[arg(long)]
     pub message_ttl_seconds: Option<i64>,
 
-    /// AMQP URI of the broker.
-    #[arg(long, env = BROKER_URI_ENV)]
+    /// AMQP URI of the broker (its password is never logged).
+    #[arg(long, env = BROKER_URI_ENV, hide_env_values = true)]
     pub broker_uri: String,
+
+    /// Queues replies may go to besides reply addresses (direct reply-to, server-named `amq.gen-*` queues): a name,
+    /// or a prefix ending in `*`. Repeat or separate with commas. Requests whose reply_to is neither are acked
+    /// without running.
+    #[arg(long = "allow-reply-to", env = "WARREN_ALLOW_REPLY_TO", value_delimiter = ',', value_name = "QUEUE")]
+    pub allow_reply_to: Vec<String>,
+
+    /// The largest reply (and HTTP handler response) body, in bytes; a larger one is answered with an `internal`
+    /// error instead.
+    #[arg(long, env = "WARREN_MAX_REPLY_BYTES", default_value_t = DEFAULT_MAX_REPLY_BYTES)]
+    pub max_reply_bytes: usize,
+
+    /// How long the HTTP handler may take per request when the caller's deadline is later or absent (e.g. 30s).
+    #[arg(long, env = "WARREN_HANDLER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub handler_timeout: Duration,
+
+    /// Distinct method names the HTTP handler's metrics label on their own; the rest are counted as `_other`.
+    #[arg(long, env = "WARREN_MAX_METHOD_LABELS", default_value_t = DEFAULT_MAX_METHOD_LABELS)]
+    pub max_method_labels: usize,
 
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "WARREN_METRICS_ADDR", default_value = "0.0.0.0:9090")]
@@ -71,7 +93,8 @@ impl Args {
         let handlers = if self.handler == "builtin" {
             builtin::handlers()
         } else {
-            HttpHandler::new(&self.handler)?.into_handlers()
+            let limits = HttpLimits { timeout: self.handler_timeout, max_response_bytes: self.max_reply_bytes };
+            HttpHandler::with_limits(&self.handler, limits)?.into_handlers()
         };
         Ok(if self.enable_crash_method { handlers.merge(builtin::crash_handler()) } else { handlers })
     }
@@ -82,16 +105,25 @@ impl Args {
             .then(|| QueueOptions::new(self.queue_type, self.delivery_limit, self.max_length, self.message_ttl_seconds))
     }
 
+    /// The `reply_to` policy `--allow-reply-to` describes.
+    pub fn reply_to_policy(&self) -> Result<ReplyToPolicy, InvalidPattern> {
+        ReplyToPolicy::new(&self.allow_reply_to)
+    }
+
     /// A worker configured from the arguments, with `handlers`.
-    pub fn worker(&self, handlers: Handlers) -> WorkerBuilder {
-        let mut builder = Worker::builder(&self.broker_uri, &self.queue).prefetch(self.prefetch).handlers(handlers);
+    pub fn worker(&self, handlers: Handlers) -> Result<WorkerBuilder, InvalidPattern> {
+        let mut builder = Worker::builder(&self.broker_uri, &self.queue)
+            .prefetch(self.prefetch)
+            .handlers(handlers)
+            .reply_to_policy(self.reply_to_policy()?)
+            .max_reply_bytes(self.max_reply_bytes);
         if let Some(method) = &self.default_method {
             builder = builder.default_method(method);
         }
         if let Some(options) = self.queue_options() {
             builder = builder.declare(options);
         }
-        builder
+        Ok(builder)
     }
 }
 
@@ -122,6 +154,18 @@ mod tests {
     fn crash_is_served_only_when_enabled() {
         assert!(!parse(&["--queue", "q"]).handlers().unwrap().serves("crash"));
         assert!(parse(&["--queue", "q", "--enable-crash-method"]).handlers().unwrap().serves("crash"));
+    }
+
+    #[test]
+    fn reliability_limits_have_safe_defaults_and_flags() {
+        let args = parse(&["--queue", "q"]);
+        assert_eq!(args.max_reply_bytes, DEFAULT_MAX_REPLY_BYTES);
+        assert_eq!(args.handler_timeout, crate::http_handler::DEFAULT_TIMEOUT);
+        assert_eq!(args.reply_to_policy().unwrap(), ReplyToPolicy::default());
+        let args = parse(&["--queue", "q", "--allow-reply-to", "replies.*,cb", "--handler-timeout", "2s"]);
+        assert!(args.reply_to_policy().unwrap().allows("replies.x"));
+        assert!(args.reply_to_policy().unwrap().allows("cb"));
+        assert_eq!(args.handler_timeout, Duration::from_secs(2));
     }
 
     #[test]

@@ -38,8 +38,9 @@ use warren_client::protocol::ErrorCode;
 /// What a handler returns: the result value, or why it failed.
 pub type HandlerResult = Result<Value, HandlerError>;
 
-type BoxFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
 type BoxHandler = Arc<dyn Fn(Call) -> BoxFuture + Send + Sync>;
+type BoxProbe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send + 'static>> + Send + Sync>;
 
 /// Why a handler failed. Each variant becomes an error reply with its own code; all of them are acked, since
 /// running the same request again would fail the same way.
@@ -51,9 +52,14 @@ pub enum HandlerError {
     /// The handler ran and failed (`handler_error`).
     #[error("{message}")]
     Failed { message: String, details: Option<Value> },
-    /// The handler could not run at all, e.g. the HTTP backend is unreachable (`internal`).
+    /// The handler failed for a reason of the worker's own, e.g. its answer was too large (`internal`).
     #[error("internal: {message}")]
     Internal { message: String, details: Option<Value> },
+    /// The handler cannot run right now (e.g. its HTTP backend is not listening yet, restarting or gone). Not a
+    /// verdict on the request: it is requeued, never answered, and the worker stops taking work until the
+    /// handlers' probe succeeds (see [`Handlers::probe`]).
+    #[error("unavailable: {message}")]
+    Unavailable { message: String },
 }
 
 impl HandlerError {
@@ -69,12 +75,17 @@ impl HandlerError {
         Self::Internal { message: message.into(), details: None }
     }
 
-    /// Attaches a JSON value the caller receives as the error's `details`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable { message: message.into() }
+    }
+
+    /// Attaches a JSON value the caller receives as the error's `details` (an unavailable handler sends none).
     pub fn with_details(mut self, value: Value) -> Self {
         match &mut self {
             Self::BadRequest { details, .. } | Self::Failed { details, .. } | Self::Internal { details, .. } => {
                 *details = Some(value)
             }
+            Self::Unavailable { .. } => {}
         }
         self
     }
@@ -84,13 +95,16 @@ impl HandlerError {
         match self {
             Self::BadRequest { .. } => ErrorCode::BadRequest,
             Self::Failed { .. } => ErrorCode::HandlerError,
-            Self::Internal { .. } => ErrorCode::Internal,
+            Self::Internal { .. } | Self::Unavailable { .. } => ErrorCode::Internal,
         }
     }
 
     pub fn message(&self) -> &str {
         match self {
-            Self::BadRequest { message, .. } | Self::Failed { message, .. } | Self::Internal { message, .. } => message,
+            Self::BadRequest { message, .. }
+            | Self::Failed { message, .. }
+            | Self::Internal { message, .. }
+            | Self::Unavailable { message } => message,
         }
     }
 
@@ -99,6 +113,7 @@ impl HandlerError {
             Self::BadRequest { details, .. } | Self::Failed { details, .. } | Self::Internal { details, .. } => {
                 details.as_ref()
             }
+            Self::Unavailable { .. } => None,
         }
     }
 }
@@ -168,11 +183,13 @@ pub struct Call {
     pub redelivered: bool,
 }
 
-/// The methods a worker serves: a handler per method name, and optionally one for every other method.
+/// The methods a worker serves: a handler per method name, optionally one for every other method, and optionally a
+/// probe telling whether the handlers can run (e.g. their HTTP backend answers).
 #[derive(Clone, Default)]
 pub struct Handlers {
     methods: HashMap<String, BoxHandler>,
     fallback: Option<BoxHandler>,
+    probe: Option<BoxProbe>,
 }
 
 impl Handlers {
@@ -209,11 +226,25 @@ impl Handlers {
         self
     }
 
-    /// Adds every handler of `other`, which wins on a name both have.
+    /// How to tell whether the handlers can run: the worker calls it before it starts consuming and, after a
+    /// handler returned [`HandlerError::Unavailable`], with backoff until it returns `true`; it consumes only then.
+    pub fn probe<F, Fut>(mut self, probe: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        self.probe = Some(Arc::new(move || Box::pin(probe())));
+        self
+    }
+
+    /// Adds every handler of `other`, which wins on a name both have (and with its fallback and probe).
     pub fn merge(mut self, other: Handlers) -> Self {
         self.methods.extend(other.methods);
         if other.fallback.is_some() {
             self.fallback = other.fallback;
+        }
+        if other.probe.is_some() {
+            self.probe = other.probe;
         }
         self
     }
@@ -230,21 +261,27 @@ impl Handlers {
         self.methods.contains_key(method) || self.fallback.is_some()
     }
 
-    /// Runs the handler of `call.method`; `None` if nothing serves it.
+    /// Whether `method` has a handler of its own (not only the fallback).
+    pub fn registered(&self, method: &str) -> bool {
+        self.methods.contains_key(method)
+    }
+
+    /// Runs the handler of `call.method`; `None` if nothing serves it. A handler that panics while building its
+    /// future is caught here too (the future's own panics are caught where it is polled).
     pub(crate) fn dispatch(&self, call: Call) -> Option<BoxFuture> {
         let handler = self.methods.get(&call.method).or(self.fallback.as_ref())?;
         Some(handler(call))
     }
 
-    /// The metric label for `method`: its own name when registered or forwarded, a fixed label otherwise so
-    /// callers cannot create unbounded label values with made-up method names.
-    pub(crate) fn method_label<'a>(&self, method: &'a str) -> &'a str {
-        if self.serves(method) { method } else { UNKNOWN_METHOD_LABEL }
+    /// Whether the handlers can run now; `None` when there is no probe (they always can).
+    pub(crate) fn probe_now(&self) -> Option<Pin<Box<dyn Future<Output = bool> + Send + 'static>>> {
+        self.probe.as_ref().map(|probe| probe())
+    }
+
+    pub fn has_probe(&self) -> bool {
+        self.probe.is_some()
     }
 }
-
-/// The `method` label of requests for methods nobody serves.
-pub(crate) const UNKNOWN_METHOD_LABEL: &str = "_unknown";
 
 fn boxed<F, Fut>(handler: F) -> BoxHandler
 where
@@ -256,7 +293,11 @@ where
 
 impl fmt::Debug for Handlers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Handlers").field("methods", &self.names()).field("fallback", &self.fallback.is_some()).finish()
+        f.debug_struct("Handlers")
+            .field("methods", &self.names())
+            .field("fallback", &self.fallback.is_some())
+            .field("probe", &self.probe.is_some())
+            .finish()
     }
 }
 
@@ -285,11 +326,19 @@ mod tests {
     }
 
     #[test]
-    fn unknown_methods_share_one_metric_label() {
+    fn unknown_methods_have_no_handler() {
         let handlers = Handlers::new().method("echo", |p: Params| async move { Ok(p.into_value()) });
         assert!(handlers.dispatch(call("nope", json!(null))).is_none());
-        assert_eq!(handlers.method_label("echo"), "echo");
-        assert_eq!(handlers.method_label("nope"), UNKNOWN_METHOD_LABEL);
+        assert!(handlers.registered("echo") && !handlers.registered("nope"));
+    }
+
+    #[tokio::test]
+    async fn merge_keeps_the_probe() {
+        let http = Handlers::new().fallback(|c: Call| async move { Ok(json!(c.method)) }).probe(|| async { false });
+        let merged = crate::builtin::handlers().merge(http);
+        assert!(merged.has_probe());
+        assert!(!merged.probe_now().unwrap().await);
+        assert!(crate::builtin::handlers().probe_now().is_none());
     }
 
     #[test]

@@ -29,13 +29,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_max_method_labels(args.max_method_labels));
     let addr = server::serve(args.metrics_addr, metrics.clone())
         .await
         .with_context(|| format!("failed to listen on {}", args.metrics_addr))?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     let handlers = args.handlers()?;
-    let worker = args.worker(handlers).metrics(metrics);
+    let worker = args.worker(handlers)?.metrics(metrics);
     worker.run(signal::shutdown_signal_with_force_exit()).await?;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The worker's Prometheus metrics, and the readiness they imply.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,7 +23,21 @@ struct MethodLabels {
     method: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+/// The `method` label of requests for methods nobody serves.
+pub const UNKNOWN_METHOD_LABEL: &str = "_unknown";
+/// The `method` label of forwarded methods past the cap (see [`Metrics::forwarded_method_label`]).
+pub const OTHER_METHOD_LABEL: &str = "_other";
+/// Distinct forwarded method names that get a label of their own, by default.
+pub const DEFAULT_MAX_METHOD_LABELS: usize = 50;
+/// Longer method names are counted under [`OTHER_METHOD_LABEL`].
+const MAX_METHOD_LABEL_LEN: usize = 100;
 
 /// Everything the worker counts, registered under the `warren_worker_` prefix.
 #[derive(Debug)]
@@ -34,6 +50,15 @@ pub struct Metrics {
     reply_failures: Counter,
     reconnects: Counter,
     consuming: Gauge,
+    requeued: Family<ReasonLabels, Counter>,
+    refused: Family<ReasonLabels, Counter>,
+    replies_too_large: Counter,
+    run_alone: Counter,
+    handler_available: Gauge,
+    publisher_blocked: Gauge,
+    /// Forwarded method names that have a label of their own, at most `max_method_labels`.
+    method_labels: Mutex<HashSet<String>>,
+    max_method_labels: usize,
 }
 
 impl Default for Metrics {
@@ -44,6 +69,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_max_method_labels(DEFAULT_MAX_METHOD_LABELS)
+    }
+
+    /// Metrics in which at most `max` distinct forwarded method names get a `method` label of their own.
+    pub fn with_max_method_labels(max: usize) -> Self {
         let mut registry = Registry::with_prefix("warren_worker");
         let requests = Family::<RequestLabels, Counter>::default();
         // 0.5 ms .. ~65 s: built-ins answer in microseconds, HTTP backends in milliseconds to seconds.
@@ -70,7 +100,107 @@ impl Metrics {
         );
         registry.register("reconnects", "Broker sessions lost and re-established", reconnects.clone());
         registry.register("consuming", "1 while the worker is connected and consuming its queue", consuming.clone());
-        Self { registry, requests, handler_duration, in_flight, expired, reply_failures, reconnects, consuming }
+        let requeued = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "requests_requeued",
+            "Requests given back to the queue unanswered, by reason (handler_unavailable, reply_failed)",
+            requeued.clone(),
+        );
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "requests_refused",
+            "Requests acked without running or replying, by reason (reply_to: not a reply address)",
+            refused.clone(),
+        );
+        let replies_too_large = Counter::default();
+        registry.register(
+            "replies_too_large",
+            "Replies over the size limit (the worker's or the broker's), answered with a small internal error instead",
+            replies_too_large.clone(),
+        );
+        let run_alone = Counter::default();
+        registry.register(
+            "requests_run_alone",
+            "Redelivered requests run with nothing else in flight (one of them may be what killed a worker)",
+            run_alone.clone(),
+        );
+        let handler_available = Gauge::default();
+        handler_available.set(1);
+        registry.register(
+            "handler_available",
+            "0 while the handler cannot run (e.g. its HTTP backend does not answer) and the worker does not consume",
+            handler_available.clone(),
+        );
+        let publisher_blocked = Gauge::default();
+        registry.register(
+            "publisher_blocked",
+            "1 while the broker blocks the reply connection (memory or disk alarm)",
+            publisher_blocked.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            handler_duration,
+            in_flight,
+            expired,
+            reply_failures,
+            reconnects,
+            consuming,
+            requeued,
+            refused,
+            replies_too_large,
+            run_alone,
+            handler_available,
+            publisher_blocked,
+            method_labels: Mutex::new(HashSet::new()),
+            max_method_labels: max,
+        }
+    }
+
+    /// The `method` label of a method served by the fallback (e.g. forwarded to an HTTP backend), whose names the
+    /// callers choose: the first `max` distinct names keep their own label, every later one is `_other`, so
+    /// made-up names cannot grow `/metrics` without bound.
+    pub fn forwarded_method_label(&self, method: &str) -> String {
+        if method.len() > MAX_METHOD_LABEL_LEN {
+            return OTHER_METHOD_LABEL.into();
+        }
+        let mut labels = self.method_labels.lock().unwrap_or_else(|e| e.into_inner());
+        if labels.contains(method) {
+            return method.into();
+        }
+        if labels.len() < self.max_method_labels {
+            labels.insert(method.into());
+            return method.into();
+        }
+        OTHER_METHOD_LABEL.into()
+    }
+
+    pub fn request_requeued(&self, reason: &str) {
+        self.requeued.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    }
+
+    pub fn request_refused(&self, reason: &str) {
+        self.refused.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    }
+
+    pub fn reply_too_large(&self) {
+        self.replies_too_large.inc();
+    }
+
+    pub fn request_run_alone(&self) {
+        self.run_alone.inc();
+    }
+
+    pub fn set_handler_available(&self, available: bool) {
+        self.handler_available.set(i64::from(available));
+    }
+
+    pub fn is_handler_available(&self) -> bool {
+        self.handler_available.get() == 1
+    }
+
+    pub fn set_publisher_blocked(&self, blocked: bool) {
+        self.publisher_blocked.set(i64::from(blocked));
     }
 
     /// The OpenMetrics text of every metric.
@@ -111,9 +241,13 @@ impl Metrics {
         self.consuming.set(i64::from(consuming));
     }
 
-    /// Ready = connected and consuming.
     pub fn is_consuming(&self) -> bool {
         self.consuming.get() == 1
+    }
+
+    /// Ready = connected, consuming, and the handler can run: the worker takes work.
+    pub fn is_ready(&self) -> bool {
+        self.is_consuming() && self.is_handler_available()
     }
 }
 
@@ -145,8 +279,25 @@ mod tests {
         assert!(text.contains("warren_worker_requests_in_flight 1"), "{text}");
         assert!(text.contains("warren_worker_requests_expired_total 1"), "{text}");
         assert!(text.contains("warren_worker_reconnects_total 0"), "{text}");
-        assert!(metrics.is_consuming());
+        assert!(metrics.is_ready());
+        metrics.set_handler_available(false);
+        assert!(!metrics.is_ready());
         drop(guard);
         assert!(metrics.encode().contains("warren_worker_requests_in_flight 0"));
+    }
+
+    #[test]
+    fn forwarded_method_labels_are_capped() {
+        let metrics = Metrics::with_max_method_labels(2);
+        assert_eq!(metrics.forwarded_method_label("a"), "a");
+        assert_eq!(metrics.forwarded_method_label("b"), "b");
+        assert_eq!(metrics.forwarded_method_label("c"), OTHER_METHOD_LABEL);
+        assert_eq!(metrics.forwarded_method_label("a"), "a");
+        assert_eq!(metrics.forwarded_method_label(&"x".repeat(101)), OTHER_METHOD_LABEL);
+        for i in 0..1000 {
+            metrics.request_done(&metrics.forwarded_method_label(&format!("m{i}")), "ok");
+        }
+        let series = metrics.encode().lines().filter(|l| l.starts_with("warren_worker_requests_total{")).count();
+        assert_eq!(series, 1);
     }
 }

@@ -42,6 +42,7 @@ impl From<Result<Value, HandlerError>> for Outcome {
                     HandlerError::BadRequest { message, details }
                     | HandlerError::Failed { message, details }
                     | HandlerError::Internal { message, details } => (message, details),
+                    HandlerError::Unavailable { message } => (message, None),
                 };
                 Self::Error { code, message, details }
             }
@@ -90,6 +91,19 @@ impl Reply {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
         Some(Self { routing_key, properties, body })
+    }
+}
+
+impl Reply {
+    /// The small `internal` error sent instead of a reply of `size` bytes, over `limit` (the worker's own limit,
+    /// or the broker's `max_message_size`); `None` for a one-way request.
+    pub fn too_large(request: &Request, size: usize, limit: usize) -> Option<Self> {
+        let outcome = Outcome::Error {
+            code: ErrorCode::Internal,
+            message: format!("the reply ({size} bytes) is larger than the limit of {limit} bytes"),
+            details: Some(serde_json::json!({ "reason": "reply_too_large", "size": size, "limit": limit })),
+        };
+        Self::to(request, &outcome)
     }
 }
 
@@ -160,6 +174,16 @@ mod tests {
         msgpack.content_type = Some("application/msgpack".into());
         let reply = Reply::to(&msgpack, &Outcome::error(ErrorCode::BadRequest, "no")).unwrap();
         assert_eq!(reply.properties.content_type().as_ref().map(ShortString::as_str), Some("application/json"));
+    }
+
+    #[test]
+    fn a_reply_too_large_becomes_a_small_internal_error() {
+        let reply = Reply::too_large(&request(), 3 << 20, 1 << 20).unwrap();
+        assert!(reply.body.len() < 256);
+        let body: ErrorBody = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body.code, "internal");
+        assert_eq!(body.details.unwrap()["reason"], "reply_too_large");
+        assert_eq!(reply.properties.correlation_id().as_ref().map(ShortString::as_str), Some("corr-7"));
     }
 
     #[test]

@@ -65,6 +65,11 @@ impl Request {
     }
 }
 
+/// How many times the broker delivered this request before (a quorum queue's `x-delivery-count`; 0 when absent).
+pub fn delivery_count(properties: &BasicProperties) -> u64 {
+    properties.headers().as_ref().and_then(|h| header(h, "x-delivery-count")).and_then(amqp_u64).unwrap_or(0)
+}
+
 /// `deadline_ms` has passed at `now_ms` (a request without a deadline never expires).
 pub fn deadline_passed(deadline_ms: Option<u64>, now_ms: u64) -> bool {
     deadline_ms.is_some_and(|deadline| deadline < now_ms)

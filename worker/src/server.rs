@@ -1,5 +1,5 @@
 //! The worker's own small HTTP port: `/metrics` (Prometheus), `/healthz` (the process is alive), `/readyz`
-//! (connected to the broker and consuming).
+//! (connected to the broker, consuming, and the handler can run).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,8 +40,10 @@ async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse 
 }
 
 async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.is_consuming() {
+    if metrics.is_ready() {
         (StatusCode::OK, "consuming\n")
+    } else if !metrics.is_handler_available() {
+        (StatusCode::SERVICE_UNAVAILABLE, "the handler does not answer; not consuming\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n")
     }

@@ -1,18 +1,28 @@
 //! The consume → handle → reply → ack loop, across broker sessions.
 //!
-//! A session is one AMQP connection with two channels: one consuming the request queue (manual acks, prefetch)
-//! and one publishing replies (publisher confirms). Per request: run the handler, publish the reply and wait for
-//! its confirm, then ack. When the session dies, its unacked requests go back to the queue on the broker side;
-//! handlers still running finish, but their replies and acks go nowhere (an ack on a dead channel is a no-op in
-//! lapin, never sent on the next session). The worker reconnects with backoff and consumes again.
+//! A session is two AMQP connections: one consuming the request queue (manual acks, prefetch), one publishing
+//! replies (publisher confirms). They are separate because the broker blocks publishing connections during a memory
+//! or disk alarm: on a shared connection the blocked replies would hold up the acks too, and the requests would be
+//! redelivered and run again although their replies go out once the alarm clears. Per request: run the handler,
+//! publish the reply and wait for its confirm (for as long as the broker blocks the reply connection), then ack.
+//! When the session dies, its unacked requests go back to the queue on the broker side; handlers still running
+//! finish, but their replies and acks go nowhere (an ack on a dead channel is a no-op in lapin, never sent on the
+//! next session). The worker reconnects with backoff and consumes again.
+//!
+//! A handler that reports itself unavailable (an HTTP backend not listening) makes the worker requeue the request,
+//! cancel its consumer (so it takes no more work and `/readyz` fails), probe the handler with backoff, and consume
+//! again once it answers.
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
+use futures::stream::{SelectAll, select_all};
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -21,20 +31,27 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
-use tokio::sync::{Notify, mpsc};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind, Event};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tracing::{debug, info, warn};
-use warren_client::topology::{QueueOptions, declare_service_queues};
+use warren_client::broker_uri::{self, InvalidBrokerUri, Redacted};
+use warren_client::topology::{QueueOptions, dead_letter_queue_name, declare_service_queues};
 
 use crate::backoff::Backoff;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Verdict};
 use crate::handler::Handlers;
+use crate::isolation::{Admission, Kind, Step};
 use crate::metrics::Metrics;
 use crate::reply::Reply;
+use crate::reply_to::ReplyToPolicy;
 use crate::request::Request;
 
 /// The default prefetch: requests a worker holds unacked, and so runs concurrently.
 pub const DEFAULT_PREFETCH: u16 = 32;
+
+/// The largest reply published, by default (RabbitMQ 4's default `max_message_size`); a larger one is replaced
+/// by a small `internal` error.
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
 
 /// The AMQP frame size the worker asks for unless the URI sets `frame_max`. lapin keeps two zero-filled I/O
 /// buffers of 32 frames each, so RabbitMQ's default 128 KiB would cost 8 MiB of resident memory; RPC messages are
@@ -50,10 +67,23 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// handshake must not hang the worker).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a reply confirm or an ack may take before its session is presumed dead (not counting the time the
+/// broker blocks the reply connection).
+const REPLY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Times a reply is published again after the broker closed the reply channel under it.
+const REPLY_ATTEMPTS: u32 = 3;
+
+/// Delays between probes of an unavailable handler.
+const PROBE_BACKOFF: Backoff = Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(2) };
+
+/// At most one "refused reply_to" warning per this interval (the rest are logged at debug level).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("invalid broker URI: {0}")]
-    InvalidUri(String),
+    #[error(transparent)]
+    InvalidUri(#[from] InvalidBrokerUri),
     #[error("failed to declare queue {queue}: it exists with different arguments")]
     QueueConflict {
         queue: String,
@@ -70,7 +100,7 @@ pub struct Worker {
     prefetch: u16,
     declare: Option<QueueOptions>,
     backoff: Backoff,
-    dispatcher: Dispatcher,
+    context: Arc<RequestContext>,
     metrics: Arc<Metrics>,
 }
 
@@ -84,6 +114,8 @@ pub struct WorkerBuilder {
     declare: Option<QueueOptions>,
     backoff: Backoff,
     metrics: Option<Arc<Metrics>>,
+    reply_to: ReplyToPolicy,
+    max_reply_bytes: usize,
 }
 
 impl Worker {
@@ -98,6 +130,8 @@ impl Worker {
             declare: None,
             backoff: Backoff::default(),
             metrics: None,
+            reply_to: ReplyToPolicy::default(),
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
         }
     }
 
@@ -106,10 +140,10 @@ impl Worker {
     }
 
     /// Serves until `shutdown` completes, then cancels the consumer, finishes, replies to and acks every request
-    /// already received, closes the connection and returns. Broker loss is retried forever; only configuration
-    /// errors that no retry can fix end it early.
+    /// already received, closes the connections and returns. Broker loss is retried forever, and so is an
+    /// unavailable handler; only configuration errors that no retry can fix end it early.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
-        let mut uri: AMQPUri = self.uri.parse().map_err(WorkerError::InvalidUri)?;
+        let mut uri = broker_uri::parse(&self.uri)?;
         uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
         let mut shutdown = Shutdown::new(shutdown);
         let mut attempt: u32 = 0;
@@ -126,7 +160,7 @@ impl Worker {
                 Err(OpenError::Fatal(error)) => return Err(error),
                 Err(OpenError::Retry(error)) => {
                     let delay = self.backoff.random_delay(attempt);
-                    warn!(queue = %self.queue, %error, attempt, retry_in = ?delay, "could not start consuming");
+                    warn!(queue = %self.queue, broker = %Redacted(&uri), %error, attempt, retry_in = ?delay, "could not start consuming");
                     attempt = attempt.saturating_add(1);
                     tokio::select! {
                         _ = shutdown.requested() => return Ok(()),
@@ -202,15 +236,39 @@ impl WorkerBuilder {
         self
     }
 
+    /// Which `reply_to` addresses replies may go to (default: direct reply-to and server-named queues only).
+    pub fn reply_to_policy(mut self, policy: ReplyToPolicy) -> Self {
+        self.reply_to = policy;
+        self
+    }
+
+    /// The largest reply body published; a larger reply becomes a small `internal` error (default 16 MiB).
+    pub fn max_reply_bytes(mut self, max: usize) -> Self {
+        self.max_reply_bytes = max.max(1024);
+        self
+    }
+
     pub fn build(self) -> Worker {
         let metrics = self.metrics.unwrap_or_default();
-        Worker {
+        let own_queues = [self.queue.clone(), dead_letter_queue_name(&self.queue)];
+        let availability = Availability::new(!self.handlers.has_probe(), metrics.clone());
+        let context = Arc::new(RequestContext {
             dispatcher: Dispatcher::new(self.handlers, self.default_method, metrics.clone()),
+            reply_to: self.reply_to.excluding(own_queues),
+            availability,
+            max_reply_bytes: self.max_reply_bytes,
+            broker_max_message_size: AtomicUsize::new(usize::MAX),
+            last_refusal_log: std::sync::Mutex::new(None),
+            pauses: AtomicU32::new(0),
+            own_requeues: std::sync::Mutex::new(HashSet::new()),
+        });
+        Worker {
             uri: self.uri,
             queue: self.queue,
             prefetch: self.prefetch,
             declare: self.declare,
             backoff: self.backoff,
+            context,
             metrics,
         }
     }
@@ -219,6 +277,124 @@ impl WorkerBuilder {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
         self.build().run(shutdown).await
     }
+}
+
+/// What every request's task needs, shared across sessions.
+#[derive(Debug)]
+struct RequestContext {
+    dispatcher: Dispatcher,
+    reply_to: ReplyToPolicy,
+    availability: Availability,
+    max_reply_bytes: usize,
+    /// Learned from the broker's refusal of a larger reply (`max_message_size`); `usize::MAX` until then.
+    broker_max_message_size: AtomicUsize,
+    last_refusal_log: std::sync::Mutex<Option<Instant>>,
+    /// `message_id`s of requests this worker gave back itself because its handler was unavailable: when they come
+    /// back they are known not to have killed anyone, and need not run alone.
+    own_requeues: std::sync::Mutex<HashSet<String>>,
+    /// Pauses for an unavailable handler since a request was last answered: a handler that passes its probe but
+    /// fails every request is probed less and less often, so its requests are not requeued in a tight loop.
+    pauses: AtomicU32,
+}
+
+/// Bounds the memory of [`RequestContext::own_requeues`].
+const MAX_OWN_REQUEUES: usize = 10_000;
+
+impl RequestContext {
+    /// Remembers that this worker requeued `delivery` itself (its handler was unavailable).
+    fn requeued_own(&self, delivery: &Delivery) {
+        if let Some(id) = delivery.properties.message_id() {
+            let mut ids = self.own_requeues.lock().unwrap_or_else(|e| e.into_inner());
+            if ids.len() >= MAX_OWN_REQUEUES {
+                ids.clear();
+            }
+            ids.insert(id.to_string());
+        }
+    }
+
+    /// Whether a redelivered `delivery` is one this worker requeued itself (forgetting it).
+    fn returns_own(&self, delivery: &Delivery) -> bool {
+        let Some(id) = delivery.properties.message_id() else { return false };
+        self.own_requeues.lock().unwrap_or_else(|e| e.into_inner()).remove(id.as_str())
+    }
+
+    /// The largest reply body that can be published.
+    fn reply_limit(&self) -> usize {
+        self.max_reply_bytes.min(self.broker_max_message_size.load(Ordering::Relaxed))
+    }
+
+    /// Logs a refused `reply_to` (its value and the correlation id, never the body), at most once per interval at
+    /// warn level so a flood of hostile requests cannot flood the log.
+    fn log_refusal(&self, request: &Request) {
+        let reply_to = request.reply_to.as_ref().map(|r| r.as_str()).unwrap_or_default();
+        let correlation_id = request.correlation_id.as_ref().map(|c| c.as_str());
+        let mut last = self.last_refusal_log.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+            *last = Some(Instant::now());
+            warn!(
+                ?reply_to,
+                ?correlation_id,
+                allowed = %self.reply_to,
+                "refused a request: its reply_to is not a reply address (acked without running; \
+                 more refusals are counted in warren_worker_requests_refused_total and logged at debug level)"
+            );
+        } else {
+            debug!(?reply_to, ?correlation_id, "refused a request: its reply_to is not a reply address");
+        }
+    }
+}
+
+/// Whether the handler can run: shared by the request tasks (which report it down) and the session (which stops
+/// consuming, probes, and consumes again).
+#[derive(Debug)]
+struct Availability {
+    up: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Availability {
+    fn new(up: bool, metrics: Arc<Metrics>) -> Self {
+        metrics.set_handler_available(up);
+        Self { up: watch::Sender::new(up), metrics }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.send_replace(up);
+        self.metrics.set_handler_available(up);
+    }
+
+    fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+}
+
+/// Probes the handler with backoff until it answers, then marks it available.
+async fn probe_until_available(context: Arc<RequestContext>) {
+    let mut attempt = 0;
+    let started = Instant::now();
+    let pauses = context.pauses.load(Ordering::Relaxed);
+    if pauses > 1 {
+        tokio::time::sleep(PROBE_BACKOFF.random_delay(pauses - 2)).await;
+    }
+    loop {
+        let Some(probe) = context.dispatcher.probe() else { break };
+        if probe.await {
+            break;
+        }
+        if attempt == 0 {
+            info!("the handler does not answer; probing it with backoff before taking work");
+        }
+        tokio::time::sleep(PROBE_BACKOFF.random_delay(attempt)).await;
+        attempt = attempt.saturating_add(1);
+    }
+    if attempt > 0 || !context.availability.is_up() {
+        info!(after = ?started.elapsed(), "the handler answers");
+    }
+    context.availability.set(true);
 }
 
 /// The shutdown request, remembered once it fired.
@@ -249,59 +425,107 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// One connection: the consuming channel, the reply channel, and the requests received on them.
+/// How requests come in during a session. A prefetch change takes a new consumer (RabbitMQ applies `basic.qos` only
+/// to consumers started after it), so a cancelled consumer may still be delivering what it had sent next to its
+/// successor: the intake reads them all.
+enum Intake {
+    /// Deliveries are handled. `active`: the tag of the consumer taking more, `None` while the admission waits for
+    /// quiet before starting the next one.
+    Consuming { consumers: SelectAll<Consumer>, active: Option<String> },
+    /// The handler became unavailable: the consumer is being cancelled, deliveries still arriving are requeued.
+    Pausing { consumers: SelectAll<Consumer> },
+    /// No consumer; probing the handler until it answers.
+    Paused { probe: Pin<Box<dyn Future<Output = ()> + Send>> },
+}
+
+#[allow(clippy::large_enum_variant)] // short-lived, never stored
+enum IntakeEvent {
+    Delivery(Option<Result<Delivery, lapin::Error>>),
+    HandlerAnswers,
+}
+
+impl Intake {
+    /// The next delivery, or the end of the probe; cancel-safe. Without an active consumer the end of the
+    /// cancelled ones is no end: a new one is coming (unless `draining`).
+    async fn next(&mut self, draining: bool) -> IntakeEvent {
+        match self {
+            Self::Consuming { consumers, active } => match consumers.next().await {
+                None if active.is_none() && !draining => std::future::pending().await,
+                delivery => IntakeEvent::Delivery(delivery),
+            },
+            Self::Pausing { consumers } => IntakeEvent::Delivery(consumers.next().await),
+            Self::Paused { probe } => {
+                probe.await;
+                IntakeEvent::HandlerAnswers
+            }
+        }
+    }
+}
+
+/// Two connections: requests are consumed on one, replies published on the other.
 struct Session {
-    connection: Connection,
+    consume_connection: Connection,
     consume_channel: Channel,
-    consumer: Consumer,
-    consumer_tag: String,
-    replies: Arc<ReplyChannel>,
+    intake: Intake,
+    publisher: Arc<Publisher>,
+    /// Which deliveries run now; redelivered ones run alone.
+    admission: Admission<Delivery>,
+    /// Each request task reports here how it was admitted when it is done.
+    done: mpsc::UnboundedSender<Kind>,
+    done_rx: mpsc::UnboundedReceiver<Kind>,
     /// Every spawned request holds a sender; all dropped = nothing in flight.
     in_flight: Option<mpsc::Sender<()>>,
     in_flight_done: mpsc::Receiver<()>,
-}
-
-/// A session's channels, before they are tied to their connection.
-struct SessionParts {
-    consume_channel: Channel,
-    consumer: Consumer,
-    consumer_tag: String,
-    reply_channel: Channel,
-}
-
-impl SessionParts {
-    fn into_session(self, connection: Connection) -> Session {
-        let (in_flight, in_flight_done) = mpsc::channel(1);
-        Session {
-            connection,
-            consume_channel: self.consume_channel,
-            consumer: self.consumer,
-            consumer_tag: self.consumer_tag,
-            replies: Arc::new(ReplyChannel { channel: self.reply_channel, broken: Notify::new() }),
-            in_flight: Some(in_flight),
-            in_flight_done,
-        }
-    }
 }
 
 static CONSUMER_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Session {
     async fn open(worker: &Worker, uri: AMQPUri) -> Result<Self, OpenError> {
-        let properties =
-            ConnectionProperties::default().with_connection_name(format!("warren-worker {}", worker.queue).into());
-        let connection = Connection::connect_uri(uri, properties).await.map_err(retry)?;
-        match Self::start(worker, &connection).await {
-            Ok(parts) => Ok(parts.into_session(connection)),
+        let name = |role: &str| {
+            ConnectionProperties::default()
+                .with_connection_name(format!("warren-worker {} {role}", worker.queue).into())
+        };
+        let consume_connection = Connection::connect_uri(uri.clone(), name("consume")).await.map_err(retry)?;
+        let publish_connection = match Connection::connect_uri(uri, name("reply")).await {
+            Ok(connection) => connection,
             Err(error) => {
-                close(&connection, "could not start consuming").await;
+                close(&consume_connection, "could not open the reply connection").await;
+                return Err(retry(error));
+            }
+        };
+        match Self::start(worker, &consume_connection, &publish_connection).await {
+            Ok((consume_channel, reply_channel, intake)) => {
+                let (in_flight, in_flight_done) = mpsc::channel(1);
+                let (done, done_rx) = mpsc::unbounded_channel();
+                let publisher = Arc::new(Publisher::new(publish_connection, reply_channel, worker.metrics.clone()));
+                Ok(Session {
+                    consume_connection,
+                    consume_channel,
+                    intake,
+                    publisher,
+                    admission: Admission::new(worker.prefetch),
+                    done,
+                    done_rx,
+                    in_flight: Some(in_flight),
+                    in_flight_done,
+                })
+            }
+            Err(error) => {
+                close(&consume_connection, "could not start consuming").await;
+                close(&publish_connection, "could not start consuming").await;
                 Err(error)
             }
         }
     }
 
-    async fn start(worker: &Worker, connection: &Connection) -> Result<SessionParts, OpenError> {
-        let consume_channel = connection.create_channel().await.map_err(retry)?;
+    /// The consuming channel (declared, prefetch set), the reply channel, and how requests come in.
+    async fn start(
+        worker: &Worker,
+        consume_connection: &Connection,
+        publish_connection: &Connection,
+    ) -> Result<(Channel, Channel, Intake), OpenError> {
+        let consume_channel = consume_connection.create_channel().await.map_err(retry)?;
         if let Some(options) = &worker.declare {
             declare_service_queues(&consume_channel, &worker.queue, options).await.map_err(|error| {
                 if is_soft_error(&error, AMQPSoftError::PRECONDITIONFAILED) {
@@ -311,59 +535,128 @@ impl Session {
                 }
             })?;
         }
-        let reply_channel = connection.create_channel().await.map_err(retry)?;
-        reply_channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(retry)?;
-        consume_channel.basic_qos(worker.prefetch, BasicQosOptions { global: false }).await.map_err(retry)?;
-        let consumer_tag =
-            format!("warren-worker-{}-{}", std::process::id(), CONSUMER_SEQ.fetch_add(1, Ordering::Relaxed));
-        let consumer = consume_channel
-            .basic_consume(
-                worker.queue.as_str().into(),
-                consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|error| {
-                if is_soft_error(&error, AMQPSoftError::NOTFOUND) && worker.declare.is_none() {
-                    warn!(queue = %worker.queue, "the queue does not exist (run with --declare to create it)");
-                }
-                retry(error)
-            })?;
-        Ok(SessionParts { consume_channel, consumer, consumer_tag, reply_channel })
+        let reply_channel = open_reply_channel(publish_connection).await.map_err(retry)?;
+        // A session starts cautious: it may be taking over the requests of a worker that just died.
+        let prefetch = Admission::<Delivery>::new(worker.prefetch).initial_prefetch();
+        consume_channel.basic_qos(prefetch, BasicQosOptions { global: false }).await.map_err(retry)?;
+        // A handler that does not answer yet (a backend container slower to start than the worker) is waited for
+        // before consuming, so no request is taken only to be given back.
+        let intake = if worker.context.availability.is_up() {
+            let (consumer, tag) = consume(&consume_channel, worker).await.map_err(retry)?;
+            Intake::Consuming { consumers: select_all([consumer]), active: Some(tag) }
+        } else {
+            Intake::Paused { probe: Box::pin(probe_until_available(worker.context.clone())) }
+        };
+        Ok((consume_channel, reply_channel, intake))
     }
 
-    /// Receives and spawns requests until shutdown (consumer cancelled and drained) or the session dies.
+    /// Receives and spawns requests until shutdown (consumer cancelled, everything received answered or given
+    /// back) or the session dies; pauses while the handler is unavailable.
     async fn serve(&mut self, worker: &Worker, shutdown: &mut Shutdown) -> SessionEnd {
-        worker.metrics.set_consuming(true);
-        info!(queue = %worker.queue, prefetch = worker.prefetch, "consuming");
-        let mut cancelling = false;
+        if matches!(self.intake, Intake::Consuming { .. }) {
+            worker.metrics.set_consuming(true);
+            info!(queue = %worker.queue, prefetch = worker.prefetch, "consuming");
+        }
+        let mut availability = worker.context.availability.subscribe();
+        let mut draining = false;
+        // Draining, and no delivery will arrive any more.
+        let mut intake_ended = false;
         let mut last_error = None;
         let end = loop {
+            if intake_ended && self.admission.idle() {
+                break SessionEnd::Shutdown;
+            }
+            let consuming = matches!(self.intake, Intake::Consuming { .. });
             tokio::select! {
                 biased;
-                _ = shutdown.requested(), if !cancelling => {
-                    cancelling = true;
+                _ = shutdown.requested(), if !draining => {
+                    draining = true;
                     worker.metrics.set_consuming(false);
+                    self.admission.suspend();
                     info!(queue = %worker.queue, "shutting down: cancelling the consumer, finishing requests in flight");
-                    // Requests already delivered still arrive on the stream, which ends after the cancel-ok.
-                    let tag = self.consumer_tag.as_str().into();
-                    if let Err(error) = self.consume_channel.basic_cancel(tag, BasicCancelOptions::default()).await {
-                        warn!(%error, "could not cancel the consumer");
+                    match &mut self.intake {
+                        Intake::Consuming { consumers, active } => {
+                            // Requests already delivered still arrive on the stream, which ends after the cancel-ok.
+                            if let Some(tag) = active.take() {
+                                cancel(&self.consume_channel, &tag).await;
+                            }
+                            intake_ended = consumers.is_empty();
+                        }
+                        Intake::Pausing { .. } => {}
+                        Intake::Paused { .. } => intake_ended = true,
                     }
                 }
-                _ = self.replies.broken.notified() => {
-                    break SessionEnd::Lost("the reply channel closed".into());
+                _ = self.publisher.broken.notified() => {
+                    break SessionEnd::Lost("the reply connection closed".into());
                 }
-                delivery = self.consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.spawn(delivery, worker),
+                // The watch guard is not held past the wait.
+                () = async { let _ = availability.wait_for(|up| !*up).await; }, if consuming && !draining => {
+                    let Intake::Consuming { consumers, active } =
+                        std::mem::replace(&mut self.intake, Intake::Paused { probe: Box::pin(std::future::pending()) })
+                    else {
+                        unreachable!("checked by the branch condition")
+                    };
+                    worker.metrics.set_consuming(false);
+                    worker.context.pauses.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        queue = %worker.queue,
+                        "the handler is unavailable: stopped consuming; requests that cannot run go back to the queue"
+                    );
+                    if let Some(tag) = active {
+                        cancel(&self.consume_channel, &tag).await;
+                    }
+                    self.intake = if consumers.is_empty() {
+                        Intake::Paused { probe: Box::pin(probe_until_available(worker.context.clone())) }
+                    } else {
+                        Intake::Pausing { consumers }
+                    };
+                    self.admission.suspend();
+                    for (delivery, kind) in self.admission.take_waiting() {
+                        self.requeue_unrun(delivery, kind == Kind::Suspect, worker);
+                    }
+                }
+                Some(kind) = self.done_rx.recv() => {
+                    let steps = self.admission.finished(kind);
+                    if let Err(error) = self.apply(steps, worker, draining).await {
+                        break SessionEnd::Lost(error.to_string());
+                    }
+                }
+                event = self.intake.next(draining), if !intake_ended => match event {
+                    IntakeEvent::Delivery(Some(Ok(delivery))) => match self.intake {
+                        Intake::Consuming { .. } => {
+                            let count = crate::request::delivery_count(&delivery.properties);
+                            let redelivered = delivery.redelivered && !worker.context.returns_own(&delivery);
+                            let steps = self.admission.admit(delivery, redelivered, count);
+                            if let Err(error) = self.apply(steps, worker, draining).await {
+                                break SessionEnd::Lost(error.to_string());
+                            }
+                        }
+                        _ => {
+                            let suspect = delivery.redelivered;
+                            self.requeue_unrun(delivery, suspect, worker)
+                        }
+                    },
                     // Always followed by `None`.
-                    Some(Err(error)) => last_error = Some(error),
-                    None if cancelling => break SessionEnd::Shutdown,
-                    None => break SessionEnd::Lost(match last_error.take() {
-                        Some(error) => error.to_string(),
-                        None => "the broker cancelled the consumer (queue deleted?)".into(),
-                    }),
+                    IntakeEvent::Delivery(Some(Err(error))) => last_error = Some(error),
+                    IntakeEvent::Delivery(None) if draining => intake_ended = true,
+                    IntakeEvent::Delivery(None) => match self.intake {
+                        Intake::Pausing { .. } => {
+                            let probe = probe_until_available(worker.context.clone());
+                            self.intake = Intake::Paused { probe: Box::pin(probe) };
+                        }
+                        _ => break SessionEnd::Lost(match last_error.take() {
+                            Some(error) => error.to_string(),
+                            None => "the broker cancelled the consumer (queue deleted?)".into(),
+                        }),
+                    },
+                    IntakeEvent::HandlerAnswers => match start_intake(&self.consume_channel, self.admission.resume(), worker).await {
+                        Ok((consumer, tag)) => {
+                            self.intake = Intake::Consuming { consumers: select_all([consumer]), active: Some(tag) };
+                            worker.metrics.set_consuming(true);
+                            info!(queue = %worker.queue, prefetch = worker.prefetch, "consuming");
+                        }
+                        Err(error) => break SessionEnd::Lost(error.to_string()),
+                    },
                 }
             }
         };
@@ -371,51 +664,173 @@ impl Session {
         end
     }
 
-    fn spawn(&self, delivery: Delivery, worker: &Worker) {
-        let dispatcher = worker.dispatcher.clone();
-        let replies = self.replies.clone();
+    /// Carries out what the admission decided.
+    async fn apply(&mut self, steps: Vec<Step<Delivery>>, worker: &Worker, draining: bool) -> Result<(), lapin::Error> {
+        for step in steps {
+            match step {
+                Step::StopIntake => {
+                    if let Intake::Consuming { active, .. } = &mut self.intake
+                        && let Some(tag) = active.take()
+                    {
+                        debug!("no more requests until those received are done");
+                        cancel(&self.consume_channel, &tag).await;
+                    }
+                }
+                Step::StartIntake(prefetch) => {
+                    if draining || !matches!(self.intake, Intake::Consuming { active: None, .. }) {
+                        continue;
+                    }
+                    let (consumer, tag) = start_intake(&self.consume_channel, prefetch, worker).await?;
+                    if let Intake::Consuming { consumers, active } = &mut self.intake {
+                        consumers.push(consumer);
+                        *active = Some(tag);
+                    }
+                }
+                Step::Run(delivery, kind) => {
+                    if kind == Kind::Suspect {
+                        worker.metrics.request_run_alone();
+                        info!(
+                            delivery_count = crate::request::delivery_count(&delivery.properties),
+                            "a redelivered request runs alone (it may be what stopped a worker before)"
+                        );
+                    }
+                    self.spawn(delivery, kind, worker);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, delivery: Delivery, kind: Kind, worker: &Worker) {
+        let context = worker.context.clone();
+        let publisher = self.publisher.clone();
         let in_flight = self.in_flight.clone();
+        let done = self.done.clone();
         tokio::spawn(async move {
-            handle(delivery, &dispatcher, &replies).await;
+            let acker = delivery.acker.clone();
+            // Whatever panics on the way (a handler's panic is answered as `internal` before this), the request
+            // must not keep its prefetch slot: give it back, so the delivery limit can dead-letter a poison.
+            if AssertUnwindSafe(handle(delivery, &context, &publisher)).catch_unwind().await.is_err() {
+                tracing::error!("handling a request panicked; requeueing it");
+                let requeue = acker.nack(BasicNackOptions { multiple: false, requeue: true });
+                let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
+            }
+            let _ = done.send(kind);
             drop(in_flight);
         });
     }
 
-    /// Waits for every request of this session to be answered and acked, then closes the connection; false if
-    /// the connection died meanwhile (then some requests may not have been answered).
+    /// A delivery that arrived while the consumer was being cancelled for an unavailable handler: back to the
+    /// queue without running, so another worker (or this one, later) takes it.
+    /// `suspect`: it was redelivered and has not run here, so it stays suspect when it comes back.
+    fn requeue_unrun(&self, delivery: Delivery, suspect: bool, worker: &Worker) {
+        if !suspect {
+            worker.context.requeued_own(&delivery);
+        }
+        let metrics = worker.metrics.clone();
+        let in_flight = self.in_flight.clone();
+        tokio::spawn(async move {
+            metrics.request_requeued("handler_unavailable");
+            let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
+            let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
+            drop(in_flight);
+        });
+    }
+
+    /// Waits for every request of this session to be answered and acked, then closes the connections; false if a
+    /// connection died meanwhile (then some requests may not have been answered).
     async fn drain_and_close(mut self) -> bool {
         self.in_flight.take();
         while self.in_flight_done.recv().await.is_some() {}
-        let alive = self.connection.status().connected();
-        close(&self.connection, "worker shutting down").await;
+        let alive = self.consume_connection.status().connected() && self.publisher.connection.status().connected();
+        close(&self.consume_connection, "worker shutting down").await;
+        close(&self.publisher.connection, "worker shutting down").await;
         alive
     }
 
     /// Gives up on the session: its handlers keep running, but nothing they send can reach the broker.
     async fn abandon(self) {
-        close(&self.connection, "session lost").await;
+        close(&self.consume_connection, "session lost").await;
+        close(&self.publisher.connection, "session lost").await;
     }
 }
 
-/// How long a reply confirm or an ack may take before its session is presumed dead.
-const REPLY_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+async fn cancel(channel: &Channel, tag: &str) {
+    if let Err(error) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
+        warn!(%error, "could not cancel the consumer");
+    }
+}
+
+/// A new consumer with `prefetch` (a prefetch applies to the consumers started after it).
+async fn start_intake(channel: &Channel, prefetch: u16, worker: &Worker) -> Result<(Consumer, String), lapin::Error> {
+    debug!(prefetch, "consuming with a new prefetch");
+    channel.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+    consume(channel, worker).await
+}
+
+/// Starts a consumer on the request queue.
+async fn consume(channel: &Channel, worker: &Worker) -> Result<(Consumer, String), lapin::Error> {
+    let tag = format!("warren-worker-{}-{}", std::process::id(), CONSUMER_SEQ.fetch_add(1, Ordering::Relaxed));
+    let consumer = channel
+        .basic_consume(
+            worker.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .inspect_err(|error| {
+            if is_soft_error(error, AMQPSoftError::NOTFOUND) && worker.declare.is_none() {
+                warn!(queue = %worker.queue, "the queue does not exist (run with --declare to create it)");
+            }
+        })?;
+    Ok((consumer, tag))
+}
 
 /// Handler → reply (confirmed) → ack, for one delivery.
-async fn handle(delivery: Delivery, dispatcher: &Dispatcher, replies: &ReplyChannel) {
-    let metrics = dispatcher.metrics();
+async fn handle(delivery: Delivery, context: &RequestContext, publisher: &Publisher) {
+    let metrics = context.dispatcher.metrics();
     let _gauge = metrics.in_flight();
     let request = Request::from_properties(&delivery.properties);
-    let handled = dispatcher.handle(&request, &delivery.data, delivery.redelivered, SystemTime::now()).await;
-    metrics.request_done(&handled.method_label, handled.outcome.label());
-    debug!(method = %handled.method_label, outcome = handled.outcome.label(), "handled");
+    if let Some(reply_to) = &request.reply_to
+        && !context.reply_to.allows(reply_to.as_str())
+    {
+        metrics.request_refused("reply_to");
+        context.log_refusal(&request);
+        ack(&delivery).await;
+        return;
+    }
+    let handled = context.dispatcher.handle(&request, &delivery.data, delivery.redelivered, SystemTime::now()).await;
+    metrics.request_done(&handled.method_label, handled.outcome_label());
+    debug!(method = %handled.method_label, outcome = handled.outcome_label(), "handled");
+    let outcome = match handled.verdict {
+        Verdict::Answer(outcome) => {
+            context.pauses.store(0, Ordering::Relaxed);
+            outcome
+        }
+        Verdict::Unavailable(reason) => {
+            if context.availability.is_up() {
+                warn!(%reason, "the handler is unavailable; requeueing the request");
+            } else {
+                debug!(%reason, "the handler is unavailable; requeueing the request");
+            }
+            context.availability.set(false);
+            metrics.request_requeued("handler_unavailable");
+            context.requeued_own(&delivery);
+            let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
+            let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
+            return;
+        }
+    };
 
-    if let Some(reply) = Reply::to(&request, &handled.outcome)
-        && let Err(error) = replies.publish(&reply).await
+    if let Some(reply) = Reply::to(&request, &outcome)
+        && let Err(error) = publish_reply(context, publisher, &request, reply).await
     {
         metrics.reply_failed();
         // A broken session requeues the request on the broker side; otherwise give it back ourselves.
-        if delivery.acker.usable() && !replies.is_broken() {
+        if delivery.acker.usable() && !publisher.is_broken() {
             warn!(%error, "the reply was not published; requeueing the request");
+            metrics.request_requeued("reply_failed");
             // Bounded like the ack: the session may be dying without having noticed yet.
             let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
             let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
@@ -424,6 +839,10 @@ async fn handle(delivery: Delivery, dispatcher: &Dispatcher, replies: &ReplyChan
         }
         return;
     }
+    ack(&delivery).await;
+}
+
+async fn ack(delivery: &Delivery) {
     let acked = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await;
     let Ok(acked) = acked else {
         debug!("no answer to the ack; the broker redelivers the request if it was lost");
@@ -436,11 +855,38 @@ async fn handle(delivery: Delivery, dispatcher: &Dispatcher, replies: &ReplyChan
     }
 }
 
-/// The channel replies are published on, with publisher confirms.
-struct ReplyChannel {
-    channel: Channel,
-    /// Signalled when the channel died under a live session, so the session is replaced.
-    broken: Notify,
+/// Publishes `reply`, or a small `internal` error instead when it is larger than the worker's limit or than the
+/// broker accepts: the request ran, and running it again would produce the same reply.
+async fn publish_reply(
+    context: &RequestContext,
+    publisher: &Publisher,
+    request: &Request,
+    reply: Reply,
+) -> Result<(), ReplyError> {
+    let size = reply.body.len();
+    let limit = context.reply_limit();
+    if size > limit {
+        return publish_too_large(context, publisher, request, size, limit).await;
+    }
+    match publisher.publish(&reply, context).await {
+        Err(ReplyError::TooLarge { limit }) => publish_too_large(context, publisher, request, size, limit).await,
+        result => result,
+    }
+}
+
+async fn publish_too_large(
+    context: &RequestContext,
+    publisher: &Publisher,
+    request: &Request,
+    size: usize,
+    limit: usize,
+) -> Result<(), ReplyError> {
+    context.dispatcher.metrics().reply_too_large();
+    warn!(size, limit, "the reply is too large to publish; replying with an internal error instead");
+    match Reply::too_large(request, size, limit) {
+        Some(small) => publisher.publish(&small, context).await,
+        None => Ok(()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -449,12 +895,101 @@ enum ReplyError {
     Publish(#[source] lapin::Error),
     #[error("the broker nacked the reply")]
     Nacked,
+    #[error("the broker refused the reply: larger than its max_message_size of {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
-impl ReplyChannel {
-    async fn publish(&self, reply: &Reply) -> Result<(), ReplyError> {
+/// The reply connection and its channel (publisher confirms). The broker may close the channel under a live
+/// connection (a reply over `max_message_size` gets 406 PRECONDITION_FAILED): then a new channel is opened.
+struct Publisher {
+    connection: Connection,
+    channel: Mutex<Channel>,
+    /// Signalled when the connection died under a live session, so the session is replaced.
+    broken: Notify,
+    blocked_watch: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    fn new(connection: Connection, channel: Channel, metrics: Arc<Metrics>) -> Self {
+        // The broker tells a publishing connection when it blocks it (memory or disk alarm) and unblocks it.
+        let events = connection.events_listener();
+        let blocked_watch = tokio::spawn(async move {
+            futures::pin_mut!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => {
+                        warn!(%reason, "the broker blocks the reply connection; replies (and so acks) wait for it");
+                        metrics.set_publisher_blocked(true);
+                    }
+                    Event::ConnectionUnblocked => {
+                        info!("the broker unblocked the reply connection");
+                        metrics.set_publisher_blocked(false);
+                    }
+                    _ => {}
+                }
+            }
+            metrics.set_publisher_blocked(false);
+        });
+        Self { connection, channel: Mutex::new(channel), broken: Notify::new(), blocked_watch }
+    }
+
+    fn is_broken(&self) -> bool {
+        !self.connection.status().connected()
+    }
+
+    /// The open reply channel, opening a new one when the broker closed the last.
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        let mut current = self.channel.lock().await;
+        if current.status().connected() {
+            return Ok(current.clone());
+        }
+        let fresh = open_reply_channel(&self.connection).await?;
+        debug!("opened a new reply channel");
+        *current = fresh.clone();
+        Ok(fresh)
+    }
+
+    async fn publish(&self, reply: &Reply, context: &RequestContext) -> Result<(), ReplyError> {
+        let mut attempt = 1;
+        loop {
+            let result = match self.channel().await {
+                Ok(channel) => self.publish_on(&channel, reply).await.map_err(|e| (Some(channel), e)),
+                Err(error) => Err((None, error)),
+            };
+            let (channel, error) = match result {
+                Ok(confirmation) if confirmation.is_nack() => return Err(ReplyError::Nacked),
+                Ok(_) => return Ok(()),
+                Err(failure) => failure,
+            };
+            if self.is_broken() {
+                self.broken.notify_one();
+                return Err(ReplyError::Publish(error));
+            }
+            if channel.is_some_and(|c| c.status().connected()) {
+                // The channel is fine, the confirm did not come: the session is presumably dying.
+                return Err(ReplyError::Publish(error));
+            }
+            // The broker closed the reply channel, maybe because of this very reply.
+            if let Some(max) = refused_for_size(&error) {
+                context.broker_max_message_size.fetch_min(max, Ordering::Relaxed);
+                if reply.body.len() > max {
+                    return Err(ReplyError::TooLarge { limit: max });
+                }
+            }
+            if attempt >= REPLY_ATTEMPTS {
+                return Err(ReplyError::Publish(error));
+            }
+            debug!(%error, attempt, "the reply channel closed under the reply; publishing it again on a new channel");
+            attempt += 1;
+        }
+    }
+
+    /// Publishes and waits for the confirm: up to [`REPLY_CONFIRM_TIMEOUT`], and beyond for as long as the broker
+    /// blocks the connection (the reply is not lost, only held back; timing out would requeue a request whose
+    /// reply goes out later, and it would run twice).
+    async fn publish_on(&self, channel: &Channel, reply: &Reply) -> Result<Confirmation, lapin::Error> {
         let confirm = async {
-            self.channel
+            channel
                 .basic_publish(
                     "".into(),
                     reply.routing_key.clone(),
@@ -465,30 +1000,49 @@ impl ReplyChannel {
                 .await?
                 .await
         };
-        // A confirm lost with a dying connection must not hold the request (and the drain) forever.
-        let confirm = async {
-            tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, confirm).await.unwrap_or_else(|_| {
-                Err(lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no publisher confirm for the reply",
-                )))))
-            })
-        };
-        match confirm.await {
-            Ok(confirmation) if confirmation.is_nack() => Err(ReplyError::Nacked),
-            Ok(_) => Ok(()),
-            Err(error) => {
-                if self.is_broken() {
-                    self.broken.notify_one();
+        futures::pin_mut!(confirm);
+        loop {
+            match tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, &mut confirm).await {
+                Ok(result) => return result,
+                Err(_) if self.connection.status().blocked() && self.connection.status().connected() => {
+                    debug!("the reply connection is blocked by the broker; still waiting for the confirm");
                 }
-                Err(ReplyError::Publish(error))
+                Err(_) => {
+                    return Err(lapin::Error::from(ErrorKind::IOError(Arc::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no publisher confirm for the reply",
+                    )))));
+                }
             }
         }
     }
+}
 
-    fn is_broken(&self) -> bool {
-        !self.channel.status().connected()
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.blocked_watch.abort();
     }
+}
+
+async fn open_reply_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+/// The broker's `max_message_size` when `error` is its refusal of a message over it: RabbitMQ closes the channel
+/// with 406 PRECONDITION_FAILED "message size N is larger than configured max size M".
+fn refused_for_size(error: &lapin::Error) -> Option<usize> {
+    let ErrorKind::ProtocolError(amqp) = error.kind() else { return None };
+    if *amqp.kind() != AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
+        return None;
+    }
+    max_size_in(amqp.get_message().as_str())
+}
+
+fn max_size_in(message: &str) -> Option<usize> {
+    let (_, after) = message.split_once("larger than configured max size")?;
+    after.trim().trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()
 }
 
 fn retry(error: lapin::Error) -> OpenError {
@@ -507,5 +1061,33 @@ async fn close(connection: &Connection, reason: &str) {
         Ok(Ok(())) => {}
         Ok(Err(error)) => debug!(%error, "closing the connection failed"),
         Err(_) => debug!("closing the connection timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_limit_from_the_brokers_refusal() {
+        let message = "PRECONDITION_FAILED - message size 3145767 is larger than configured max size 1048576";
+        assert_eq!(max_size_in(message), Some(1_048_576));
+        assert_eq!(max_size_in("PRECONDITION_FAILED - inequivalent arg 'x-queue-type'"), None);
+    }
+
+    #[test]
+    fn a_worker_with_a_probe_starts_unavailable() {
+        let http = Handlers::new().probe(|| async { true });
+        assert!(!Worker::builder("amqp://x", "q").handlers(http).build().context.availability.is_up());
+        assert!(Worker::builder("amqp://x", "q").build().context.availability.is_up());
+    }
+
+    #[test]
+    fn the_own_queues_are_never_reply_addresses() {
+        let policy = ReplyToPolicy::new(&["*"]).unwrap();
+        let worker = Worker::builder("amqp://x", "svc").reply_to_policy(policy).build();
+        assert!(!worker.context.reply_to.allows("svc"));
+        assert!(!worker.context.reply_to.allows("svc.dead"));
+        assert!(worker.context.reply_to.allows("other"));
     }
 }

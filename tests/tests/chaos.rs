@@ -1,0 +1,947 @@
+//! The chaos suite: faults and hostile input against the real `warren-worker` and `warren` binaries and a real
+//! RabbitMQ (the environment's broker, or a node of the test's own for faults that would disturb others: memory
+//! alarm, `max_message_size`, restart). Each test prints its counts — sent, answered, errors, runs per request — and
+//! asserts what users rely on: calls answered, one-way requests delivered to the handler, no request run more often
+//! than the faults force, bounded metrics, no secret in logs.
+//!
+//! Run `cargo build --workspace --bins` first; `scripts/env up` must have started the broker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use warren_client::topology::{QueueOptions, dead_letter_queue_name};
+use warren_client::{CallError, Client};
+use warren_tests::backend::Backend;
+use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig};
+use warren_tests::worker_process::{WorkerCommand, metric_sum, metric_value};
+use warren_tests::{bin_path, broker, broker_uri, unique_name};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers
+
+/// What a scenario counted; printed by every test, before its assertions.
+#[derive(Debug, Default)]
+struct Counts {
+    sent: u64,
+    answered: u64,
+    errors: BTreeMap<String, u64>,
+    /// How many requests ran how many times: `{1: 58, 2: 2}`.
+    runs: BTreeMap<u32, u64>,
+    extra: BTreeMap<&'static str, String>,
+}
+
+impl Counts {
+    fn error(&mut self, error: &CallError) {
+        let key = match error {
+            CallError::Remote { code, .. } => format!("remote:{code}"),
+            other => other.kind().as_str().to_owned(),
+        };
+        *self.errors.entry(key).or_default() += 1;
+    }
+
+    fn record(&mut self, result: &Result<Value, CallError>) {
+        match result {
+            Ok(_) => self.answered += 1,
+            Err(error) => self.error(error),
+        }
+    }
+
+    fn runs_from(&mut self, runs: impl IntoIterator<Item = u32>) {
+        for n in runs {
+            *self.runs.entry(n).or_default() += 1;
+        }
+    }
+
+    fn note(&mut self, key: &'static str, value: impl std::fmt::Display) {
+        self.extra.insert(key, value.to_string());
+    }
+
+    fn errors_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    fn print(&self, scenario: &str) {
+        eprintln!(
+            "CHAOS {scenario}: sent={} answered={} errors={} {:?} runs-per-request={:?} {:?}",
+            self.sent,
+            self.answered,
+            self.errors_total(),
+            self.errors,
+            self.runs,
+            self.extra
+        );
+    }
+}
+
+/// Deletes a service's queues on the environment's broker when dropped.
+struct QueueCleanup(Vec<String>);
+
+impl QueueCleanup {
+    fn service(queue: &str) -> Self {
+        Self(vec![queue.to_owned(), dead_letter_queue_name(queue)])
+    }
+}
+
+impl Drop for QueueCleanup {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                for queue in &queues {
+                    let _ = broker::delete_queue("/", queue).await;
+                }
+            });
+            Some(())
+        })
+        .join();
+    }
+}
+
+async fn connect(uri: &str) -> Connection {
+    Connection::connect(uri, ConnectionProperties::default()).await.expect("broker connection")
+}
+
+/// A channel in confirm mode, for publishing hand-made requests.
+async fn confirm_channel(connection: &Connection) -> Channel {
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+}
+
+async fn publish(channel: &Channel, queue: &str, properties: BasicProperties, body: &[u8]) {
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "the broker refused a request: {confirm:?}");
+}
+
+/// Declares a service's queues as `warren-worker --declare` does.
+async fn declare(uri: &str, queue: &str) {
+    let connection = connect(uri).await;
+    let channel = connection.create_channel().await.unwrap();
+    warren_client::topology::declare_service_queues(&channel, queue, &QueueOptions::default()).await.unwrap();
+    let _ = connection.close(200, "declared".into()).await;
+}
+
+/// Messages waiting in `queue` (passive declare), on the broker at `uri`.
+async fn queue_depth(uri: &str, queue: &str) -> u32 {
+    let connection = connect(uri).await;
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let depth = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.unwrap().message_count();
+    let _ = connection.close(200, "done".into()).await;
+    depth
+}
+
+/// Takes every message out of `queue` (e.g. a dead-letter queue): (type, body) of each.
+async fn drain_queue(uri: &str, queue: &str) -> Vec<(Option<String>, Value)> {
+    let connection = connect(uri).await;
+    let channel = connection.create_channel().await.unwrap();
+    let mut messages = Vec::new();
+    while let Some(message) = channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        let kind = message.delivery.properties.kind().as_ref().map(|k| k.as_str().to_owned());
+        messages.push((kind, serde_json::from_slice(&message.delivery.data).unwrap_or(Value::Null)));
+    }
+    let _ = connection.close(200, "done".into()).await;
+    messages
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut done: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            eprintln!("gave up waiting for {what} after {timeout:?}");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn remote_code(result: &Result<Value, CallError>) -> Option<&str> {
+    match result {
+        Err(CallError::Remote { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1. An HTTP handler whose backend is not listening yet, then goes away and comes back
+
+#[tokio::test]
+async fn an_unavailable_http_backend_loses_no_request_and_fails_no_call() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-backend-down");
+    let _cleanup = QueueCleanup::service(&queue);
+    let mut backend = Backend::reserve();
+    // The queue exists before the worker (the operator declares it), so requests can wait for the backend.
+    declare(&broker_uri(), &queue).await;
+    let mut worker =
+        WorkerCommand::new(&queue).handler(&backend.url()).args(["--declare", "--prefetch", "8"]).spawn().unwrap();
+    worker.wait_healthy(Duration::from_secs(30)).await.unwrap();
+    let client = Client::connect(&broker_uri()).await.unwrap();
+    let mut counts = Counts::default();
+
+    // Phase 1: the backend starts 6 s after the requests (a pod whose app container is slower than the worker).
+    let mut one_way_ids = Vec::new();
+    for i in 0..40 {
+        let id = format!("early-oneway-{i}");
+        client.notify(&queue, Some("echo"), json!({ "id": id })).await.unwrap();
+        one_way_ids.push(id);
+    }
+    let early_calls: Vec<_> = (0..20)
+        .map(|i| {
+            let (client, queue) = (client.clone(), queue.clone());
+            let params = json!({ "id": format!("early-call-{i}") });
+            tokio::spawn(async move {
+                let result = client.call(&queue, Some("echo"), params.clone(), Duration::from_secs(60)).await;
+                (params, result)
+            })
+        })
+        .collect();
+    counts.sent += 60;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let ready_while_down = worker.ready().await;
+    counts.note("ready_while_backend_down", ready_while_down);
+    backend.start().await;
+    for call in early_calls {
+        let (params, result) = call.await.unwrap();
+        if let Ok(value) = &result {
+            assert_eq!(value, &params);
+        }
+        counts.record(&result);
+    }
+
+    // Phase 2: the backend goes away under load (slow requests in flight) and comes back 3 s later.
+    let late_calls: Vec<_> = (0..10)
+        .map(|i| {
+            let (client, queue) = (client.clone(), queue.clone());
+            let params = json!({ "id": format!("late-call-{i}"), "ms": 1500 });
+            tokio::spawn(async move { client.call(&queue, Some("slow"), params, Duration::from_secs(60)).await })
+        })
+        .collect();
+    counts.sent += 10;
+    wait_until("slow requests at the backend", Duration::from_secs(30), || async {
+        backend.log.runs().keys().filter(|id| id.starts_with("late-call")).count() >= 8
+    })
+    .await;
+    backend.stop();
+    for i in 0..20 {
+        let id = format!("late-oneway-{i}");
+        client.notify(&queue, Some("echo"), json!({ "id": id })).await.unwrap();
+        one_way_ids.push(id);
+    }
+    counts.sent += 20;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ready_while_gone = worker.ready().await;
+    counts.note("ready_while_backend_gone", ready_while_gone);
+    backend.start().await;
+    for call in late_calls {
+        counts.record(&call.await.unwrap());
+    }
+
+    let all_delivered = wait_until("every one-way request at the backend", Duration::from_secs(60), || async {
+        one_way_ids.iter().all(|id| backend.log.runs_of(id) > 0)
+    })
+    .await;
+    let runs = backend.log.runs();
+    let one_way_delivered = one_way_ids.iter().filter(|id| runs.contains_key(*id)).count();
+    counts.note("one_way_delivered", format!("{one_way_delivered}/{}", one_way_ids.len()));
+    counts.runs_from(runs.values().copied());
+    let dead = queue_depth(&broker_uri(), &dead_letter_queue_name(&queue)).await;
+    counts.note("dead_lettered", dead);
+    counts.note(
+        "requeued",
+        worker.metric(r#"warren_worker_requests_requeued_total{reason="handler_unavailable"}"#).await,
+    );
+    counts.print("backend unavailable");
+
+    assert!(all_delivered, "one-way requests lost: {counts:?}");
+    assert_eq!(counts.answered, 30, "every call answered: {counts:?}");
+    assert_eq!(dead, 0, "nothing dead-lettered: {counts:?}");
+    assert!(!ready_while_down && !ready_while_gone, "/readyz said ready with the backend down: {counts:?}");
+    // Only the slow requests in flight when the backend died may run twice.
+    let early_runs: Vec<u32> =
+        runs.iter().filter(|(id, _)| id.starts_with("early") || id.contains("oneway")).map(|(_, n)| *n).collect();
+    assert!(early_runs.iter().all(|n| *n == 1), "a request that never reached a dead backend ran twice: {counts:?}");
+    assert!(worker.ready().await, "ready again once the backend answers");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2. reply_to naming another service's queue (a confused deputy)
+
+#[tokio::test]
+async fn replies_go_only_to_reply_addresses() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-replyto");
+    let victim = unique_name("chaos-victim");
+    let allowed = unique_name("chaos-replies");
+    let _cleanup = (QueueCleanup::service(&queue), QueueCleanup::service(&victim), QueueCleanup::service(&allowed));
+    let worker = WorkerCommand::new(&queue)
+        .arg("--declare")
+        .env("WARREN_ALLOW_REPLY_TO", &format!("{allowed},nothing.else.*"))
+        .start()
+        .await
+        .unwrap();
+    let connection = connect(&broker_uri()).await;
+    let channel = confirm_channel(&connection).await;
+    for name in [&victim, &allowed] {
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(name.as_str().into(), durable, FieldTable::default()).await.unwrap();
+    }
+    let mut counts = Counts::default();
+
+    // A request whose reply_to names another service's request queue, carrying a secret in its params.
+    let hostile = BasicProperties::default()
+        .with_type("echo".into())
+        .with_correlation_id("deputy-1".into())
+        .with_reply_to(victim.as_str().into());
+    publish(&channel, &queue, hostile, br#"{"token": "s3cret-in-params"}"#).await;
+    counts.sent += 1;
+    // A tutorial-style caller: its own exclusive, server-named reply queue.
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+    let mut replies = channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            "tutorial".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let tutorial = BasicProperties::default()
+        .with_type("echo".into())
+        .with_correlation_id("tutorial-1".into())
+        .with_reply_to(reply_queue.name().clone());
+    publish(&channel, &queue, tutorial, b"[1, 2]").await;
+    counts.sent += 1;
+    let reply = tokio::time::timeout(Duration::from_secs(30), replies.next()).await;
+    let tutorial_ok = matches!(&reply, Ok(Some(Ok(d))) if d.data == b"[1,2]");
+    if tutorial_ok {
+        counts.answered += 1;
+    }
+    // Direct reply-to (warren-client).
+    let client = Client::connect(&broker_uri()).await.unwrap();
+    let direct = client.call(&queue, Some("echo"), json!("direct"), Duration::from_secs(30)).await;
+    counts.sent += 1;
+    counts.record(&direct);
+    // A queue the worker was told to allow.
+    let allowed_request = BasicProperties::default()
+        .with_type("echo".into())
+        .with_correlation_id("allowed-1".into())
+        .with_reply_to(allowed.as_str().into());
+    publish(&channel, &queue, allowed_request, b"3").await;
+    counts.sent += 1;
+
+    worker.wait_metric_at_most("warren_worker_requests_in_flight", 0.0, Duration::from_secs(30)).await.unwrap();
+    let allowed_got = wait_until("the reply in the allowed queue", Duration::from_secs(10), || async {
+        queue_depth(&broker_uri(), &allowed).await == 1
+    })
+    .await;
+    if allowed_got {
+        counts.answered += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let in_victim = queue_depth(&broker_uri(), &victim).await;
+    let refused = worker.metric(r#"warren_worker_requests_refused_total{reason="reply_to"}"#).await;
+    counts.note("published_into_victim_queue", in_victim);
+    counts.note("refused", refused);
+    let log = worker.log();
+    counts.print("reply_to policy");
+    let _ = connection.close(200, "done".into()).await;
+
+    assert_eq!(in_victim, 0, "the worker published into another service's queue: {counts:?}");
+    assert_eq!(refused, 1.0, "{counts:?}");
+    assert!(tutorial_ok, "a tutorial-style caller got no reply: {reply:?}");
+    assert_eq!(direct.unwrap(), json!("direct"));
+    assert!(allowed_got, "the allow-listed reply queue got no reply: {counts:?}");
+    assert!(log.contains("reply_to"), "the refusal is logged:\n{log}");
+    assert!(!log.contains("s3cret-in-params"), "the request body reached the log:\n{log}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. A reply the broker refuses for its size (max_message_size), and replies over the worker's own limit
+
+#[tokio::test]
+async fn a_reply_the_broker_refuses_for_size_becomes_an_error_and_runs_once() {
+    let broker = ChaosBroker::start(ChaosBrokerConfig { max_message_size: Some(1024 * 1024) }).await.unwrap();
+    let queue = unique_name("chaos-maxsize");
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .broker_uri(&broker.uri())
+        .handler(&backend.url())
+        .arg("--declare")
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&broker.uri()).await.unwrap();
+    let mut counts = Counts::default();
+
+    let big = client.call(&queue, Some("big"), json!({"id": "big-1", "bytes": 3 << 20}), Duration::from_secs(60)).await;
+    counts.sent += 1;
+    counts.record(&big);
+    // Requests after it are served normally, concurrently with another oversized one.
+    let small = client.call(&queue, Some("echo"), json!({"id": "small-1"}), Duration::from_secs(30)).await;
+    counts.sent += 1;
+    counts.record(&small);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    counts.runs_from(backend.log.runs().values().copied());
+    counts.note("big_runs", backend.log.runs_of("big-1"));
+    counts.note("reconnects", worker.metric("warren_worker_reconnects_total").await);
+    let dead = queue_depth(&broker.uri(), &dead_letter_queue_name(&queue)).await;
+    counts.note("dead_lettered", dead);
+    counts.print("reply over the broker's max_message_size");
+
+    assert_eq!(remote_code(&big), Some("internal"), "{big:?}");
+    assert_eq!(backend.log.runs_of("big-1"), 1, "the oversized request ran again: {counts:?}");
+    assert_eq!(small.unwrap(), json!({"id": "small-1"}));
+    assert_eq!(dead, 0);
+    drop(worker);
+}
+
+#[tokio::test]
+async fn replies_and_http_responses_over_the_size_limit_become_errors_and_run_once() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-replylimit");
+    let _cleanup = QueueCleanup::service(&queue);
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .handler(&backend.url())
+        .arg("--declare")
+        .env("WARREN_MAX_REPLY_BYTES", "1048576")
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&broker_uri()).await.unwrap();
+    let mut counts = Counts::default();
+    let mut results = Vec::new();
+    for (id, bytes) in [("fits", 512 << 10), ("over", 2 << 20), ("huge", 16 << 20)] {
+        let result = client.call(&queue, Some("big"), json!({"id": id, "bytes": bytes}), Duration::from_secs(60)).await;
+        counts.sent += 1;
+        counts.record(&result);
+        results.push(result);
+    }
+    worker.wait_metric_at_most("warren_worker_requests_in_flight", 0.0, Duration::from_secs(30)).await.unwrap();
+    counts.runs_from(backend.log.runs().values().copied());
+    counts.print("reply over the worker's limit");
+
+    assert!(results[0].is_ok(), "{counts:?}");
+    assert_eq!(remote_code(&results[1]), Some("internal"), "{counts:?}");
+    assert_eq!(remote_code(&results[2]), Some("internal"), "{counts:?}");
+    assert!(backend.log.runs().values().all(|n| *n == 1), "{counts:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 4. Caller-chosen method names must not create unbounded metric series
+
+#[tokio::test]
+async fn caller_chosen_method_names_do_not_grow_the_metrics() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-labels");
+    let _cleanup = QueueCleanup::service(&queue);
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "64"])
+        .start()
+        .await
+        .unwrap();
+    let before = worker.metrics().await.len();
+    let connection = connect(&broker_uri()).await;
+    let channel = confirm_channel(&connection).await;
+    let mut sizes = Vec::new();
+    let mut sent = 0;
+    // 1,000 distinct names, then 2,000 more: past the cap, /metrics must not grow any more.
+    for batch in [1000, 2000] {
+        let mut confirms = Vec::new();
+        for _ in 0..batch {
+            sent += 1;
+            let properties =
+                BasicProperties::default().with_type(format!("method-{sent}-{}", uuid::Uuid::new_v4()).into());
+            let confirm = channel
+                .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), b"{}", properties)
+                .await
+                .unwrap();
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(confirm.await.unwrap().is_ack());
+        }
+        let done = wait_until("every request handled", Duration::from_secs(120), || async {
+            metric_sum(&worker.metrics().await, "warren_worker_requests_total") >= sent as f64
+        })
+        .await;
+        assert!(done, "{sent} requests not handled");
+        sizes.push(worker.metrics().await.len());
+    }
+    let _ = connection.close(200, "done".into()).await;
+    let text = worker.metrics().await;
+    let series = text.lines().filter(|l| l.starts_with("warren_worker_requests_total{")).count();
+    let mut counts =
+        Counts { sent, answered: metric_sum(&text, "warren_worker_requests_total") as u64, ..Default::default() };
+    counts.note("metrics_bytes_before", before);
+    counts.note("metrics_bytes_after_1000", sizes[0]);
+    counts.note("metrics_bytes_after_3000", sizes[1]);
+    counts.note("requests_total_series", series);
+    counts.print("3,000 distinct method names");
+
+    assert!(sizes[1] <= sizes[0] + 1024, "/metrics kept growing with new method names: {counts:?}");
+    assert!(sizes[1] < 256 * 1024, "{counts:?}");
+    assert!(series <= 52, "{series} series of warren_worker_requests_total");
+    assert!(metric_value(&text, r#"warren_worker_requests_total{method="_other",outcome="ok"}"#) > 0.0, "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 5. A hung backend: per-request timeout without x-deadline, bounded SIGTERM drain
+
+/// A request without `x-deadline` (a tutorial-style caller), whose reply goes to `reply_to`.
+fn no_deadline(method: &str, reply_to: &ShortString, correlation_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_type(method.into())
+        .with_correlation_id(correlation_id.into())
+        .with_reply_to(reply_to.clone())
+}
+
+#[tokio::test]
+async fn a_hung_backend_is_cut_off_and_does_not_pin_the_worker() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-hung");
+    let _cleanup = QueueCleanup::service(&queue);
+    let backend = Backend::start_now().await;
+    let mut worker = WorkerCommand::new(&queue)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "2"])
+        .env("WARREN_HANDLER_TIMEOUT", "2s")
+        .start()
+        .await
+        .unwrap();
+    let connection = connect(&broker_uri()).await;
+    let channel = confirm_channel(&connection).await;
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+    let mut replies = channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            "hung".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut counts = Counts::default();
+    // Two hung requests take both prefetch slots; four quick ones wait behind them.
+    for i in 0..2 {
+        publish(&channel, &queue, no_deadline("hang", reply_queue.name(), &format!("hang-{i}")), br#"{"id": "h"}"#)
+            .await;
+    }
+    for i in 0..4 {
+        publish(&channel, &queue, no_deadline("echo", reply_queue.name(), &format!("echo-{i}")), b"1").await;
+    }
+    counts.sent = 6;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut codes = HashMap::new();
+    while codes.len() < 6 && Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline.into(), replies.next()).await {
+            Ok(Some(Ok(reply))) => {
+                let id = reply.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default();
+                let body: Value = serde_json::from_slice(&reply.data).unwrap_or(Value::Null);
+                let code = body.get("code").and_then(Value::as_str).unwrap_or("ok").to_owned();
+                if code == "ok" {
+                    counts.answered += 1
+                } else {
+                    *counts.errors.entry(code.clone()).or_default() += 1
+                }
+                codes.insert(id, code);
+            }
+            _ => break,
+        }
+    }
+    counts.note("hang_runs", backend.log.runs_of("h"));
+
+    // SIGTERM with two hung requests in flight: the drain ends within the handler timeout, not never.
+    for i in 0..2 {
+        publish(&channel, &queue, no_deadline("hang", reply_queue.name(), &format!("hang-term-{i}")), b"{}").await;
+    }
+    worker.wait_metric_at_least("warren_worker_requests_in_flight", 2.0, Duration::from_secs(10)).await.unwrap();
+    let stopping = Instant::now();
+    worker.sigterm().unwrap();
+    let exit = worker.wait_exit(Duration::from_secs(15)).await;
+    counts.note("sigterm_drain_s", format!("{:.1}", stopping.elapsed().as_secs_f64()));
+    counts.print("hung backend");
+    let _ = connection.close(200, "done".into()).await;
+
+    assert_eq!(codes.len(), 6, "requests left unanswered behind the hung ones: {codes:?} {counts:?}");
+    assert_eq!(counts.answered, 4, "{codes:?}");
+    assert_eq!(codes.get("hang-0").map(String::as_str), Some("handler_error"), "{codes:?}");
+    let exit = exit.expect("SIGTERM drain bounded by the handler timeout");
+    assert!(exit.success(), "{exit}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 6. A broker memory alarm under load (the broker blocks publishing connections)
+
+#[tokio::test]
+async fn a_memory_alarm_under_load_runs_each_request_once() {
+    let broker = ChaosBroker::start(ChaosBrokerConfig::default()).await.unwrap();
+    let queue = unique_name("chaos-alarm");
+    let worker = WorkerCommand::new(&queue)
+        .broker_uri(&broker.uri())
+        .args(["--declare", "--prefetch", "16"])
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&broker.uri()).await.unwrap();
+    // A worker runs its first request alone, then opens its prefetch window.
+    client.call(&queue, Some("echo"), json!("warm-up"), Duration::from_secs(30)).await.unwrap();
+    let mut counts = Counts::default();
+    let in_flight = 16;
+    let calls: Vec<_> = (0..in_flight)
+        .map(|i| {
+            let (client, queue) = (client.clone(), queue.clone());
+            tokio::spawn(async move {
+                client.call(&queue, Some("sleep"), json!({"ms": 2000 + i}), Duration::from_secs(90)).await
+            })
+        })
+        .collect();
+    counts.sent = in_flight;
+    worker
+        .wait_metric_at_least("warren_worker_requests_in_flight", in_flight as f64, Duration::from_secs(30))
+        .await
+        .unwrap();
+    broker.set_memory_alarm().await.unwrap();
+    // Longer than any confirm timeout: the replies wait for the alarm to clear.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let in_flight_during_alarm = worker.metric("warren_worker_requests_in_flight").await;
+    broker.clear_memory_alarm().await.unwrap();
+    for call in calls {
+        counts.record(&call.await.unwrap());
+    }
+    worker.wait_metric_at_most("warren_worker_requests_in_flight", 0.0, Duration::from_secs(30)).await.ok();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs = worker.metric(r#"warren_worker_handler_duration_seconds_count{method="sleep"}"#).await;
+    counts.note("handler_runs", runs);
+    counts.note("in_flight_during_alarm", in_flight_during_alarm);
+    counts.note("duplicate_replies", client.unmatched_replies());
+    counts.note("reply_failures", worker.metric("warren_worker_reply_failures_total").await);
+    counts.print("memory alarm");
+
+    assert_eq!(counts.answered, in_flight, "{counts:?}");
+    assert_eq!(runs, in_flight as f64, "requests ran twice because of the alarm: {counts:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 7. A handler that panics while building its future
+
+#[tokio::test]
+async fn a_handler_panicking_before_its_future_leaks_no_prefetch_slot() {
+    use warren_worker::{Metrics, Params, Worker};
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-panic");
+    let _cleanup = QueueCleanup::service(&queue);
+    let handlers = warren_worker::builtin::handlers().method("explode", |params: Params| {
+        if params.as_value().is_object() {
+            panic!("the handler failed before returning its future");
+        }
+        async move { Ok(params.into_value()) }
+    });
+    let metrics = Arc::new(Metrics::new());
+    let addr = warren_worker::server::serve("127.0.0.1:0".parse().unwrap(), metrics.clone()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(
+        Worker::builder(broker_uri(), &queue)
+            .prefetch(2)
+            .declare(QueueOptions::default())
+            .handlers(handlers)
+            .metrics(metrics.clone())
+            .run(async move {
+                let _ = stopped.await;
+            }),
+    );
+    let ready =
+        || async move { reqwest::get(format!("http://{addr}/readyz")).await.is_ok_and(|r| r.status().is_success()) };
+    assert!(wait_until("the in-process worker consumes", Duration::from_secs(30), ready).await);
+    let client = Client::connect(&broker_uri()).await.unwrap();
+    let mut counts = Counts::default();
+    let panics: Vec<_> = (0..4)
+        .map(|i| {
+            let (client, queue) = (client.clone(), queue.clone());
+            tokio::spawn(
+                async move { client.call(&queue, Some("explode"), json!({"i": i}), Duration::from_secs(10)).await },
+            )
+        })
+        .collect();
+    counts.sent = 5;
+    for call in panics {
+        counts.record(&call.await.unwrap());
+    }
+    let echo = client.call(&queue, Some("echo"), json!("after"), Duration::from_secs(10)).await;
+    counts.record(&echo);
+    let ready_after = ready().await;
+    counts.note("ready_after", ready_after);
+    counts.print("handler panics while building its future");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), worker).await;
+
+    assert_eq!(counts.errors.get("remote:internal"), Some(&4), "{counts:?}");
+    assert!(echo.is_ok() || !ready_after, "/readyz says ready but the worker takes no work: {counts:?}");
+    assert_eq!(echo.unwrap(), json!("after"));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8. Broker credentials in malformed URIs never reach logs or output
+
+/// Runs a binary for at most `limit`, then kills it; its stdout and stderr.
+async fn run_bounded(program: &str, args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Option<i32>, String) {
+    let mut command = tokio::process::Command::new(bin_path(program));
+    command
+        .args(args)
+        .env_remove("WARREN_BROKER_URI")
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = command.spawn().unwrap();
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(output) => {
+            let output = output.unwrap();
+            let text =
+                format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+            (output.status.code(), text)
+        }
+        Err(_) => (None, String::from("(still running; killed)")),
+    }
+}
+
+#[tokio::test]
+async fn broker_passwords_never_reach_logs_or_output() {
+    let secret = "S3cretPassw0rd";
+    let closed_port = warren_tests::operator_process::free_port();
+    let uris = [
+        format!("amqp:user:{secret}@127.0.0.1"),
+        format!("amqp:/user:{secret}@127.0.0.1:{closed_port}"),
+        format!("amqp://user:{secret}@127.0.0.1:{closed_port}/%2f"),
+        format!("amqps://user:{secret}@[::1:{closed_port}/%2f"),
+        format!("amqp://user:{secret}@127.0.0.1:{closed_port}/%2f?frame_max=abc"),
+    ];
+    let mut leaks = Vec::new();
+    let mut runs = 0;
+    for uri in &uris {
+        let worker_log = run_bounded(
+            "warren-worker",
+            &["--queue", "q", "--broker-uri", uri, "--metrics-addr", "127.0.0.1:0"],
+            &[("RUST_LOG", "debug")],
+            Duration::from_secs(3),
+        )
+        .await;
+        let cli = run_bounded(
+            "warren",
+            &["--broker-uri", uri, "call", "q", "echo", "[]", "--timeout", "2s"],
+            &[("RUST_LOG", "debug"), ("WARREN_CONNECT_TIMEOUT", "2s")],
+            Duration::from_secs(20),
+        )
+        .await;
+        let help =
+            run_bounded("warren-worker", &["--help"], &[("WARREN_BROKER_URI", uri)], Duration::from_secs(5)).await;
+        let cli_help = run_bounded("warren", &["--help"], &[("WARREN_BROKER_URI", uri)], Duration::from_secs(5)).await;
+        for (what, (_, output)) in
+            [("worker", worker_log), ("cli", cli), ("worker --help", help), ("cli --help", cli_help)]
+        {
+            runs += 1;
+            if output.contains(secret) {
+                let line = output.lines().find(|l| l.contains(secret)).unwrap_or_default().to_owned();
+                leaks.push(format!("{what} with {uri:?}: {line}"));
+            }
+        }
+    }
+    let counts =
+        Counts { sent: runs, errors: BTreeMap::from([("leaks".into(), leaks.len() as u64)]), ..Default::default() };
+    counts.print("credentials in output");
+    assert!(leaks.is_empty(), "the password reached the output:\n{}", leaks.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 9. A black-holed broker: connecting must time out
+
+#[tokio::test]
+async fn connecting_to_a_black_holed_broker_times_out() {
+    // Accepts TCP connections (the kernel does) and never answers the AMQP handshake.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("amqp://guest:guest@{}/%2f", black_hole.local_addr().unwrap());
+    let mut counts = Counts::default();
+
+    let started = Instant::now();
+    let connect = tokio::time::timeout(Duration::from_secs(40), Client::connect(&uri)).await;
+    let library_s = started.elapsed().as_secs_f64();
+    counts.note("library_connect_s", format!("{library_s:.1}"));
+    counts.note(
+        "library_result",
+        match &connect {
+            Ok(Ok(_)) => "connected".to_owned(),
+            Ok(Err(e)) => e.kind().as_str().to_owned(),
+            Err(_) => "hung".to_owned(),
+        },
+    );
+
+    let started = Instant::now();
+    let (code, output) = run_bounded(
+        "warren",
+        &["--broker-uri", &uri, "call", "q", "echo", "[]", "--timeout", "2s"],
+        &[],
+        Duration::from_secs(40),
+    )
+    .await;
+    let cli_s = started.elapsed().as_secs_f64();
+    counts.note("cli_s", format!("{cli_s:.1}"));
+    counts.note("cli_exit", format!("{code:?}"));
+    counts.sent = 2;
+    counts.print("black-holed broker");
+    drop(black_hole);
+
+    assert!(matches!(connect, Ok(Err(CallError::Connection(_)))), "{counts:?}");
+    assert!(library_s < 20.0, "{counts:?}");
+    assert_eq!(code, Some(6), "the CLI exits 'connection failed': {output}");
+    assert!(cli_s < 20.0, "{counts:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 10. A worker SIGKILL loop on one poison request
+
+#[tokio::test]
+async fn a_poison_request_killing_workers_is_dead_lettered_alone() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-poison");
+    let _cleanup = QueueCleanup::service(&queue);
+    let command = WorkerCommand::new(&queue).args([
+        "--declare",
+        "--delivery-limit",
+        "3",
+        "--enable-crash-method",
+        "--prefetch",
+        "16",
+    ]);
+    let mut worker = command.start().await.unwrap();
+    let client = Client::connect(&broker_uri()).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    // Eight callers keep innocent requests in flight while the poison kills worker after worker.
+    let load: Vec<_> = (0..8)
+        .map(|task| {
+            let (client, queue, stop, sent) = (client.clone(), queue.clone(), stop.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) && i < 10_000 {
+                    i += 1;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    let params = json!({"task": task, "i": i});
+                    results.push(client.call(&queue, Some("echo"), params, Duration::from_secs(120)).await);
+                }
+                results
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.notify(&queue, Some("crash"), json!({"poison": true})).await.unwrap();
+
+    let dead_queue = dead_letter_queue_name(&queue);
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while queue_depth(&broker_uri(), &dead_queue).await == 0 && Instant::now() < deadline {
+        if worker.try_exit_status().unwrap().is_some() {
+            kills += 1;
+            worker = command.spawn().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the load run on a healthy worker for a moment, then stop it.
+    if worker.try_exit_status().unwrap().is_some() {
+        kills += 1;
+        worker = command.spawn().unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut counts = Counts { sent: sent.load(Ordering::Relaxed) + 1, ..Default::default() };
+    for task in load {
+        for result in tokio::time::timeout(Duration::from_secs(150), task).await.expect("callers end").unwrap() {
+            counts.record(&result);
+        }
+    }
+    let dead = drain_queue(&broker_uri(), &dead_queue).await;
+    let dead_innocents = dead.iter().filter(|(kind, _)| kind.as_deref() != Some("crash")).count();
+    counts.note("worker_kills", kills);
+    counts.note("dead_lettered_poison", dead.len() - dead_innocents);
+    counts.note("dead_lettered_innocent", dead_innocents);
+    counts.print("poison SIGKILL loop");
+    drop(worker);
+
+    assert_eq!(dead.len() - dead_innocents, 1, "the poison ends in {dead_queue}: {counts:?}");
+    assert_eq!(dead_innocents, 0, "innocent requests were dead-lettered with the poison: {counts:?}");
+    assert_eq!(counts.errors_total(), 0, "every innocent call answered: {counts:?}");
+    assert_eq!(kills, 4, "one delivery and three redeliveries (the delivery limit): {counts:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 11. A broker restart under load (on a node of the test's own)
+
+#[tokio::test]
+async fn a_broker_restart_under_load_loses_no_one_way_request() {
+    let broker = ChaosBroker::start(ChaosBrokerConfig::default()).await.unwrap();
+    let queue = unique_name("chaos-restart");
+    let backend = Backend::start_now().await;
+    let mut worker = WorkerCommand::new(&queue)
+        .broker_uri(&broker.uri())
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "8"])
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&broker.uri()).await.unwrap();
+    let mut counts = Counts::default();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let id = format!("before-{i}");
+        client.notify(&queue, Some("slow"), json!({"id": id, "ms": 100})).await.unwrap();
+        ids.push(id);
+    }
+    counts.sent = 50;
+    wait_until("some requests handled", Duration::from_secs(30), || async { backend.log.requests() >= 8 }).await;
+    let stop = broker.stop_app();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = broker.start_app();
+    stop.unwrap();
+    start.unwrap();
+    worker.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let delivered = wait_until("every request before the restart delivered", Duration::from_secs(60), || async {
+        ids.iter().all(|id| backend.log.runs_of(id) > 0)
+    })
+    .await;
+    counts.answered = ids.iter().filter(|id| backend.log.runs_of(id) > 0).count() as u64;
+    counts.runs_from(backend.log.runs().values().copied());
+    counts.note("reconnects", worker.metric("warren_worker_reconnects_total").await);
+    counts.print("broker restart");
+
+    assert!(delivered, "one-way requests lost across the restart: {counts:?}");
+    assert!(worker.try_exit_status().unwrap().is_none());
+}
