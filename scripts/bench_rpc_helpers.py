@@ -186,6 +186,7 @@ def report(results_path, benchmarks_path):
     wb1, wb64 = r["warren_client_bare_responder_c1"], r["warren_client_bare_responder_c64"]
     py, py_classic = r["tutorial_quorum_c1"], r["tutorial_classic_c1"]
     wc1, wc64 = r["warren_classic_c1"], r["warren_classic_c64"]
+    sdk1, sdk_blocking1, sdk64 = r["sdk_c1"], r["sdk_blocking_c1"], r["sdk_c64"]
     su = r["startup"]
     m = r["machine"]
 
@@ -216,6 +217,12 @@ def report(results_path, benchmarks_path):
     client_p50_delta = per_round(lambda i: wb1["rounds"][i]["p50"] - bare1["rounds"][i]["p50"])
     python_ratio = per_round(lambda i: cps(w64, i) / cps(py, i))
     python_classic_ratio = per_round(lambda i: cps(wc64, i) / cps(py_classic, i))
+    # The Python SDK against the tutorial pair, both Python, same queue type, paired by round.
+    sdk64_ratio = per_round(lambda i: cps(sdk64, i) / cps(py, i))
+    sdk1_ratio = per_round(lambda i: cps(sdk1, i) / cps(py, i))
+    sdk_blocking1_ratio = per_round(lambda i: cps(sdk_blocking1, i) / cps(py, i))
+    sdk1_p50_ratio = per_round(lambda i: sdk1["rounds"][i]["p50"] / py["rounds"][i]["p50"])
+    sdk_blocking1_p50_ratio = per_round(lambda i: sdk_blocking1["rounds"][i]["p50"] / py["rounds"][i]["p50"])
     worker_cpu, bare_cpu = w64.get("responder_cpu_us_per_call"), bare64.get("responder_cpu_us_per_call")
     confirm_cpu = confirm64.get("responder_cpu_us_per_call")
     # Against the bare loop that gives the same guarantee (reply confirmed before the ack): warren's own cost.
@@ -268,6 +275,9 @@ def report(results_path, benchmarks_path):
         row("warren-client → warren-worker, classic queue", wc1),
         row("warren-client → warren-worker, classic queue", wc64),
         row("tutorial pika → tutorial pika, classic queue", py_classic, "as in the tutorial"),
+        row("Python SDK AsyncClient → Python SDK responder", sdk1),
+        row("Python SDK blocking Client → Python SDK responder", sdk_blocking1, "`warren.call` from one thread"),
+        row("Python SDK AsyncClient → Python SDK responder", sdk64, "one connection, calls multiplexed"),
         "",
         "*Caller CPU µs/call* is the CPU time (user + system, every thread, lapin's I/O thread included) the caller "
         "process spent per call in the measured window: what the client itself costs, which moves far less with "
@@ -308,6 +318,16 @@ def report(results_path, benchmarks_path):
         "(it cannot pipeline), so it runs at 1 in flight only; at 1 in flight warren does "
         f"{w1['calls_per_sec'] / py['calls_per_sec']:.1f}× its calls/s (classic: "
         f"{wc1['calls_per_sec'] / py_classic['calls_per_sec']:.1f}×).",
+        f"- The Python SDK (`sdk/python`: caller and `@expose` responder) against the tutorial's Python pair, on the "
+        f"same (quorum) queue type: at {sdk64['concurrency']} in flight it does **{sdk64_ratio:.1f}×** the "
+        f"tutorial's calls/s (which runs one call at a time); at 1 in flight {sdk1_ratio:.2f}× with the "
+        f"AsyncClient and {sdk_blocking1_ratio:.2f}× with the blocking `warren.Client`, at "
+        f"{sdk1_p50_ratio:.2f}× / {sdk_blocking1_p50_ratio:.2f}× the tutorial's p50. Unlike the tutorial, it sends "
+        "a timeout (`expiration`, `x-deadline`), publishes `mandatory` in confirm mode, and its responder acks a "
+        "request only once the broker confirmed the reply. Responder CPU per request: "
+        f"{sdk64.get('responder_cpu_us_per_call') or 0:,.0f} µs at {sdk64['concurrency']} in flight, "
+        f"{sdk1.get('responder_cpu_us_per_call') or 0:,.0f} µs at 1 (the tutorial server: "
+        f"{py.get('responder_cpu_us_per_call') or 0:,.0f} µs at 1).",
         f"- warren-worker idle RSS: **{su['idle_rss_kib'] / 1024:.1f} MiB** (VmRSS 1 s after it started consuming; "
         f"target ≤ 15 MiB: {verdict(su['idle_rss_kib'] <= 15 * 1024)}). Start to consuming: **{su['startup_ms']:.0f} "
         f"ms** (median of {su['runs']} starts, from spawning the process until a passive `queue.declare` reports a "
@@ -326,9 +346,11 @@ def report(results_path, benchmarks_path):
         "the publisher confirm of each reply before it acks the request. The tutorial pair is the RabbitMQ Python "
         "RPC tutorial (prefetch 1, a private exclusive reply queue, no headers) echoing JSON "
         "(`scripts/bench_rpc_helpers.py`), once on a quorum queue and once on the classic queue the tutorial "
-        "declares.",
+        "declares. *Python SDK* rows: `sdk/python/bench/bench_sdk.py`, its responder serving a plain `def echo(*args)` "
+        "(run in its thread pool) with prefetch 64 on a quorum queue it declared, its caller either the AsyncClient "
+        "(N concurrent calls on one connection) or the blocking `warren.Client` from one thread.",
         "",
-        "Reproduce with `scripts/bench-rpc` (about 8 minutes after the release build). On a small machine shared with "
+        "Reproduce with `scripts/bench-rpc` (about 10 minutes after the release build). On a small machine shared with "
         "other work the numbers move from run to run: compare rows of one run, not runs.",
         "",
     ]
