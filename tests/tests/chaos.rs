@@ -902,6 +902,79 @@ async fn a_poison_request_killing_workers_is_dead_lettered_alone() {
     assert_eq!(kills, 4, "one delivery and three redeliveries (the delivery limit): {counts:?}");
 }
 
+/// The same with a real SIGKILL each time (an OOM kill, a failed liveness probe): the poison hangs the HTTP backend,
+/// and the test kills the worker as soon as the backend sees it.
+#[tokio::test]
+async fn a_request_whose_worker_is_sigkilled_each_time_is_dead_lettered_alone() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-sigkill");
+    let _cleanup = QueueCleanup::service(&queue);
+    let backend = Backend::start_now().await;
+    let command = WorkerCommand::new(&queue).handler(&backend.url()).args([
+        "--declare",
+        "--delivery-limit",
+        "3",
+        "--prefetch",
+        "16",
+    ]);
+    let mut worker = command.start().await.unwrap();
+    let client = Client::connect(&broker_uri()).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|task| {
+            let (client, queue, stop) = (client.clone(), queue.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) && i < 10_000 {
+                    i += 1;
+                    let params = json!({"id": format!("innocent-{task}-{i}"), "ms": 300});
+                    results.push(client.call(&queue, Some("slow"), params, Duration::from_secs(120)).await);
+                }
+                results
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.notify(&queue, Some("hang"), json!({"id": "poison"})).await.unwrap();
+
+    let dead_queue = dead_letter_queue_name(&queue);
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while queue_depth(&broker_uri(), &dead_queue).await == 0 && Instant::now() < deadline {
+        if backend.log.runs_of("poison") > kills {
+            worker.kill().await.unwrap();
+            kills += 1;
+            worker = command.spawn().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut counts = Counts::default();
+    for task in load {
+        for result in tokio::time::timeout(Duration::from_secs(150), task).await.expect("callers end").unwrap() {
+            counts.sent += 1;
+            counts.record(&result);
+        }
+    }
+    counts.sent += 1;
+    let dead = drain_queue(&broker_uri(), &dead_queue).await;
+    let dead_innocents = dead.iter().filter(|(kind, _)| kind.as_deref() != Some("hang")).count();
+    counts.runs_from(backend.log.runs().iter().filter(|(id, _)| id.starts_with("innocent")).map(|(_, n)| *n));
+    counts.note("sigkills", kills);
+    counts.note("poison_runs", backend.log.runs_of("poison"));
+    counts.note("dead_lettered_poison", dead.len() - dead_innocents);
+    counts.note("dead_lettered_innocent", dead_innocents);
+    counts.print("poison SIGKILL loop (HTTP backend)");
+    drop(worker);
+
+    assert_eq!(dead.len() - dead_innocents, 1, "the poison ends in {dead_queue}: {counts:?}");
+    assert_eq!(dead_innocents, 0, "innocent requests were dead-lettered with the poison: {counts:?}");
+    assert_eq!(counts.errors_total(), 0, "every innocent call answered: {counts:?}");
+    assert_eq!(kills, 4, "one delivery and three redeliveries (the delivery limit): {counts:?}");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 11. A broker restart under load (on a node of the test's own)
 
