@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use warren_client::endpoint::{BROKER_URI_ENV, SECRET_URI_KEY};
 use warren_client::topology::QueueOptions;
 
-use crate::crd::RpcService;
+use crate::crd::{ResponderContainer, RpcService};
 
 /// The port of the worker's `/metrics`, `/healthz` and `/readyz`.
 pub const WORKER_METRICS_PORT: i32 = 9090;
@@ -96,7 +96,25 @@ fn worker_container(svc: &RpcService, inputs: &BuildInputs) -> Container {
     if let Some(method) = default_method {
         args.extend(["--default-method".to_owned(), method]);
     }
-    let mut env = vec![EnvVar {
+    let mut env = vec![broker_uri_env(inputs)];
+    env.extend(spec.env.iter().cloned());
+    Container {
+        name: "worker".to_owned(),
+        image: Some(spec.image.clone().unwrap_or_else(|| inputs.default_worker_image.clone())),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![metrics_port(WORKER_METRICS_PORT)]),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 2)),
+        resources: spec.resources.clone(),
+        security_context: Some(restricted_security_context()),
+        ..Default::default()
+    }
+}
+
+/// `WARREN_BROKER_URI` by reference to the broker Secret's `uri` key: credentials are never copied into the spec.
+fn broker_uri_env(inputs: &BuildInputs) -> EnvVar {
+    EnvVar {
         name: BROKER_URI_ENV.to_owned(),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
@@ -107,30 +125,60 @@ fn worker_container(svc: &RpcService, inputs: &BuildInputs) -> Container {
             ..Default::default()
         }),
         ..Default::default()
-    }];
-    env.extend(spec.env.iter().cloned());
+    }
+}
+
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(WORKER_UID),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn metrics_port(port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some("metrics".to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    }
+}
+
+fn value_env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.to_owned(), value: Some(value.into()), ..Default::default() }
+}
+
+/// The user's stand-alone responder (`handler.container`), wired through the environment the warren SDKs read;
+/// the user's own env entries come after warren's.
+fn responder_container(svc: &RpcService, responder: &ResponderContainer, inputs: &BuildInputs) -> Container {
+    let spec = &svc.spec.worker;
+    let mut env = vec![
+        broker_uri_env(inputs),
+        value_env("WARREN_QUEUE", svc.queue_name()),
+        value_env("WARREN_PREFETCH", spec.prefetch.to_string()),
+    ];
+    if let Some(method) = &spec.default_method {
+        env.push(value_env("WARREN_DEFAULT_METHOD", method.clone()));
+    }
+    // The operator declares the queues (with the spec's options); the responder only consumes.
+    env.push(value_env("WARREN_DECLARE", "false"));
+    env.push(value_env("WARREN_METRICS_ADDR", format!("0.0.0.0:{}", responder.port)));
+    env.extend(responder.env.iter().cloned());
     Container {
-        name: "worker".to_owned(),
-        image: Some(spec.image.clone().unwrap_or_else(|| inputs.default_worker_image.clone())),
-        args: Some(args),
+        name: responder.name.clone(),
+        image: Some(responder.image.clone()),
+        command: responder.command.clone(),
+        args: responder.args.clone(),
         env: Some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some("metrics".to_owned()),
-            container_port: WORKER_METRICS_PORT,
-            protocol: Some("TCP".to_owned()),
-            ..Default::default()
-        }]),
+        ports: Some(vec![metrics_port(responder.port)]),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 2)),
-        resources: spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(WORKER_UID),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
-            ..Default::default()
-        }),
+        resources: responder.resources.clone(),
+        security_context: Some(restricted_security_context()),
         ..Default::default()
     }
 }
@@ -140,10 +188,18 @@ pub fn deployment(svc: &RpcService, inputs: &BuildInputs) -> Deployment {
     let labels = selector_labels(svc);
     let mut pod_labels = labels.clone();
     pod_labels.insert("app.kubernetes.io/managed-by".to_owned(), "warren-operator".to_owned());
-    let mut containers = vec![worker_container(svc, inputs)];
-    if let Some(http) = &svc.spec.worker.handler.http {
-        containers.push(http.container.clone());
-    }
+    let handler = &svc.spec.worker.handler;
+    let (containers, scrape_port) = match &handler.container {
+        // The user's container is the responder: the only container, no warren-worker.
+        Some(responder) => (vec![responder_container(svc, responder, inputs)], responder.port),
+        None => {
+            let mut containers = vec![worker_container(svc, inputs)];
+            if let Some(http) = &handler.http {
+                containers.push(http.container.clone());
+            }
+            (containers, WORKER_METRICS_PORT)
+        }
+    };
     Deployment {
         metadata: ObjectMeta {
             name: Some(svc.name_any()),
@@ -168,7 +224,7 @@ pub fn deployment(svc: &RpcService, inputs: &BuildInputs) -> Deployment {
                     labels: Some(pod_labels),
                     annotations: Some(BTreeMap::from([
                         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
-                        ("prometheus.io/port".to_owned(), WORKER_METRICS_PORT.to_string()),
+                        ("prometheus.io/port".to_owned(), scrape_port.to_string()),
                     ])),
                     ..Default::default()
                 }),
@@ -293,6 +349,100 @@ worker:
         assert_eq!(args[3], "http://127.0.0.1:8000/rpc");
         assert!(!args.contains(&"--default-method".to_owned()));
         assert_eq!(pod.containers[0].image.as_deref(), Some("registry.example/worker:dev"));
+    }
+
+    fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+        c.env.as_ref().unwrap().iter().find(|e| e.name == name).and_then(|e| e.value.as_deref())
+    }
+
+    #[test]
+    fn container_handler_is_the_only_container_wired_by_env() {
+        let svc = fixture(
+            r#"
+worker:
+  image: registry.example/worker:ignored
+  prefetch: 16
+  defaultMethod: price
+  env: [{ name: WORKER_ONLY, value: "1" }]
+  handler:
+    container:
+      name: pricing
+      image: registry.example/pricing:2
+      command: [python, -m, pricing]
+      args: [--verbose]
+      env: [{ name: LOG_LEVEL, value: debug }, { name: WARREN_PREFETCH, value: "4" }]
+      resources: { limits: { memory: 256Mi } }
+"#,
+        );
+        let d = deployment(&svc, &inputs());
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        let template = spec.template;
+        let annotations = template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(annotations["prometheus.io/port"], "9090");
+        let pod = template.spec.unwrap();
+        assert_eq!(pod.containers.len(), 1, "the user's container is the only one");
+        let c = &pod.containers[0];
+        assert_eq!(c.name, "pricing");
+        assert_eq!(c.image.as_deref(), Some("registry.example/pricing:2"));
+        assert_eq!(c.command.clone().unwrap(), ["python", "-m", "pricing"]);
+        assert_eq!(c.args.clone().unwrap(), ["--verbose"]);
+        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0, "256Mi");
+
+        let env = c.env.as_ref().unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "WARREN_BROKER_URI",
+                "WARREN_QUEUE",
+                "WARREN_PREFETCH",
+                "WARREN_DEFAULT_METHOD",
+                "WARREN_DECLARE",
+                "WARREN_METRICS_ADDR",
+                "LOG_LEVEL",
+                "WARREN_PREFETCH"
+            ],
+            "warren's entries first, then the user's (worker.env is the worker container's)"
+        );
+        assert!(env[0].value.is_none(), "credentials are never inlined");
+        let secret = env[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("rabbitmq", "uri"));
+        assert_eq!(env_value(c, "WARREN_QUEUE"), Some("shop.calculator"));
+        assert_eq!(env_value(c, "WARREN_PREFETCH"), Some("16"));
+        assert_eq!(env_value(c, "WARREN_DEFAULT_METHOD"), Some("price"));
+        assert_eq!(env_value(c, "WARREN_DECLARE"), Some("false"));
+        assert_eq!(env_value(c, "WARREN_METRICS_ADDR"), Some("0.0.0.0:9090"));
+        let yaml = serde_yaml::to_string(&d.metadata).unwrap() + &serde_yaml::to_string(&pod).unwrap();
+        assert!(!yaml.contains("amqp"), "no broker URI anywhere in the Deployment");
+
+        let port = &c.ports.as_ref().unwrap()[0];
+        assert_eq!((port.name.as_deref(), port.container_port), (Some("metrics"), 9090));
+        for (probe, path) in [(&c.readiness_probe, "/readyz"), (&c.liveness_probe, "/healthz")] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.path.as_deref(), Some(path));
+            assert_eq!(get.port, IntOrString::String("metrics".into()));
+        }
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc, &restricted_security_context());
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+    }
+
+    #[test]
+    fn container_handler_port_moves_metrics_and_probes_and_default_method_is_optional() {
+        let svc = fixture("worker: { handler: { container: { name: app, image: app:1, port: 8081 } } }");
+        let d = deployment(&svc, &inputs());
+        let template = d.spec.unwrap().template;
+        assert_eq!(template.metadata.unwrap().annotations.unwrap()["prometheus.io/port"], "8081");
+        let pod = template.spec.unwrap();
+        assert_eq!(pod.containers.len(), 1);
+        let c = &pod.containers[0];
+        assert_eq!(env_value(c, "WARREN_METRICS_ADDR"), Some("0.0.0.0:8081"));
+        assert_eq!(env_value(c, "WARREN_PREFETCH"), Some(&*crate::crd::WorkerSpec::default().prefetch.to_string()));
+        assert!(c.env.as_ref().unwrap().iter().all(|e| e.name != "WARREN_DEFAULT_METHOD"));
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 8081);
+        assert!(c.command.is_none() && c.args.is_none());
     }
 
     #[test]

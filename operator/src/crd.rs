@@ -183,7 +183,8 @@ pub struct WorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
-    /// What runs each request: a built-in handler or an HTTP handler in a container of your own.
+    /// What runs each request: a built-in handler, an HTTP handler in a container of your own, or a container of
+    /// your own that is itself the responder (e.g. built on the warren Python SDK).
     #[serde(default)]
     pub handler: HandlerSpec,
 
@@ -242,9 +243,9 @@ fn default_grace_period() -> i64 {
     60
 }
 
-/// Exactly one of `builtin` or `http`.
+/// Exactly one of `builtin`, `http` or `container`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("has(self.builtin) != has(self.http)").message("handler needs exactly one of builtin or http"))]
+#[x_kube(validation = Rule::new("(has(self.builtin) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.container) ? 1 : 0) == 1").message("handler needs exactly one of builtin, http or container"))]
 #[serde(rename_all = "camelCase")]
 pub struct HandlerSpec {
     /// A handler built into the worker: `echo` (returns its params), `add` (sums numbers), `sleep`
@@ -256,11 +257,16 @@ pub struct HandlerSpec {
     /// Forward each request to an HTTP server in a container of your own in the same pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpHandler>,
+
+    /// Your own container is the responder: it consumes the request queue and replies itself (no warren-worker
+    /// in the pod). The operator wires it through the environment the warren SDKs read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ResponderContainer>,
 }
 
 impl Default for HandlerSpec {
     fn default() -> Self {
-        Self { builtin: Some(BuiltinHandler::Echo), http: None }
+        Self { builtin: Some(BuiltinHandler::Echo), http: None, container: None }
     }
 }
 
@@ -305,6 +311,53 @@ pub struct HttpHandler {
 
     /// Your container, run beside the worker in each pod.
     pub container: Container,
+}
+
+/// A stand-alone responder: your container, the only one in each worker pod. The operator sets
+/// `WARREN_BROKER_URI` (from the broker Secret's `uri` key, by reference), `WARREN_QUEUE`, `WARREN_PREFETCH`,
+/// `WARREN_DEFAULT_METHOD` (when `worker.defaultMethod` is set), `WARREN_DECLARE=false` (the operator declares the
+/// queues) and `WARREN_METRICS_ADDR=0.0.0.0:<port>`, then your `env`; it probes `/readyz` and `/healthz` on `port`
+/// and runs the container non-root (uid 65532), with a read-only root filesystem and all capabilities dropped.
+///
+/// A subset of a Kubernetes Container rather than the full type: the operator owns the probes, the ports and
+/// the security context (they are what the protocol and the autoscaler rely on), so fields that would compete
+/// with them are not offered, and the schema stays small. `worker.image`, `worker.env` and `worker.resources`
+/// configure the warren-worker container and are not used with this handler.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResponderContainer {
+    /// The container's name.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+
+    /// Your responder's image.
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// The entrypoint; the image's when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+
+    /// Arguments to the entrypoint; the image's when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+
+    /// Your environment variables, set after warren's (a name repeated here overrides warren's value).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+
+    /// Compute resources of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// The port your responder serves `/healthz`, `/readyz` and `/metrics` on (`WARREN_METRICS_ADDR`).
+    #[serde(default = "default_responder_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+fn default_responder_port() -> i32 {
+    9090
 }
 
 fn default_http_port() -> i32 {

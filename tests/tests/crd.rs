@@ -139,7 +139,21 @@ async fn invalid_specs_are_rejected() {
     assert_create_rejected(
         &ns,
         with(json!({ "worker": { "handler": { "builtin": "add", "http": { "container": { "name": "app" } } } } })),
-        &["handler needs exactly one of builtin or http"],
+        &["handler needs exactly one of builtin, http or container"],
+    )
+    .await;
+    assert_create_rejected(
+        &ns,
+        with(
+            json!({ "worker": { "handler": { "builtin": "add", "container": { "name": "app", "image": "app:1" } } } }),
+        ),
+        &["handler needs exactly one of builtin, http or container"],
+    )
+    .await;
+    assert_create_rejected(
+        &ns,
+        with(json!({ "worker": { "handler": {} } })),
+        &["handler needs exactly one of builtin, http or container"],
     )
     .await;
 
@@ -151,6 +165,13 @@ async fn invalid_specs_are_rejected() {
             .await
             .unwrap_or_else(|err| panic!("prefetch {prefetch} must be accepted: {err}"));
     }
+    // A stand-alone responder container alone is a valid handler.
+    let responder = with(json!({ "worker": { "handler": { "container": { "name": "app", "image": "app:1" } } } }));
+    let created = raw_api(&ns)
+        .create(&PostParams::default(), &rpcservice("responder", responder))
+        .await
+        .unwrap_or_else(|err| panic!("a container handler must be accepted: {err}"));
+    assert_eq!(created.data["spec"]["worker"]["handler"]["container"]["port"], json!(9090));
 
     ns.cleanup().await.unwrap();
 }
