@@ -90,3 +90,30 @@ pub async fn wait_until_up(timeout: Duration) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Deletes a service's queues (the request queue and its `.dead` queue) on the environment's broker when dropped,
+/// even when the test fails.
+pub struct QueueCleanup(Vec<String>);
+
+impl QueueCleanup {
+    pub fn service(queue: &str) -> Self {
+        Self(vec![queue.to_owned(), warren_client::topology::dead_letter_queue_name(queue)])
+    }
+}
+
+impl Drop for QueueCleanup {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.0);
+        // A fresh runtime on its own thread: Drop cannot await, and may run inside the test's runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                for queue in &queues {
+                    let _ = delete_queue("/", queue).await;
+                }
+            });
+            Some(())
+        })
+        .join();
+    }
+}

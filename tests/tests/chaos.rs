@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use warren_client::topology::{QueueOptions, dead_letter_queue_name};
 use warren_client::{CallError, Client};
 use warren_tests::backend::Backend;
+use warren_tests::broker::QueueCleanup;
 use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig};
 use warren_tests::worker_process::{WorkerCommand, metric_sum, metric_value};
 use warren_tests::{bin_path, broker, broker_uri, unique_name};
@@ -79,31 +80,6 @@ impl Counts {
             self.runs,
             self.extra
         );
-    }
-}
-
-/// Deletes a service's queues on the environment's broker when dropped.
-struct QueueCleanup(Vec<String>);
-
-impl QueueCleanup {
-    fn service(queue: &str) -> Self {
-        Self(vec![queue.to_owned(), dead_letter_queue_name(queue)])
-    }
-}
-
-impl Drop for QueueCleanup {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.0);
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            runtime.block_on(async {
-                for queue in &queues {
-                    let _ = broker::delete_queue("/", queue).await;
-                }
-            });
-            Some(())
-        })
-        .join();
     }
 }
 

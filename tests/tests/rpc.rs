@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use warren_client::topology::{QueueOptions, dead_letter_queue_name, declare_service_queues};
 use warren_client::{CallError, CallOptions, Client, TraceContext};
+use warren_tests::broker::QueueCleanup;
 use warren_tests::worker_process::{WorkerCommand, metric_value};
 use warren_tests::{broker, broker_uri, unique_name};
 
@@ -24,32 +25,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
-
-/// Deletes a service's queues when dropped, even when the test fails.
-struct QueueCleanup(Vec<String>);
-
-impl QueueCleanup {
-    fn service(queue: &str) -> Self {
-        Self(vec![queue.to_owned(), dead_letter_queue_name(queue)])
-    }
-}
-
-impl Drop for QueueCleanup {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.0);
-        // A fresh runtime on its own thread: Drop cannot await, and may run inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            runtime.block_on(async {
-                for queue in &queues {
-                    let _ = broker::delete_queue("/", queue).await;
-                }
-            });
-            Some(())
-        })
-        .join();
-    }
-}
 
 async fn connect() -> Connection {
     Connection::connect(&broker_uri(), ConnectionProperties::default()).await.expect("broker connection")
