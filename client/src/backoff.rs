@@ -35,6 +35,23 @@ impl Backoff {
     pub fn random_delay(&self, attempt: u32) -> Duration {
         self.delay(attempt, rand::random::<f64>())
     }
+
+    /// The delay after the `failures`th consecutive failure (0-based) against a broker of `addresses` addresses,
+    /// each failure moving on to the next address: none while this round has an address not yet tried (a node
+    /// that is down must not delay the move to a live one), then [`delay`](Self::delay) of the round number. With
+    /// one address this is `delay(failures, jitter)`.
+    pub fn failover_delay(&self, failures: u32, addresses: usize, jitter: f64) -> Duration {
+        let addresses = u32::try_from(addresses.max(1)).unwrap_or(u32::MAX);
+        if (failures % addresses) + 1 < addresses {
+            return Duration::ZERO;
+        }
+        self.delay(failures / addresses, jitter)
+    }
+
+    /// [`failover_delay`](Self::failover_delay) with a random jitter.
+    pub fn random_failover_delay(&self, failures: u32, addresses: usize) -> Duration {
+        self.failover_delay(failures, addresses, rand::random::<f64>())
+    }
 }
 
 #[cfg(test)]
@@ -49,6 +66,17 @@ mod tests {
         assert_eq!(backoff.delay(3, 1.0), Duration::from_millis(800));
         assert_eq!(backoff.delay(10, 1.0), Duration::from_secs(5));
         assert_eq!(backoff.delay(u32::MAX, 1.0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn failover_tries_every_address_before_backing_off() {
+        let backoff = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(5) };
+        let delays: Vec<u128> = (0..7).map(|n| backoff.failover_delay(n, 3, 1.0).as_millis()).collect();
+        assert_eq!(delays, [0, 0, 100, 0, 0, 200, 0]);
+        for n in 0..5 {
+            assert_eq!(backoff.failover_delay(n, 1, 0.3), backoff.delay(n, 0.3));
+        }
+        assert_eq!(backoff.failover_delay(0, 0, 1.0), backoff.delay(0, 1.0));
     }
 
     #[test]

@@ -21,11 +21,12 @@ use serde_json::Value;
 use tokio::sync::{Notify, OnceCell};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::broker_uri::Redacted;
+use crate::broker_uri::{BrokerAddresses, Redacted};
 use crate::envelope::{self, RequestMeta, TraceContext};
 use crate::error::CallError;
+use crate::failover::Rotation;
 use crate::pending::{Outcome, PendingCalls};
 use crate::protocol::DIRECT_REPLY_TO;
 
@@ -57,14 +58,18 @@ impl CallOptions {
 /// A connection to the broker that calls warren services. Cheap to clone; clones share the connection.
 ///
 /// When the connection is lost every waiting call fails with [`CallError::Connection`]; the next call opens a new
-/// connection (at most one attempt per [`RECONNECT_INTERVAL`]; in between, calls fail at once).
+/// connection (at most one attempt per [`RECONNECT_INTERVAL`]; in between, calls fail at once). A URI of several
+/// nodes (`amqp://user:pass@rabbit-0,rabbit-1,rabbit-2/%2f`) is tried from a random node on, and every new
+/// connection starts at the node after the one that was lost.
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    uri: AMQPUri,
+    addresses: BrokerAddresses,
+    /// The node the next connection attempt goes to.
+    rotation: Rotation,
     connect_timeout: Duration,
     session: RwLock<Arc<Session>>,
     /// Serialises reconnects and remembers the last failed one.
@@ -73,20 +78,24 @@ struct Shared {
 }
 
 impl Client {
-    /// Connects to the broker at `uri` (`amqp://user:pass@host:port/vhost`), giving up after [`CONNECT_TIMEOUT`].
+    /// Connects to the broker at `uri` (`amqp://user:pass@host:port/vhost`, or several nodes:
+    /// `amqp://user:pass@host:port,host:port/vhost`), giving up on a node after [`CONNECT_TIMEOUT`].
     pub async fn connect(uri: &str) -> Result<Client, CallError> {
         Self::connect_with_timeout(uri, CONNECT_TIMEOUT).await
     }
 
-    /// [`Client::connect`] giving up after `timeout` (reconnects later are bounded by it too). A malformed `uri` is
-    /// [`CallError::InvalidRequest`], whose message never contains the URI's password.
+    /// [`Client::connect`] giving up on a node after `timeout` (reconnects later are bounded by it too), after
+    /// trying each node once. A malformed `uri` is [`CallError::InvalidRequest`], whose message never contains the
+    /// URI's password.
     pub async fn connect_with_timeout(uri: &str, timeout: Duration) -> Result<Client, CallError> {
-        let uri = crate::broker_uri::parse(uri).map_err(|e| CallError::InvalidRequest(e.to_string()))?;
+        let addresses = BrokerAddresses::parse(uri).map_err(|e| CallError::InvalidRequest(e.to_string()))?;
+        let rotation = Rotation::random(addresses.len());
         let unmatched_replies = Arc::new(AtomicU64::new(0));
-        let session = Session::open(&uri, timeout, unmatched_replies.clone()).await?;
+        let session = Session::open_first(&addresses, &rotation, timeout, &unmatched_replies).await?;
         Ok(Client {
             shared: Arc::new(Shared {
-                uri,
+                addresses,
+                rotation,
                 connect_timeout: timeout,
                 session: RwLock::new(Arc::new(session)),
                 reconnect: tokio::sync::Mutex::new(None),
@@ -209,6 +218,11 @@ impl Client {
         self.current().connection_name()
     }
 
+    /// The node the current connection went to, without the password (`amqp://user@host:port/vhost`).
+    pub fn broker_address(&self) -> String {
+        self.current().address.clone()
+    }
+
     /// Closes the connection; waiting calls fail with [`CallError::Connection`], later calls reconnect.
     pub async fn close(&self) -> Result<(), CallError> {
         let session = self.current();
@@ -241,13 +255,19 @@ impl Client {
         {
             return Err(CallError::Connection(error.clone()));
         }
-        match Session::open(&self.shared.uri, self.shared.connect_timeout, self.shared.unmatched_replies.clone()).await
+        let shared = &self.shared;
+        match Session::open_first(
+            &shared.addresses,
+            &shared.rotation,
+            shared.connect_timeout,
+            &shared.unmatched_replies,
+        )
+        .await
         {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 *self.shared.session.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
                 *last_failure = None;
-                debug!("reconnected to the broker");
                 Ok(fresh)
             }
             Err(error) => {
@@ -275,12 +295,48 @@ struct Session {
     confirmed: OnceCell<Channel>,
     /// Makes message ids unique across clients and reconnects.
     instance: String,
+    /// The node it is connected to, redacted.
+    address: String,
     one_way: AtomicU64,
     /// Dropping the consumer cancels it; it lives as long as the session.
     _replies: Consumer,
 }
 
 impl Session {
+    /// Opens a session on the first node that answers, trying each once from the rotation's next node on (each
+    /// within `timeout`). Which node it went to, and why others failed, is logged without the password.
+    async fn open_first(
+        addresses: &BrokerAddresses,
+        rotation: &Rotation,
+        timeout: Duration,
+        unmatched_replies: &Arc<AtomicU64>,
+    ) -> Result<Session, lapin::Error> {
+        let mut failures = Vec::new();
+        for _ in 0..addresses.len() {
+            let uri = addresses.node(rotation.advance());
+            match Self::open(uri, timeout, unmatched_replies.clone()).await {
+                Ok(session) => {
+                    info!(broker = %Redacted(uri), connection = %session.connection_name(), "connected to the broker");
+                    return Ok(session);
+                }
+                Err(error) => {
+                    if addresses.len() > 1 {
+                        warn!(broker = %Redacted(uri), %error, "could not connect to this node; trying the next");
+                    }
+                    failures.push((Redacted(uri).to_string(), error));
+                }
+            }
+        }
+        if failures.len() == 1 {
+            return Err(failures.remove(0).1);
+        }
+        let tried: Vec<String> = failures.iter().map(|(address, error)| format!("{address}: {error}")).collect();
+        Err(lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(std::io::Error::other(format!(
+            "no broker node answered ({})",
+            tried.join("; ")
+        ))))))
+    }
+
     /// Opens a session within `timeout`; a broker that never finishes the handshake is a connection error.
     async fn open(
         uri: &AMQPUri,
@@ -325,6 +381,7 @@ impl Session {
             end_watch,
             confirmed: OnceCell::new(),
             instance,
+            address: Redacted(uri).to_string(),
             one_way: AtomicU64::new(0),
             _replies: replies,
         })

@@ -3,13 +3,17 @@
 
 use std::fmt;
 
-/// The environment variable holding the AMQP URI (the worker, the CLI, `scripts/env up`, the tests).
+use crate::broker_uri::redact;
+
+/// The environment variable holding the AMQP URI (the worker, the CLI, `scripts/env up`, the tests). Like every
+/// broker URI here it may name several nodes: `amqp://user:pass@rabbit-0:5672,rabbit-1:5672/%2f`
+/// ([`crate::broker_uri`]).
 pub const BROKER_URI_ENV: &str = "WARREN_BROKER_URI";
 /// The environment variable holding the management API URI (`scripts/env up`, the tests).
 pub const MANAGEMENT_URI_ENV: &str = "WARREN_MANAGEMENT_URI";
-/// The broker Secret's key of the AMQP URI (amqp:// or amqps://, with credentials and vhost).
+/// The broker Secret's key of the AMQP URI (amqp:// or amqps://, with credentials and vhost; one host or several).
 pub const SECRET_URI_KEY: &str = "uri";
-/// The broker Secret's key of the management API URI (http:// or https://, with credentials).
+/// The broker Secret's key of the management API URI (http:// or https://, with credentials; one host or several).
 pub const SECRET_MANAGEMENT_URI_KEY: &str = "managementUri";
 /// A broker on this machine with RabbitMQ's default user, what `scripts/env up` starts.
 pub const LOCAL_BROKER_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -43,23 +47,16 @@ impl fmt::Debug for BrokerEndpoint {
     }
 }
 
-/// A URI with its userinfo removed, for logs and status.
-pub fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}***@{}", &uri[..scheme_end + 3], &uri[at + 1..]),
-        _ => uri.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn redact_hides_credentials() {
-        assert_eq!(redact("amqp://user:secret@rabbit:5672/%2f"), "amqp://***@rabbit:5672/%2f");
-        assert_eq!(redact("http://rabbit:15672"), "http://rabbit:15672");
-        let e = BrokerEndpoint { amqp_uri: "amqp://u:p@h/".into(), management_uri: "http://u:p@h:15672".into() };
-        assert!(!format!("{e:?}").contains(":p@"));
+    fn debug_hides_credentials() {
+        let e =
+            BrokerEndpoint { amqp_uri: "amqp://u:s3cret@h/".into(), management_uri: "http://u:s3cret@h:15672".into() };
+        assert!(!format!("{e:?}").contains("s3cret"));
+        let malformed = BrokerEndpoint { amqp_uri: "amqp:u:s3cret@h".into(), management_uri: "u:s3cret@h".into() };
+        assert!(!format!("{malformed:?}").contains("s3cret"));
     }
 }

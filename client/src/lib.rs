@@ -1,7 +1,8 @@
 //! warren-client: the wire protocol types, the caller library, and what the operator, the worker and the tests
 //! share besides: the queue topology ([`topology`]), the broker's URIs and the names that carry them
-//! ([`endpoint`]), the retry schedule ([`backoff`]) and, with the `management` feature, the management API client
-//! (`management`).
+//! ([`endpoint`]), parsing and redacting those URIs, of one node or several ([`broker_uri`]), the retry schedule
+//! ([`backoff`]), the order in which a cluster's addresses are tried ([`failover`]) and, with the `management`
+//! feature, the management API client (`management`).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), warren_client::CallError> {
@@ -20,6 +21,7 @@ mod client;
 pub mod endpoint;
 pub mod envelope;
 mod error;
+pub mod failover;
 #[cfg(feature = "management")]
 pub mod management;
 mod pending;

@@ -13,10 +13,11 @@ use warren_client::{CallError, Client, ErrorKind};
 #[derive(Parser)]
 #[command(name = "warren", version, after_help = EXIT_CODES)]
 struct Cli {
-    /// AMQP URI of the broker (its password is never printed).
+    /// AMQP URI of the broker (its password is never printed); several nodes of a cluster as
+    /// amqp://user:pass@host1:5672,host2:5672/%2f, tried from a random one on.
     #[arg(long, env = BROKER_URI_ENV, hide_env_values = true, default_value = LOCAL_BROKER_URI, global = true)]
     broker_uri: String,
-    /// How long connecting to the broker may take (e.g. 500ms, 10s).
+    /// How long connecting to one broker node may take (e.g. 500ms, 10s).
     #[arg(long, env = "WARREN_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     connect_timeout: Duration,
     #[command(subcommand)]

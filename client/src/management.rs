@@ -2,13 +2,21 @@
 //! request, a queue as the API shows it, deleting queues, closing connections. The credentials come from the
 //! management URI (`http://user:password@host:15672`), percent-decoded, and are sent as basic auth.
 //!
+//! The URI may name several nodes of a cluster (`http://user:password@rabbit-0:15672,rabbit-1:15672`): every node
+//! serves the whole cluster's API, so a request that finds its node unreachable (or answering 5xx) is sent to the
+//! next one, and the node that answered is used first from then on. The first node is picked at random.
+//!
 //! Behind the `management` feature: a caller or a worker does not need it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::broker_uri::{UriParts, uri_list};
 
 /// No request waits longer than this.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,65 +63,129 @@ struct MessageStats {
     ack: u64,
 }
 
-/// A client of one broker's management API; cheap to clone, one connection pool.
+/// A client of one broker's management API (one node or several); cheap to clone, one connection pool.
 #[derive(Clone)]
 pub struct Management {
     http: reqwest::Client,
+    nodes: Arc<[Node]>,
+    /// The node tried first: the last one that answered.
+    current: Arc<AtomicUsize>,
+}
+
+/// One node's API: its base URL (without credentials) and the credentials to send it.
+struct Node {
     base: reqwest::Url,
     user: String,
     password: Option<String>,
 }
 
 impl Management {
+    /// A client of the management API at `uri` (`http[s]://user:password@host:port[,host:port...][/prefix]`).
+    /// Errors never contain the URI.
     pub fn new(uri: &str) -> Result<Self, ManagementError> {
-        let mut base = reqwest::Url::parse(uri).map_err(|e| ManagementError::InvalidUri(e.to_string()))?;
-        if !matches!(base.scheme(), "http" | "https") {
-            return Err(ManagementError::InvalidUri("scheme must be http or https".into()));
-        }
-        let user = percent_decode(base.username());
-        let password = base.password().map(percent_decode);
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
-        if !base.path().ends_with('/') {
-            let path = format!("{}/", base.path());
-            base.set_path(&path);
+        let mut nodes = Vec::new();
+        for listed in uri_list(uri) {
+            let parts = UriParts::split(listed).map_err(|e| ManagementError::InvalidUri(e.reason().to_owned()))?;
+            if !matches!(parts.scheme, "http" | "https") {
+                return Err(ManagementError::InvalidUri("scheme must be http or https".into()));
+            }
+            let without_credentials = UriParts { userinfo: None, ..parts.clone() };
+            for i in 0..parts.hosts.len() {
+                let mut base = reqwest::Url::parse(&without_credentials.single(i))
+                    .map_err(|e| ManagementError::InvalidUri(format!("host {}: {e}", nodes.len() + 1)))?;
+                base.set_query(None);
+                base.set_fragment(None);
+                if !base.path().ends_with('/') {
+                    let path = format!("{}/", base.path());
+                    base.set_path(&path);
+                }
+                let user = parts.user().map(percent_decode).unwrap_or_default();
+                nodes.push(Node { base, user, password: parts.password().map(percent_decode) });
+            }
         }
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .pool_max_idle_per_host(2)
             .build()
             .map_err(|e| ManagementError::Unavailable(e.to_string()))?;
-        Ok(Self { http, base, user, password })
+        let current = Arc::new(AtomicUsize::new(rand::random_range(0..nodes.len())));
+        Ok(Self { http, nodes: nodes.into(), current })
     }
 
-    /// `<base>/api/<segments...>`, each segment percent-encoded (a vhost `/` is `%2F`).
-    fn url(&self, segments: &[&str]) -> reqwest::Url {
-        let mut url = self.base.clone();
+    /// The node requests go to first, without credentials (e.g. `http://rabbit-1:15672/`).
+    pub fn current_base(&self) -> &reqwest::Url {
+        &self.nodes[self.current.load(Ordering::Relaxed) % self.nodes.len()].base
+    }
+
+    /// `<base>/api/<segments...>` on node `node`, each segment percent-encoded (a vhost `/` is `%2F`).
+    fn url_on(&self, node: usize, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.nodes[node % self.nodes.len()].base.clone();
         url.path_segments_mut().expect("http URL has a path").pop_if_empty().push("api").extend(segments);
         url
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ManagementError> {
-        request
-            .basic_auth(&self.user, self.password.as_ref())
-            .send()
-            .await
-            .map_err(|e| ManagementError::Unavailable(e.without_url().to_string()))
+    #[cfg(test)]
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        self.url_on(self.current.load(Ordering::Relaxed), segments)
     }
 
-    async fn get<T: DeserializeOwned>(&self, url: reqwest::Url) -> Result<T, ManagementError> {
+    /// Sends the request to the current node, and on to the next ones while a node is unreachable or answers 5xx.
+    /// The last 5xx answer is returned when every node gave one.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        query: Option<(&str, &str)>,
+    ) -> Result<reqwest::Response, ManagementError> {
+        let count = self.nodes.len();
+        let first = self.current.load(Ordering::Relaxed) % count;
+        let mut last_error = None;
+        let mut last_answer = None;
+        for index in (first..first + count).map(|n| n % count) {
+            let node = &self.nodes[index];
+            let mut url = self.url_on(index, segments);
+            if let Some((key, value)) = query {
+                url.query_pairs_mut().append_pair(key, value);
+            }
+            let request = self.http.request(method.clone(), url).basic_auth(&node.user, node.password.as_ref());
+            match request.send().await {
+                Ok(response) if !response.status().is_server_error() => {
+                    if index != first {
+                        self.current.store(index, Ordering::Relaxed);
+                        tracing::info!(node = %node.base, "the management API answers on another node");
+                    }
+                    return Ok(response);
+                }
+                Ok(response) => last_answer = Some(response),
+                Err(e) => last_error = Some(e.without_url().to_string()),
+            }
+            if count > 1 {
+                tracing::debug!(node = %node.base, "management API node did not answer; trying the next");
+            }
+        }
+        match (last_answer, last_error) {
+            (Some(response), _) => Ok(response),
+            (None, Some(error)) if count > 1 => {
+                Err(ManagementError::Unavailable(format!("{error} (and on every other node)")))
+            }
+            (None, error) => Err(ManagementError::Unavailable(error.unwrap_or_default())),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: Option<(&str, &str)>,
+    ) -> Result<T, ManagementError> {
         let unavailable = |e: reqwest::Error| ManagementError::Unavailable(e.without_url().to_string());
-        self.send(self.http.get(url)).await?.error_for_status().map_err(unavailable)?.json().await.map_err(unavailable)
+        let response = self.send(reqwest::Method::GET, segments, query).await?;
+        response.error_for_status().map_err(unavailable)?.json().await.map_err(unavailable)
     }
 
     /// Every queue of `vhost` with the figures the autoscaler needs, in one request.
     pub async fn queue_figures(&self, vhost: &str) -> Result<Vec<QueueFigures>, ManagementError> {
-        let mut url = self.url(&["queues", vhost]);
-        url.query_pairs_mut().append_pair(
-            "columns",
-            "name,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.ack",
-        );
-        let rows: Vec<QueueRow> = self.get(url).await?;
+        let columns = "name,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.ack";
+        let rows: Vec<QueueRow> = self.get(&["queues", vhost], Some(("columns", columns))).await?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -132,7 +204,7 @@ impl Management {
 
     /// The queue as the management API shows it, or `None` when it does not exist.
     pub async fn queue(&self, vhost: &str, name: &str) -> Result<Option<Value>, ManagementError> {
-        let response = self.send(self.http.get(self.url(&["queues", vhost, name]))).await?;
+        let response = self.send(reqwest::Method::GET, &["queues", vhost, name], None).await?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -147,14 +219,12 @@ impl Management {
 
     /// The broker's overview: answers once the broker is up.
     pub async fn overview(&self) -> Result<Value, ManagementError> {
-        self.get(self.url(&["overview"])).await
+        self.get(&["overview"], None).await
     }
 
     /// Every connection, with its broker-given `name` and the `client_properties` the client sent.
     pub async fn connections(&self) -> Result<Vec<Value>, ManagementError> {
-        let mut url = self.url(&["connections"]);
-        url.query_pairs_mut().append_pair("columns", "name,client_properties.connection_name");
-        self.get(url).await
+        self.get(&["connections"], Some(("columns", "name,client_properties.connection_name"))).await
     }
 
     /// Closes the connection the broker calls `name` (one that is gone counts as closed).
@@ -163,7 +233,7 @@ impl Management {
     }
 
     async fn delete(&self, segments: &[&str], what: &str) -> Result<(), ManagementError> {
-        let response = self.send(self.http.delete(self.url(segments))).await?;
+        let response = self.send(reqwest::Method::DELETE, segments, None).await?;
         match response.status() {
             s if s.is_success() || s == reqwest::StatusCode::NOT_FOUND => Ok(()),
             s => Err(ManagementError::Refused(format!("{what}: HTTP {s}"))),
@@ -182,10 +252,22 @@ mod tests {
     #[test]
     fn management_url_encodes_the_vhost() {
         let m = Management::new("http://guest:gu%40st@127.0.0.1:15672").unwrap();
-        assert_eq!(m.password.as_deref(), Some("gu@st"));
+        assert_eq!(m.nodes[0].password.as_deref(), Some("gu@st"));
         assert_eq!(m.url(&["queues", "/"]).as_str(), "http://127.0.0.1:15672/api/queues/%2F");
         let m = Management::new("https://u:p@rabbit.example/mgmt").unwrap();
         assert_eq!(m.url(&["queues", "prod", "a.b"]).as_str(), "https://rabbit.example/mgmt/api/queues/prod/a.b");
         assert!(matches!(Management::new("amqp://h"), Err(ManagementError::InvalidUri(_))));
+    }
+
+    #[test]
+    fn several_nodes_share_the_credentials_and_the_prefix() {
+        let m = Management::new("https://u:p,w@rabbit-0:15672,rabbit-1:15673/mgmt").unwrap();
+        assert_eq!((m.nodes[1].user.as_str(), m.nodes[1].password.as_deref()), ("u", Some("p,w")));
+        let urls: Vec<String> = (0..2).map(|n| m.url_on(n, &["overview"]).to_string()).collect();
+        assert_eq!(urls, ["https://rabbit-0:15672/mgmt/api/overview", "https://rabbit-1:15673/mgmt/api/overview"]);
+        for malformed in ["http:u:s3cret@h", "http://u:s3cret@h1,,h2", "http://u:s3cret@h:port"] {
+            let Err(error) = Management::new(malformed) else { panic!("{malformed} accepted") };
+            assert!(!error.to_string().contains("s3cret"), "{error}");
+        }
     }
 }

@@ -1,23 +1,33 @@
 //! Broker access: one shared AMQP connection and one management HTTP client per broker, reused by every
 //! reconcile, and the two things the operator does on a broker — declare a service's queues and read queue
 //! figures for all services of a vhost in one request.
+//!
+//! A broker may be a cluster: its Secret's URIs then name several nodes, the shared connection goes to one of them
+//! (from a random one on; a lost connection is re-opened on the next) and the management client fails over between
+//! them. Brokers that no service uses any more (a rotated Secret, deleted services) leave the pool, and their
+//! connection closes once the last reconcile or observer registration holding them lets go.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kube::runtime::reflector::ObjectRef;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
-pub use warren_client::endpoint::{BrokerEndpoint, redact};
+pub use warren_client::broker_uri::redact;
+use warren_client::broker_uri::{BrokerAddresses, Redacted};
+pub use warren_client::endpoint::BrokerEndpoint;
+use warren_client::failover::Rotation;
 pub use warren_client::management::QueueFigures;
 use warren_client::management::{Management, ManagementError};
 use warren_client::topology::{self, QueueOptions};
 
+use crate::crd::RpcService;
+
 /// How long a failed connection attempt is remembered before the next one: a thousand reconciles during an
 /// outage make one connection attempt per window, not a thousand.
 const RECONNECT_COOLDOWN: Duration = Duration::from_secs(2);
+/// How long connecting to one node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -67,7 +77,9 @@ impl BrokerError {
 /// One broker: a shared AMQP connection (opened lazily, re-opened when lost) and a management client.
 pub struct Broker {
     endpoint: BrokerEndpoint,
-    vhost: String,
+    addresses: BrokerAddresses,
+    /// The node the next connection attempt goes to.
+    rotation: Rotation,
     connection: tokio::sync::Mutex<ConnectionSlot>,
     management: Management,
 }
@@ -80,14 +92,17 @@ struct ConnectionSlot {
 }
 
 impl Broker {
-    fn new(endpoint: BrokerEndpoint) -> Result<Self, BrokerError> {
-        let amqp = AMQPUri::from_str(&endpoint.amqp_uri).map_err(|e| BrokerError::InvalidUri(format!("uri: {e}")))?;
+    /// The broker an endpoint names; nothing is contacted yet. Errors never contain the URIs.
+    pub fn new(endpoint: BrokerEndpoint) -> Result<Self, BrokerError> {
+        let addresses = BrokerAddresses::parse(&endpoint.amqp_uri)
+            .map_err(|e| BrokerError::InvalidUri(format!("uri: {}", e.reason())))?;
         let management = Management::new(&endpoint.management_uri)?;
-        Ok(Self { vhost: amqp.vhost, endpoint, connection: Default::default(), management })
+        let rotation = Rotation::random(addresses.len());
+        Ok(Self { addresses, rotation, endpoint, connection: Default::default(), management })
     }
 
     pub fn vhost(&self) -> &str {
-        &self.vhost
+        self.addresses.vhost()
     }
 
     /// The management URI without credentials, which identifies the broker in logs.
@@ -117,19 +132,42 @@ impl Broker {
                 return Err(BrokerError::Unavailable(reason.clone()));
             }
         }
-        let props = ConnectionProperties::default().with_connection_name("warren-operator".into());
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.endpoint.amqp_uri, props)).await;
-        let conn = match attempt {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(slot.failed(e.to_string())),
-            Err(_) => return Err(slot.failed(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        let conn = match self.connect_any_node().await {
+            Ok(conn) => conn,
+            Err(reason) => return Err(slot.failed(reason)),
         };
         slot.opened += 1;
         slot.last_failure = None;
-        tracing::info!(broker = %self.display_name(), "opened the shared AMQP connection");
         let channel = conn.create_channel().await.map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         slot.connection = Some(conn);
         Ok(channel)
+    }
+
+    /// Opens a connection to the first node that answers, each tried once from the rotation's next node on.
+    async fn connect_any_node(&self) -> Result<Connection, String> {
+        let mut failures = Vec::new();
+        for _ in 0..self.addresses.len() {
+            let node = self.addresses.node(self.rotation.advance());
+            let props = ConnectionProperties::default().with_connection_name("warren-operator".into());
+            let failure =
+                match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(node.clone(), props)).await {
+                    Ok(Ok(conn)) => {
+                        tracing::info!(broker = %Redacted(node), "opened the shared AMQP connection");
+                        return Ok(conn);
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+                };
+            if self.addresses.len() > 1 {
+                tracing::warn!(broker = %Redacted(node), reason = %failure, "could not connect to this node; trying the next");
+            }
+            failures.push(format!("{}: {failure}", Redacted(node)));
+        }
+        Err(if failures.len() == 1 {
+            failures.remove(0)
+        } else {
+            format!("no node answered ({})", failures.join("; "))
+        })
     }
 
     /// Declares the service's request queue and its dead-letter queue (idempotent; re-creates deleted ones).
@@ -146,14 +184,29 @@ impl Broker {
     /// Deletes the service's queues; a queue that does not exist counts as deleted.
     pub async fn delete_queues(&self, queue: &str) -> Result<(), BrokerError> {
         for name in [queue.to_owned(), topology::dead_letter_queue_name(queue)] {
-            self.management.delete_queue(&self.vhost, &name).await?;
+            self.management.delete_queue(self.vhost(), &name).await?;
         }
         Ok(())
     }
 
     /// Every queue of this broker's vhost, with the figures the autoscaler needs, in one request.
     pub async fn queue_figures(&self) -> Result<Vec<QueueFigures>, BrokerError> {
-        Ok(self.management.queue_figures(&self.vhost).await?)
+        Ok(self.management.queue_figures(self.vhost()).await?)
+    }
+}
+
+impl Drop for Broker {
+    /// Closes the shared connection: the broker left the pool and nothing holds it any more.
+    fn drop(&mut self) {
+        let Some(connection) = self.connection.get_mut().connection.take() else { return };
+        if connection.status().connected()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            tracing::info!(broker = %self.display_name(), "closing the AMQP connection of a broker no longer used");
+            runtime.spawn(async move {
+                let _ = connection.close(200, "broker no longer used".into()).await;
+            });
+        }
     }
 }
 
@@ -189,32 +242,120 @@ pub fn conflicting_argument(message: &str) -> Option<String> {
     Some(rest[..rest.find('\'')?].to_owned())
 }
 
-/// The brokers in use, one [`Broker`] per endpoint, shared by every reconcile.
+/// The brokers in use, one [`Broker`] per endpoint, shared by every reconcile, and which service uses which.
 #[derive(Default)]
 pub struct BrokerPool {
-    brokers: Mutex<HashMap<BrokerEndpoint, Arc<Broker>>>,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    brokers: HashMap<BrokerEndpoint, Arc<Broker>>,
+    /// The endpoint each service last used: a broker leaves the pool when no service uses it any more.
+    users: HashMap<ObjectRef<RpcService>, BrokerEndpoint>,
 }
 
 impl BrokerPool {
-    pub fn get(&self, endpoint: &BrokerEndpoint) -> Result<Arc<Broker>, BrokerError> {
-        let mut brokers = self.brokers.lock().expect("broker pool lock");
-        if let Some(broker) = brokers.get(endpoint) {
-            return Ok(broker.clone());
+    /// The shared broker of `endpoint`, now used by `user` (instead of the one it used before, if another).
+    pub fn get(&self, user: &ObjectRef<RpcService>, endpoint: &BrokerEndpoint) -> Result<Arc<Broker>, BrokerError> {
+        let mut state = self.state.lock().expect("broker pool lock");
+        let broker = match state.brokers.get(endpoint) {
+            Some(broker) => Ok(broker.clone()),
+            None => Broker::new(endpoint.clone()).map(Arc::new),
+        };
+        let previous = match &broker {
+            Ok(broker) => {
+                state.brokers.entry(endpoint.clone()).or_insert_with(|| broker.clone());
+                state.users.insert(user.clone(), endpoint.clone())
+            }
+            Err(_) => state.users.remove(user),
+        };
+        if let Some(previous) = previous.filter(|p| p != endpoint) {
+            state.drop_if_unused(&previous);
         }
-        let broker = Arc::new(Broker::new(endpoint.clone())?);
-        brokers.insert(endpoint.clone(), broker.clone());
-        Ok(broker)
+        broker
+    }
+
+    /// `user` uses no broker any more (deleted, or its Secret is gone or invalid).
+    pub fn release(&self, user: &ObjectRef<RpcService>) {
+        let mut state = self.state.lock().expect("broker pool lock");
+        if let Some(previous) = state.users.remove(user) {
+            state.drop_if_unused(&previous);
+        }
     }
 
     /// Every broker in use, for the observer's polls.
     pub fn all(&self) -> Vec<Arc<Broker>> {
-        self.brokers.lock().expect("broker pool lock").values().cloned().collect()
+        self.state.lock().expect("broker pool lock").brokers.values().cloned().collect()
+    }
+}
+
+impl PoolState {
+    /// Forgets the broker of `endpoint` when no service uses it; its connection closes with its last holder.
+    fn drop_if_unused(&mut self, endpoint: &BrokerEndpoint) {
+        if self.users.values().any(|e| e == endpoint) {
+            return;
+        }
+        if let Some(broker) = self.brokers.remove(endpoint) {
+            tracing::info!(broker = %broker.display_name(), "no service uses this broker any more; dropping it");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoint(host: &str) -> BrokerEndpoint {
+        BrokerEndpoint {
+            amqp_uri: format!("amqp://u:p@{host}/%2f"),
+            management_uri: format!("http://u:p@{host}:15672"),
+        }
+    }
+
+    fn user(name: &str) -> ObjectRef<RpcService> {
+        ObjectRef::new(name).within("shop")
+    }
+
+    #[test]
+    fn a_broker_leaves_the_pool_when_its_last_user_moves_on() {
+        let pool = BrokerPool::default();
+        let old = pool.get(&user("a"), &endpoint("old")).unwrap();
+        assert!(Arc::ptr_eq(&old, &pool.get(&user("b"), &endpoint("old")).unwrap()));
+        let new = pool.get(&user("a"), &endpoint("new")).unwrap();
+        assert_eq!(pool.all().len(), 2, "b still uses the old broker");
+        pool.get(&user("b"), &endpoint("new")).unwrap();
+        assert_eq!(pool.all().len(), 1);
+        assert!(Arc::ptr_eq(&pool.all()[0], &new));
+        let weak = Arc::downgrade(&old);
+        drop(old);
+        assert!(weak.upgrade().is_none(), "nothing else holds the old broker (its connection closes)");
+        pool.release(&user("a"));
+        assert_eq!(pool.all().len(), 1);
+        pool.release(&user("b"));
+        assert!(pool.all().is_empty());
+    }
+
+    #[test]
+    fn an_invalid_secret_releases_the_broker_used_before() {
+        let pool = BrokerPool::default();
+        pool.get(&user("a"), &endpoint("old")).unwrap();
+        let invalid = BrokerEndpoint { amqp_uri: "amqp:u:s3cret@h".into(), ..endpoint("old") };
+        let error = pool.get(&user("a"), &invalid).err().unwrap();
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+        assert!(pool.all().is_empty());
+    }
+
+    #[test]
+    fn several_nodes_share_one_vhost_and_hide_the_password() {
+        let endpoint = BrokerEndpoint {
+            amqp_uri: "amqp://u:s3cret@rabbit-0,rabbit-1:5673/prod".into(),
+            management_uri: "http://u:s3cret@rabbit-0:15672,rabbit-1:15672".into(),
+        };
+        let broker = Broker::new(endpoint).unwrap();
+        assert_eq!(broker.vhost(), "prod");
+        assert_eq!(broker.display_name(), "http://u@rabbit-0:15672,rabbit-1:15672");
+    }
 
     #[test]
     fn conflicting_argument_is_read_from_rabbitmq_message() {

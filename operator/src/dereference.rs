@@ -6,6 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
 use warren_client::endpoint::{SECRET_MANAGEMENT_URI_KEY, SECRET_URI_KEY};
 
 use crate::broker::{Broker, BrokerEndpoint, BrokerError};
@@ -59,8 +60,24 @@ pub struct Dereferenced {
     pub broker: Arc<Broker>,
 }
 
-/// Reads the broker Secret and returns the shared broker for the endpoint it names.
+/// Reads the broker Secret and returns the shared broker for the endpoint it names. A service whose Secret is
+/// gone or invalid no longer holds the broker it used before (a failed read keeps it: it is retried soon).
 pub async fn broker(svc: &RpcService, ctx: &Context) -> Result<Dereferenced, DereferenceError> {
+    let user = ObjectRef::from_obj(svc);
+    let found = read_and_share(svc, &user, ctx).await;
+    if let Err(error) = &found
+        && error.is_permanent()
+    {
+        ctx.brokers.release(&user);
+    }
+    found
+}
+
+async fn read_and_share(
+    svc: &RpcService,
+    user: &ObjectRef<RpcService>,
+    ctx: &Context,
+) -> Result<Dereferenced, DereferenceError> {
     let namespace = svc.namespace().unwrap_or_default();
     let name = match (&svc.spec.broker.secret_ref, &ctx.config.default_broker_secret) {
         (Some(r), _) => r.name.clone(),
@@ -75,7 +92,7 @@ pub async fn broker(svc: &RpcService, ctx: &Context) -> Result<Dereferenced, Der
     };
     let endpoint =
         endpoint(&secret).map_err(|reason| DereferenceError::InvalidBrokerSecret { name: name.clone(), reason })?;
-    let broker = ctx.brokers.get(&endpoint).map_err(|e| match e {
+    let broker = ctx.brokers.get(user, &endpoint).map_err(|e| match e {
         BrokerError::InvalidUri(reason) => DereferenceError::InvalidBrokerSecret { name: name.clone(), reason },
         other => DereferenceError::Broker(other),
     })?;

@@ -359,7 +359,7 @@ mod tests {
     use kube::runtime::reflector;
 
     use super::*;
-    use crate::broker::{BrokerEndpoint, BrokerPool};
+    use crate::broker::BrokerEndpoint;
     use crate::crd::RpcServiceSpec;
 
     struct Fixture {
@@ -381,7 +381,7 @@ mod tests {
             amqp_uri: "amqp://u:p@rabbit/%2f".into(),
             management_uri: "http://u:p@rabbit:15672".into(),
         };
-        let broker = BrokerPool::default().get(&endpoint).unwrap();
+        let broker = Arc::new(Broker::new(endpoint).unwrap());
         let spec: RpcServiceSpec =
             serde_yaml::from_str("{ scaling: { perReplicaThroughputHint: 10 }, worker: { prefetch: 4 } }").unwrap();
         let mut svc = RpcService::new("calc", spec);

@@ -218,5 +218,6 @@ async fn cleanup(svc: &RpcService, ctx: &Context) -> Result<Action> {
         };
         publish(svc, ctx, vec![deleted]).await;
     }
+    ctx.brokers.release(&ObjectRef::from_obj(svc));
     Ok(Action::await_change())
 }

@@ -127,6 +127,14 @@ impl ChaosBroker {
         self.ctl(&["await_startup", "--timeout", "60"]).map(drop)
     }
 
+    /// Kills the node's Erlang VM with SIGKILL (a node lost without warning: clients see their sockets close).
+    pub fn kill(&self) -> anyhow::Result<()> {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).context("reading the node's pid file")?;
+        let pid = pid.trim().parse::<i32>().context("the node's pid file")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+        Ok(())
+    }
+
     async fn wait_until_up(&self, timeout: Duration) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{}/api/overview", self.management_port);

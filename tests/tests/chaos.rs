@@ -720,6 +720,9 @@ async fn broker_passwords_never_reach_logs_or_output() {
         format!("amqp://user:{secret}@127.0.0.1:{closed_port}/%2f"),
         format!("amqps://user:{secret}@[::1:{closed_port}/%2f"),
         format!("amqp://user:{secret}@127.0.0.1:{closed_port}/%2f?frame_max=abc"),
+        format!("amqp://user:{secret}@127.0.0.1:{closed_port},127.0.0.1:{closed_port}/%2f"),
+        format!("amqp://user:pa,{secret}@127.0.0.1:{closed_port},,127.0.0.1:{closed_port}/%2f"),
+        format!("amqp://user:{secret}@127.0.0.1:{closed_port},127.0.0.1:{secret}/%2f"),
     ];
     let mut leaks = Vec::new();
     let mut runs = 0;
@@ -993,4 +996,118 @@ async fn a_broker_restart_under_load_loses_no_one_way_request() {
 
     assert!(delivered, "one-way requests lost across the restart: {counts:?}");
     assert!(worker.try_exit_status().unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 12. A broker node lost under load: the worker and the caller move to another address of the URI
+
+#[tokio::test]
+async fn a_lost_node_moves_the_worker_and_the_caller_to_the_next_address() {
+    // Two unclustered nodes stand for a cluster's: the queue is declared on both, and the worker and the caller
+    // start on the first (the second refuses connections until they are up), then the first is killed.
+    let (first, second) = tokio::join!(ChaosBroker::start(Default::default()), ChaosBroker::start(Default::default()));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    second.stop_app().unwrap();
+    let uri = format!("amqp://guest:guest@127.0.0.1:{},127.0.0.1:{}/%2f", first.amqp_port, second.amqp_port);
+    let queue = unique_name("chaos-node-loss");
+    let worker = WorkerCommand::new(&queue).broker_uri(&uri).args(["--declare", "--prefetch", "8"]).start().await;
+    let worker = worker.unwrap();
+    let client = Client::connect(&uri).await.unwrap();
+    assert!(client.broker_address().contains(&first.amqp_port.to_string()), "{}", client.broker_address());
+    second.start_app().unwrap();
+    declare(&second.uri(), &queue).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed_at: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let first_answer_after_kill: Arc<std::sync::OnceLock<Duration>> = Arc::default();
+    let load: Vec<_> = (0..4)
+        .map(|task| {
+            let (client, queue, stop) = (client.clone(), queue.clone(), stop.clone());
+            let (killed_at, first_answer_after_kill) = (killed_at.clone(), first_answer_after_kill.clone());
+            tokio::spawn(async move {
+                let (mut counts, mut answered_after_kill, mut hung) = (Counts::default(), 0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    counts.sent += 1;
+                    let sent_after_kill = killed_at.get().copied();
+                    let params = json!([task, counts.sent]);
+                    let call = client.call(&queue, Some("echo"), params.clone(), Duration::from_secs(10));
+                    match tokio::time::timeout(Duration::from_secs(30), call).await {
+                        Ok(Ok(value)) => {
+                            assert_eq!(value, params, "a caller got someone else's answer");
+                            counts.answered += 1;
+                            if let Some(killed) = sent_after_kill {
+                                answered_after_kill += 1;
+                                let _ = first_answer_after_kill.set(killed.elapsed());
+                            }
+                        }
+                        Ok(Err(error)) => {
+                            counts.error(&error);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(_) => hung += 1,
+                    }
+                }
+                (counts, answered_after_kill, hung)
+            })
+        })
+        .collect();
+
+    worker
+        .wait_metric_at_least(
+            r#"warren_worker_requests_total{method="echo",outcome="ok"}"#,
+            200.0,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let echo_ok = r#"warren_worker_requests_total{method="echo",outcome="ok"}"#;
+    let answered_before_kill = worker.metric(echo_ok).await;
+    first.kill().unwrap();
+    let killed = Instant::now();
+    let _ = killed_at.set(killed);
+    // The worker consumes from the second node's queue.
+    let management = warren_client::management::Management::new(&second.management_uri()).unwrap();
+    let worker_moved = wait_until("the worker consuming on the second node", Duration::from_secs(60), || async {
+        let found = management.queue("/", &queue).await.ok().flatten();
+        found.is_some_and(|q| q["consumers"].as_u64().unwrap_or(0) >= 1)
+    })
+    .await;
+    let worker_reconnect = killed.elapsed();
+    let settled = wait_until("200 calls answered after the kill", Duration::from_secs(60), || async {
+        let answered = worker.metric(echo_ok).await;
+        answered >= answered_before_kill + 200.0 && first_answer_after_kill.get().is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut counts = Counts::default();
+    let (mut answered_after_kill, mut hung) = (0, 0);
+    for task in load {
+        let (tally, after, stuck) = task.await.unwrap();
+        counts.sent += tally.sent;
+        counts.answered += tally.answered;
+        for (kind, n) in tally.errors {
+            *counts.errors.entry(kind).or_default() += n;
+        }
+        answered_after_kill += after;
+        hung += stuck;
+    }
+    counts.note("answered_after_kill", answered_after_kill);
+    counts.note("hung", hung);
+    counts.note("worker_reconnect_s", format!("{:.2}", worker_reconnect.as_secs_f64()));
+    let caller_reconnect = first_answer_after_kill.get().map(|d| format!("{:.2}", d.as_secs_f64()));
+    counts.note("caller_first_answer_after_kill_s", caller_reconnect.unwrap_or_else(|| "never".into()));
+    counts.note("worker_reconnects", worker.metric("warren_worker_reconnects_total").await);
+    counts.note("caller_now_on", client.broker_address());
+    counts.print("node lost under load");
+
+    assert!(worker_moved, "the worker did not move to the second node: {counts:?}\n{}", worker.log_tail());
+    assert!(settled, "calls did not resume on the second node: {counts:?}");
+    assert!(client.broker_address().contains(&second.amqp_port.to_string()), "{counts:?}");
+    assert_eq!(hung, 0, "calls hung past their timeout: {counts:?}");
+    // Calls in flight on the lost node fail fast (the connection), none wait for their timeout.
+    let unexpected: Vec<_> = counts.errors.keys().filter(|k| k.as_str() != "connection").collect();
+    assert!(unexpected.is_empty(), "{counts:?}");
+    assert!(!worker.log().contains("guest:guest"), "the worker logged the password");
+    assert!(worker.log().contains(&format!("@127.0.0.1:{}/", second.amqp_port)), "the log names the new node");
 }

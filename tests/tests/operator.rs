@@ -350,3 +350,100 @@ async fn scale_subresource_drives_replicas_when_autoscaling_is_off() -> anyhow::
     }
     ns.cleanup().await
 }
+
+/// The operator's AMQP connections on a broker, by the broker-given name of each.
+async fn operator_connections(management: &warren_client::management::Management) -> anyhow::Result<Vec<String>> {
+    let connections = management.connections().await?;
+    Ok(connections
+        .iter()
+        .filter(|c| c["client_properties"]["connection_name"] == "warren-operator")
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[tokio::test]
+async fn rotating_the_broker_secret_leaves_one_operator_connection() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    // A node of the test's own: every operator connection on it is this test's operator's.
+    let node = warren_tests::chaos_broker::ChaosBroker::start(Default::default()).await?;
+    let management = warren_client::management::Management::new(&node.management_uri())?;
+    let (_client, ns) = setup("op-rotate").await?;
+    let secret = |uri: &str| Secret {
+        metadata: kube::api::ObjectMeta { name: Some("rabbitmq".into()), ..Default::default() },
+        string_data: Some([("uri".into(), uri.to_owned()), ("managementUri".into(), node.management_uri())].into()),
+        ..Secret::default()
+    };
+    ns.api::<Secret>().create(&PostParams::default(), &secret(&node.uri())).await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "calc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    wait_condition(&ns, "calc", "QueueReady", "True", "Declared").await?;
+    let mut seen: std::collections::BTreeSet<String> = operator_connections(&management).await?.into_iter().collect();
+
+    // Credential rotations as the operator sees them: a different `uri` for the same broker each time (the last
+    // one names the node twice, as a cluster's URI would name its nodes).
+    let port = node.amqp_port;
+    let rotations = [
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f?heartbeat=30"),
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f?heartbeat=31"),
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f?heartbeat=32"),
+        format!("amqp://guest:guest@127.0.0.1:{port},127.0.0.1:{port}/%2f"),
+    ];
+    for uri in &rotations {
+        ns.api::<Secret>().replace("rabbitmq", &PostParams::default(), &secret(uri)).await?;
+        // The operator declares the queues again through the new endpoint, on a new connection.
+        let known = seen.clone();
+        let new = wait_for("an operator connection through the rotated uri", WAIT, || async {
+            let now = operator_connections(&management).await?;
+            Ok(now.into_iter().find(|c| !known.contains(c)))
+        })
+        .await?;
+        seen.insert(new);
+    }
+    let open = wait_for("the operator's connections to settle at one", WAIT, || async {
+        let open = operator_connections(&management).await?;
+        Ok((open.len() == 1).then_some(open.len()))
+    })
+    .await;
+    let still_open = operator_connections(&management).await?.len();
+    eprintln!(
+        "ROTATION rotations={} operator_connections_opened={} still_open={still_open}",
+        rotations.len(),
+        seen.len()
+    );
+    open.with_context(|| format!("{still_open} operator connections stay open after {} rotations", rotations.len()))?;
+    wait_condition(&ns, "calc", "QueueReady", "True", "Declared").await?;
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn a_malformed_secret_uri_is_reported_without_its_password() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::events::v1::Event;
+    let (_client, ns) = setup("op-badsecret").await?;
+    let password = "S3cretPassw0rd";
+    let malformed = [
+        format!("amqp:user:{password}@127.0.0.1"),
+        format!("amqp://user:{password}@127.0.0.1:5672,,127.0.0.1:5673/%2f"),
+    ];
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    for (i, uri) in malformed.iter().enumerate() {
+        let name = format!("bad-{i}");
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
+            string_data: Some(
+                [("uri".into(), uri.clone()), ("managementUri".into(), warren_tests::management_uri())].into(),
+            ),
+            ..Secret::default()
+        };
+        ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+        create_service(&ns, &name, json!({ "broker": { "secretRef": { "name": name } } })).await?;
+        let svc = wait_condition(&ns, &name, "QueueReady", "False", "InvalidBrokerSecret").await?;
+        let status = serde_json::to_string(&svc.status)?;
+        eprintln!("BADSECRET {uri:?} -> {}", condition(&svc, "QueueReady").unwrap().message);
+        assert!(!status.contains(password), "{status}");
+    }
+    let events = ns.api::<Event>().list(&Default::default()).await?;
+    let notes: Vec<String> = events.items.iter().filter_map(|e| e.note.clone()).collect();
+    assert!(notes.iter().all(|n| !n.contains(password)), "{notes:?}");
+    ns.cleanup().await
+}

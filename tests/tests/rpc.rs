@@ -360,6 +360,58 @@ async fn a_thousand_concurrent_calls_each_get_their_own_answer_once() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Several broker addresses
+
+/// The environment's broker URI with `extra` hosts put before its own: `amqp://u:p@<extra>,<host>/vhost`.
+fn uri_with_nodes_before(extra: &[String]) -> String {
+    let uri = broker_uri();
+    let (credentials, hosts) = uri.rsplit_once('@').expect("the test broker URI has credentials");
+    format!("{credentials}@{},{hosts}", extra.join(","))
+}
+
+#[tokio::test]
+async fn a_broker_uri_naming_a_dead_node_besides_a_live_one_connects_and_works() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("rpc-nodes");
+    let _cleanup = QueueCleanup::service(&queue);
+    let closed = warren_tests::operator_process::free_port();
+    let dead_node = format!("127.0.0.1:{closed}");
+    let uri = uri_with_nodes_before(std::slice::from_ref(&dead_node));
+    // Each process starts at a random node: with 3 workers and 8 callers some start at the dead one.
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(WorkerCommand::new(&queue).broker_uri(&uri).arg("--declare").start().await.unwrap());
+    }
+    let mut answered = 0;
+    let mut callers_on_the_dead_node = 0;
+    for i in 0..8 {
+        let client = Client::connect(&uri).await.expect("a caller connects through the live node");
+        callers_on_the_dead_node += u32::from(client.broker_address().contains(&dead_node));
+        assert_eq!(client.call(&queue, Some("add"), json!([i, 1]), CALL_TIMEOUT).await.unwrap(), json!(i + 1));
+        answered += 1;
+        client.close().await.unwrap();
+    }
+    let workers_that_tried_the_dead_node =
+        workers.iter().filter(|w| w.log().contains(&format!("@{dead_node}/"))).count();
+    for worker in &workers {
+        assert!(!worker.log().contains("guest:guest"), "a worker logged the password");
+    }
+    eprintln!(
+        "NODES dead+live URI: callers=8 answered={answered} callers_on_the_dead_node={callers_on_the_dead_node} \
+         workers=3 workers_that_tried_the_dead_node={workers_that_tried_the_dead_node}"
+    );
+    assert_eq!(answered, 8);
+    assert_eq!(callers_on_the_dead_node, 0);
+    // The CLI takes the same URI.
+    let output = std::process::Command::new(warren_tests::bin_path("warren"))
+        .args(["--broker-uri", &uri, "call", &queue, "add", "[20, 22]"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "42");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Worker death and shutdown
 
 #[tokio::test]

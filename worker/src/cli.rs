@@ -55,7 +55,8 @@ pub struct Args {
     #[arg(long)]
     pub message_ttl_seconds: Option<i64>,
 
-    /// AMQP URI of the broker (its password is never logged).
+    /// AMQP URI of the broker (its password is never logged); several nodes of a cluster as
+    /// amqp://user:pass@host1:5672,host2:5672/%2f, tried from a random one on.
     #[arg(long, env = BROKER_URI_ENV, hide_env_values = true)]
     pub broker_uri: String,
 

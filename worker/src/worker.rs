@@ -7,7 +7,9 @@
 //! publish the reply and wait for its confirm (for as long as the broker blocks the reply connection), then ack.
 //! When the session dies, its unacked requests go back to the queue on the broker side; handlers still running
 //! finish, but their replies and acks go nowhere (an ack on a dead channel is a no-op in lapin, never sent on the
-//! next session). The worker reconnects with backoff and consumes again.
+//! next session). The worker reconnects with backoff and consumes again. A broker URI of several nodes
+//! (`amqp://user:pass@rabbit-0,rabbit-1,rabbit-2/%2f`) is tried from a random node on; each failed attempt and
+//! each lost session moves on to the next node, without delay until every node of the round has been tried.
 //!
 //! A handler that reports itself unavailable (an HTTP backend not listening) makes the worker requeue the request,
 //! cancel its consumer (so it takes no more work and `/readyz` fails), probe the handler with backoff, and consume
@@ -34,7 +36,8 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind, Event};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tracing::{debug, info, warn};
-use warren_client::broker_uri::{self, InvalidBrokerUri, Redacted};
+use warren_client::broker_uri::{BrokerAddresses, InvalidBrokerUri, Redacted};
+use warren_client::failover::Rotation;
 use warren_client::topology::{QueueOptions, dead_letter_queue_name, declare_service_queues};
 
 use crate::backoff::Backoff;
@@ -119,7 +122,8 @@ pub struct WorkerBuilder {
 }
 
 impl Worker {
-    /// A worker consuming `queue` on the broker at `uri` (`amqp://user:pass@host:5672/%2f`).
+    /// A worker consuming `queue` on the broker at `uri` (`amqp://user:pass@host:5672/%2f`, or several nodes of a
+    /// cluster: `amqp://user:pass@host:5672,host:5672/%2f`).
     pub fn builder(uri: impl Into<String>, queue: impl Into<String>) -> WorkerBuilder {
         WorkerBuilder {
             uri: uri.into(),
@@ -143,12 +147,16 @@ impl Worker {
     /// already received, closes the connections and returns. Broker loss is retried forever, and so is an
     /// unavailable handler; only configuration errors that no retry can fix end it early.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
-        let mut uri = broker_uri::parse(&self.uri)?;
-        uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
+        let mut addresses = BrokerAddresses::parse(&self.uri)?;
+        addresses.for_each_node(|node| {
+            node.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
+        });
+        let rotation = Rotation::random(addresses.len());
         let mut shutdown = Shutdown::new(shutdown);
         let mut attempt: u32 = 0;
         let mut sessions: u64 = 0;
         loop {
+            let uri = addresses.node(rotation.advance()).clone();
             let opened = tokio::select! {
                 _ = shutdown.requested() => return Ok(()),
                 opened = tokio::time::timeout(OPEN_TIMEOUT, Session::open(&self, uri.clone())) => {
@@ -159,7 +167,7 @@ impl Worker {
                 Ok(session) => session,
                 Err(OpenError::Fatal(error)) => return Err(error),
                 Err(OpenError::Retry(error)) => {
-                    let delay = self.backoff.random_delay(attempt);
+                    let delay = self.backoff.random_failover_delay(attempt, addresses.len());
                     warn!(queue = %self.queue, broker = %Redacted(&uri), %error, attempt, retry_in = ?delay, "could not start consuming");
                     attempt = attempt.saturating_add(1);
                     tokio::select! {
@@ -172,6 +180,7 @@ impl Worker {
             if sessions > 1 {
                 self.metrics.reconnected();
             }
+            info!(queue = %self.queue, broker = %Redacted(&uri), "connected to the broker");
             let started = Instant::now();
             match session.serve(&self, &mut shutdown).await {
                 SessionEnd::Shutdown => {
@@ -183,13 +192,13 @@ impl Worker {
                     return Ok(());
                 }
                 SessionEnd::Lost(reason) => {
-                    warn!(queue = %self.queue, %reason, "broker session lost; unacked requests return to the queue");
+                    warn!(queue = %self.queue, broker = %Redacted(&uri), %reason, "broker session lost; unacked requests return to the queue");
                     session.abandon().await;
                     // A session that dies right after it opened counts as a failed attempt, so it cannot spin.
                     if started.elapsed() >= STABLE_SESSION {
                         attempt = 0;
                     }
-                    let delay = self.backoff.random_delay(attempt);
+                    let delay = self.backoff.random_failover_delay(attempt, addresses.len());
                     attempt = attempt.saturating_add(1);
                     tokio::select! {
                         _ = shutdown.requested() => return Ok(()),

@@ -90,6 +90,17 @@ def test_broker_uris_come_from_the_argument_or_warren_broker_uri(monkeypatch):
     assert broker_uris() == ["amqp://guest:guest@127.0.0.1:5672/%2f"]
 
 
+def test_a_uri_of_several_hosts_gives_one_uri_per_host():
+    # The Secret's form (one set of credentials, the hosts after the last "@"), as warren's Rust side reads it.
+    assert broker_uris("amqp://u:p,w@d@rabbit-0:5672,rabbit-1/prod?heartbeat=7") == [
+        "amqp://u:p,w%40d@rabbit-0:5672/prod?heartbeat=7",
+        "amqp://u:p,w%40d@rabbit-1/prod?heartbeat=7",
+    ]
+    assert broker_uris("amqp://u:p@a/%2f,amqp://v:q@b,c/%2f") == [
+        "amqp://u:p@a/%2f", "amqp://v:q@b/%2f", "amqp://v:q@c/%2f"]
+    assert broker_uris("amqp://u:p,w@a/%2f") == ["amqp://u:p,w@a/%2f"]
+
+
 def test_expose_registers_by_name_and_keeps_the_function():
     registry = warren.Registry()
 

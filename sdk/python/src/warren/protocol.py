@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -184,13 +185,32 @@ def dead_letter_queue_arguments(queue_type: str = "quorum") -> Dict[str, Any]:
     return {"x-queue-type": queue_type}
 
 
+# A comma that starts the next whole URI of a list (one followed by `scheme://`).
+_NEXT_URI = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
 def split_uris(uris: Any) -> List[str]:
-    """Broker addresses: one URI, a comma-separated list of URIs (nodes of one cluster), or a list of them."""
-    if isinstance(uris, str):
-        items = uris.split(",")
-    else:
-        items = list(uris)
-    result = [item.strip() for item in items if item and item.strip()]
+    """Broker addresses, one URI of one host each, from: a URI of one host; a URI of several hosts after one set of
+    credentials, ``amqp://user:pass@rabbit-0:5672,rabbit-1:5672/%2f`` (as the Secret's ``uri`` and warren's Rust
+    side take it: the credentials end at the last ``@``, so a password may hold a comma); a comma-separated list of
+    such URIs; or a list of them."""
+    items = _NEXT_URI.split(uris) if isinstance(uris, str) else list(uris)
+    result = [node for item in items if item and item.strip() for node in _one_uri_per_host(item.strip())]
     if not result:
         raise ValueError("no broker URI given")
     return result
+
+
+def _one_uri_per_host(uri: str) -> List[str]:
+    """``scheme://userinfo@h1,h2/path?query`` as ``scheme://userinfo@h1/path?query``, ``...@h2/...``."""
+    scheme, slashes, rest = uri.partition("://")
+    if not slashes:
+        return [uri]
+    userinfo, at, after = rest.rpartition("@")
+    end = re.search(r"[/?#]", after)
+    hosts, tail = (after[: end.start()], after[end.start():]) if end else (after, "")
+    if "," not in hosts:
+        return [uri]
+    # Characters that would end the credentials early for a URL parser (it decodes them again).
+    credentials = re.sub(r"[/?#@]", lambda m: "%{:02X}".format(ord(m.group())), userinfo) + at
+    return [f"{scheme}://{credentials}{host.strip()}{tail}" for host in hosts.split(",") if host.strip()]
