@@ -122,15 +122,15 @@ impl Broker {
 
     async fn channel(&self) -> Result<lapin::Channel, BrokerError> {
         let mut slot = self.connection.lock().await;
-        if let Some(conn) = &slot.connection {
-            if conn.status().connected() {
-                return conn.create_channel().await.map_err(|e| BrokerError::Unavailable(e.to_string()));
-            }
+        if let Some(conn) = &slot.connection
+            && conn.status().connected()
+        {
+            return conn.create_channel().await.map_err(|e| BrokerError::Unavailable(e.to_string()));
         }
-        if let Some((at, reason)) = &slot.last_failure {
-            if at.elapsed() < RECONNECT_COOLDOWN {
-                return Err(BrokerError::Unavailable(reason.clone()));
-            }
+        if let Some((at, reason)) = &slot.last_failure
+            && at.elapsed() < RECONNECT_COOLDOWN
+        {
+            return Err(BrokerError::Unavailable(reason.clone()));
         }
         let conn = match self.connect_any_node().await {
             Ok(conn) => conn,

@@ -377,7 +377,11 @@ async fn rotating_the_broker_secret_leaves_one_operator_connection() -> anyhow::
     let _operator = OperatorProcess::start(ns.name(), &[])?;
     create_service(&ns, "calc", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
     wait_condition(&ns, "calc", "QueueReady", "True", "Declared").await?;
-    let mut seen: std::collections::BTreeSet<String> = operator_connections(&management).await?.into_iter().collect();
+    let first = wait_for("the operator's first connection", WAIT, || async {
+        Ok(operator_connections(&management).await?.into_iter().next())
+    })
+    .await?;
+    let mut seen = std::collections::BTreeSet::from([first]);
 
     // Credential rotations as the operator sees them: a different `uri` for the same broker each time (the last
     // one names the node twice, as a cluster's URI would name its nodes).
