@@ -193,7 +193,7 @@ impl Worker {
                 }
                 SessionEnd::Lost(reason) => {
                     warn!(queue = %self.queue, broker = %Redacted(&uri), %reason, "broker session lost; unacked requests return to the queue");
-                    session.abandon().await;
+                    session.abandon();
                     // A session that dies right after it opened counts as a failed attempt, so it cannot spin.
                     if started.elapsed() >= STABLE_SESSION {
                         attempt = 0;
@@ -758,9 +758,13 @@ impl Session {
     }
 
     /// Gives up on the session: its handlers keep running, but nothing they send can reach the broker.
-    async fn abandon(self) {
-        close(&self.consume_connection, "session lost").await;
-        close(&self.publisher.connection, "session lost").await;
+    /// Closes what is left of a lost session in the background: closing a connection to a node that is gone can
+    /// take [`CLOSE_TIMEOUT`], and the next node must not wait for it.
+    fn abandon(self) {
+        let Session { consume_connection, publisher, .. } = self;
+        tokio::spawn(async move {
+            tokio::join!(close(&consume_connection, "session lost"), close(&publisher.connection, "session lost"));
+        });
     }
 }
 
