@@ -299,6 +299,39 @@ async fn connecting_to_a_closed_port_fails_with_connection() {
     assert!(matches!(error, CallError::Connection(_)), "{error:?}");
 }
 
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+#[tokio::test]
+async fn every_node_down_fails_with_connection_naming_each_without_the_password() {
+    let (a, b) = (closed_port(), closed_port());
+    let uri = format!("amqp://guest:s3cret@127.0.0.1:{a},127.0.0.1:{b}/%2f");
+    let error = Client::connect(&uri).await.err().expect("nothing listens on either port");
+    let text = error.to_string();
+    assert!(matches!(error, CallError::Connection(_)), "{error:?}");
+    assert!(text.contains(&format!("127.0.0.1:{a}")) && text.contains(&format!("127.0.0.1:{b}")), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+#[tokio::test]
+async fn the_management_client_moves_past_a_dead_node_and_stays_on_the_live_one() {
+    let live = BrokerEndpoint::from_env().management_uri;
+    let (credentials, host) = live.rsplit_once('@').expect("the management URI has credentials");
+    let dead = closed_port();
+    let uri = format!("{credentials}@127.0.0.1:{dead},{host}");
+    let mut started_on_the_dead_node = 0;
+    for _ in 0..6 {
+        let management = Management::new(&uri).unwrap();
+        started_on_the_dead_node += u32::from(management.current_base().port() == Some(dead));
+        management.overview().await.expect("the live node answers");
+        assert_ne!(management.current_base().port(), Some(dead));
+        management.overview().await.unwrap();
+    }
+    eprintln!("management clients=6 started_on_the_dead_node={started_on_the_dead_node} all answered");
+}
+
 /// Closes the connection with this client-given name through the management API, waiting for the broker to list
 /// it first.
 async fn close_connection(connection_name: &str) {
