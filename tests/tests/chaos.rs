@@ -22,8 +22,8 @@ use warren_client::topology::{QueueOptions, dead_letter_queue_name};
 use warren_client::{CallError, Client};
 use warren_tests::backend::Backend;
 use warren_tests::broker::QueueCleanup;
-use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig};
-use warren_tests::worker_process::{WorkerCommand, metric_sum, metric_value};
+use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig, ChaosCluster};
+use warren_tests::worker_process::{WorkerCommand, WorkerProcess, metric_sum, metric_value};
 use warren_tests::{bin_path, broker, broker_uri, unique_name};
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -993,4 +993,256 @@ async fn a_broker_restart_under_load_loses_no_one_way_request() {
 
     assert!(delivered, "one-way requests lost across the restart: {counts:?}");
     assert!(worker.try_exit_status().unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 14. A RabbitMQ cluster node lost under load (issue 11): a quorum queue replicated on three nodes, workers and
+// callers spread over the nodes by the multi-host URI, one node stopped cleanly, then another killed with SIGKILL.
+
+/// How one call of the load ended, and on which caller.
+#[derive(Debug)]
+struct CallOutcome {
+    caller: usize,
+    id: String,
+    result: Result<(), String>,
+    elapsed: Duration,
+    /// When the call ended, from the start of the load.
+    at: Duration,
+}
+
+/// Which node each connection is on: (connection name, node), read from any node whose management API answers.
+async fn connections_by_node(cluster: &ChaosCluster) -> Vec<(String, String)> {
+    let http = reqwest::Client::new();
+    for node in cluster.nodes.iter() {
+        let url = format!("http://127.0.0.1:{}/api/connections?columns=node,client_properties", node.management_port);
+        let Ok(response) = http.get(&url).basic_auth("guest", Some("guest")).send().await else { continue };
+        let Ok(list) = response.json::<Vec<Value>>().await else { continue };
+        return list
+            .iter()
+            .map(|c| {
+                let name = c["client_properties"]["connection_name"].as_str().unwrap_or("?").to_owned();
+                (name, c["node"].as_str().unwrap_or("?").to_owned())
+            })
+            .collect();
+    }
+    Vec::new()
+}
+
+/// Calls `queue` from `callers` clients, `lanes` calls in flight each, until `stop` is set.
+fn run_load(
+    callers: &[Client],
+    queue: &str,
+    lanes: usize,
+    phase: &'static str,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<CallOutcome>>> {
+    let mut tasks = Vec::new();
+    for (caller, client) in callers.iter().enumerate() {
+        for lane in 0..lanes {
+            let (client, queue, stop) = (client.clone(), queue.to_owned(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("{phase}-{caller}-{lane}-{n}");
+                    n += 1;
+                    let began = Instant::now();
+                    let result = client
+                        .call(&queue, Some("slow"), json!({"id": id, "ms": 20}), Duration::from_secs(60))
+                        .await
+                        .map(drop)
+                        .map_err(|e| match e {
+                            CallError::Remote { code, .. } => format!("remote:{code}"),
+                            other => other.kind().as_str().to_owned(),
+                        });
+                    let failed = result.is_err();
+                    outcomes.push(CallOutcome { caller, id, result, elapsed: began.elapsed(), at: start.elapsed() });
+                    if failed {
+                        // A caller whose connection died retries after a pause, as an application would.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                outcomes
+            }));
+        }
+    }
+    tasks
+}
+
+#[derive(Clone, Copy, Debug)]
+enum NodeFault {
+    Stop,
+    Kill,
+}
+
+#[tokio::test]
+async fn losing_a_cluster_node_under_load_loses_no_request() {
+    let mut cluster = ChaosCluster::start(3).await.unwrap();
+    let queue = unique_name("chaos-cluster");
+    let backend = Backend::start_now().await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let worker = WorkerCommand::new(&queue)
+            .broker_uri(&cluster.uri())
+            .handler(&backend.url())
+            .args(["--declare", "--prefetch", "4"])
+            .start()
+            .await
+            .unwrap();
+        workers.push(worker);
+    }
+    let mut callers = Vec::new();
+    for _ in 0..3 {
+        callers.push(Client::connect(&cluster.uri()).await.unwrap());
+    }
+    let members = queue_members(&cluster, &queue).await;
+    eprintln!("quorum queue {queue} members: {members:?}");
+    assert_eq!(members.len(), 3, "the request queue must be replicated on every node: {members:?}");
+
+    let mut all_outcomes = Vec::new();
+    let mut victims = Vec::new();
+    for (phase, fault) in [("stop", NodeFault::Stop), ("kill", NodeFault::Kill)] {
+        // The victim: the node holding the most caller connections (callers pick a node at random), so the test
+        // sees callers lose their connection; a node no caller is on still carries worker connections.
+        let connections = connections_by_node(&cluster).await;
+        let caller_names: Vec<String> = callers.iter().map(Client::connection_name).collect();
+        let node_of = |name: &str| connections.iter().find(|(n, _)| n == name).map(|(_, node)| node.clone());
+        let caller_nodes: Vec<Option<String>> = caller_names.iter().map(|n| node_of(n)).collect();
+        let mut per_node: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (name, node) in &connections {
+            let entry = per_node.entry(node.clone()).or_default();
+            if name.starts_with("warren-worker") { entry.0 += 1 } else { entry.1 += 1 }
+        }
+        let victim = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !victims.contains(&n.node_name().to_owned()))
+            .max_by_key(|(_, n)| caller_nodes.iter().filter(|c| c.as_deref() == Some(n.node_name())).count())
+            .map(|(i, _)| i)
+            .unwrap();
+        let victim_name = cluster.nodes[victim].node_name().to_owned();
+        eprintln!("{phase}: connections per node (worker, caller): {per_node:?}; victim {victim_name}");
+        let doomed_callers: Vec<usize> =
+            (0..callers.len()).filter(|&c| caller_nodes[c].as_deref() == Some(&victim_name)).collect();
+
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = run_load(&callers, &queue, 4, phase, start, stop.clone());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let fault_at = start.elapsed();
+        let reconnects = |workers: &[WorkerProcess]| {
+            let metrics: Vec<_> = workers.iter().map(|w| w.metric("warren_worker_reconnects_total")).collect();
+            async move { futures::future::join_all(metrics).await.iter().sum::<f64>() }
+        };
+        let reconnects_before = reconnects(&workers).await;
+        let workers_on_victim = per_node.get(&victim_name).map_or(0, |(w, _)| *w);
+        match fault {
+            NodeFault::Stop => cluster.nodes[victim].stop().unwrap(),
+            NodeFault::Kill => cluster.nodes[victim].kill(),
+        }
+        // Workers on the lost node reconnect to another: time until they have and every worker consumes again.
+        let lost_at = Instant::now();
+        if workers_on_victim > 0 {
+            let reconnected = wait_until("the workers on the lost node reconnect", Duration::from_secs(60), || {
+                let workers = &workers;
+                async move { reconnects(workers).await > reconnects_before }
+            })
+            .await;
+            assert!(reconnected, "no worker reconnected after losing {victim_name}");
+        }
+        for worker in workers.iter_mut() {
+            worker.wait_ready(Duration::from_secs(60)).await.unwrap();
+        }
+        let workers_back_after = lost_at.elapsed();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        cluster.nodes[victim].restart().await.unwrap();
+        cluster.wait_running(3, Duration::from_secs(120)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut outcomes = Vec::new();
+        for task in load {
+            outcomes.extend(task.await.unwrap());
+        }
+
+        let mut counts = Counts::default();
+        counts.sent = outcomes.len() as u64;
+        for o in &outcomes {
+            match &o.result {
+                Ok(()) => counts.answered += 1,
+                Err(kind) => *counts.errors.entry(kind.clone()).or_default() += 1,
+            }
+        }
+        let failed_fast_max = outcomes.iter().filter(|o| o.result.is_err()).map(|o| o.elapsed).max();
+        // Per caller that lost its node: time from the fault until its first answered call after it.
+        let recovered: Vec<Option<Duration>> = doomed_callers
+            .iter()
+            .map(|&c| {
+                outcomes
+                    .iter()
+                    .filter(|o| o.caller == c && o.result.is_ok() && o.at > fault_at + o.elapsed)
+                    .map(|o| o.at - fault_at)
+                    .min()
+            })
+            .collect();
+        counts.note("fault", format!("{fault:?} {victim_name}"));
+        counts.note("callers_on_lost_node", format!("{doomed_callers:?}"));
+        counts.note("failed_fast_max", format!("{failed_fast_max:?}"));
+        counts.note("callers_recovered_after", format!("{recovered:?}"));
+        counts.note("worker_connections_on_lost_node", workers_on_victim);
+        counts.note("workers_consuming_again_after", format!("{workers_back_after:?}"));
+        counts.note("worker_reconnects", reconnects(&workers).await - reconnects_before);
+        counts.print(&format!("cluster node lost ({phase})"));
+
+        // Only callers that were on the lost node see errors, and only `connection` errors, failing fast.
+        for o in outcomes.iter().filter(|o| o.result.is_err()) {
+            assert!(doomed_callers.contains(&o.caller), "caller {} was not on the lost node: {o:?}", o.caller);
+            assert_eq!(o.result, Err("connection".to_owned()), "{o:?}");
+            assert!(o.elapsed < Duration::from_secs(30), "a call failed by timing out, not fast: {o:?}");
+        }
+        for (c, r) in doomed_callers.iter().zip(&recovered) {
+            assert!(r.is_some(), "caller {c} never got an answer after the fault: {counts:?}");
+        }
+        victims.push(victim_name);
+        all_outcomes.extend(outcomes);
+    }
+
+    // Nothing waits in the queue, nothing was dead-lettered, and every answered call ran, at most twice (a request
+    // a worker on the lost node had taken is redelivered: the one rerun the fault forces).
+    let survivor = cluster.nodes.iter().find(|n| !victims.is_empty() && n.node_name() != victims[1]).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = queue_depth(&survivor.uri(), &queue).await;
+    let dead = queue_depth(&survivor.uri(), &dead_letter_queue_name(&queue)).await;
+    let runs = backend.log.runs();
+    let mut counts = Counts::default();
+    counts.sent = all_outcomes.len() as u64;
+    counts.answered = all_outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
+    counts.runs_from(runs.values().copied());
+    counts.note("waiting", waiting);
+    counts.note("dead_lettered", dead);
+    let unanswered_but_ran = all_outcomes.iter().filter(|o| o.result.is_err() && runs.contains_key(&o.id)).count();
+    counts.note("failed_calls_whose_request_ran", unanswered_but_ran);
+    counts.print("cluster node lost (both faults)");
+    for o in all_outcomes.iter().filter(|o| o.result.is_ok()) {
+        assert!(runs.get(&o.id).copied().unwrap_or(0) >= 1, "answered but never ran: {o:?}");
+    }
+    assert!(runs.values().all(|&n| n <= 2), "a request ran more than twice: {counts:?}");
+    assert_eq!(waiting, 0, "requests still wait in the queue: {counts:?}");
+    assert_eq!(dead, 0, "requests were dead-lettered because of the node loss: {counts:?}");
+    drop(workers);
+}
+
+/// The quorum queue's members, from the management API of a node that answers.
+async fn queue_members(cluster: &ChaosCluster, queue: &str) -> Vec<String> {
+    for node in &cluster.nodes {
+        let management = warren_client::management::Management::new(&node.management_uri()).unwrap();
+        if let Ok(Some(q)) = management.queue("/", queue).await {
+            return q["members"]
+                .as_array()
+                .map(|m| m.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+        }
+    }
+    Vec::new()
 }
