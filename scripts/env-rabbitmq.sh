@@ -32,9 +32,9 @@ node_run() {
     PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8)
   # Only what the node needs is set; the caller's RABBITMQ_* settings (node_start's ports and paths) pass through.
   if [[ -n $RABBITMQ_TREE ]]; then
-    env "${env[@]}" chroot "$RABBITMQ_TREE" "/usr/lib/rabbitmq/bin/$script" "$@"
+    env "${env[@]}" chroot "$RABBITMQ_TREE" "/usr/lib/rabbitmq/bin/$script" "$@" 8>&-   # epmd must not hold the env lock
   else
-    env "${env[@]}" "/usr/lib/rabbitmq/bin/$script" "$@"
+    env "${env[@]}" "/usr/lib/rabbitmq/bin/$script" "$@" 8>&-
   fi
 }
 
@@ -79,7 +79,7 @@ EOF
   log "starting rabbitmq $RABBITMQ_VERSION node warren-$k@localhost (amqp $amqp, management $mgmt)"
   # node_run with the node's settings: setsid detaches it from this shell, as spawn does for the control plane.
   setsid env "${extra[@]}" bash -c "$(declare -f node_run node_dir_inside); RABBITMQ_TREE='$RABBITMQ_TREE'; node_run $k rabbitmq-server" \
-    >>"$STATE/rabbitmq-$k.log" 2>&1 </dev/null &
+    >>"$STATE/rabbitmq-$k.log" 2>&1 </dev/null 8>&- &
 }
 
 node_answers() {
