@@ -91,8 +91,7 @@ impl Recurrence {
             return None;
         }
         let recent = self.surges.iter().rev().take(3);
-        let (replicas, rate) =
-            recent.fold((0, 0.0_f64), |(r, l), s| (r.max(s.peak_replicas), l.max(s.peak_rate)));
+        let (replicas, rate) = recent.fold((0, 0.0_f64), |(r, l), s| (r.max(s.peak_replicas), l.max(s.peak_rate)));
         let message = format!(
             "surges to {rate:.1} req/s recurred every {shortest:.0}-{longest:.0}s ({} seen); the next is expected \
              {:.0}-{:.0}s from now: holding the {} they needed",

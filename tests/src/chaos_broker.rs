@@ -99,8 +99,7 @@ impl ChaosBroker {
         std::fs::write(dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
         write_cookie(&dir, cookie)?;
-        let mut broker =
-            Self { install, child: None, dir, inside, node, amqp_port, management_port, dist_port };
+        let mut broker = Self { install, child: None, dir, inside, node, amqp_port, management_port, dist_port };
         broker.spawn()?;
         Ok(broker)
     }

@@ -1132,10 +1132,6 @@ async fn losing_a_cluster_node_under_load_loses_no_request() {
         let load = run_load(&callers, &queue, 4, phase, start, stop.clone());
         tokio::time::sleep(Duration::from_secs(3)).await;
         let fault_at = start.elapsed();
-        let reconnects = |workers: &[WorkerProcess]| {
-            let metrics: Vec<_> = workers.iter().map(|w| w.metric("warren_worker_reconnects_total")).collect();
-            async move { futures::future::join_all(metrics).await.iter().sum::<f64>() }
-        };
         let reconnects_before = reconnects(&workers).await;
         let workers_on_victim = per_node.get(&victim_name).map_or(0, |(w, _)| *w);
         match fault {
@@ -1145,11 +1141,12 @@ async fn losing_a_cluster_node_under_load_loses_no_request() {
         // Workers on the lost node reconnect to another: time until they have and every worker consumes again.
         let lost_at = Instant::now();
         if workers_on_victim > 0 {
-            let reconnected = wait_until("the workers on the lost node reconnect", Duration::from_secs(60), || {
-                let workers = &workers;
-                async move { reconnects(workers).await > reconnects_before }
-            })
-            .await;
+            let workers = &workers;
+            let reconnected =
+                wait_until("the workers on the lost node reconnect", Duration::from_secs(60), || async move {
+                    reconnects(workers).await > reconnects_before
+                })
+                .await;
             assert!(reconnected, "no worker reconnected after losing {victim_name}");
         }
         for worker in workers.iter_mut() {
@@ -1231,6 +1228,12 @@ async fn losing_a_cluster_node_under_load_loses_no_request() {
     assert_eq!(waiting, 0, "requests still wait in the queue: {counts:?}");
     assert_eq!(dead, 0, "requests were dead-lettered because of the node loss: {counts:?}");
     drop(workers);
+}
+
+/// Reconnects of all the workers so far.
+async fn reconnects(workers: &[WorkerProcess]) -> f64 {
+    let metrics: Vec<_> = workers.iter().map(|w| w.metric("warren_worker_reconnects_total")).collect();
+    futures::future::join_all(metrics).await.iter().sum()
 }
 
 /// The quorum queue's members, from the management API of a node that answers.

@@ -9,9 +9,9 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use warren_operator::RpcService;
-use warren_tests::broker;
 use warren_tests::cluster::{self, TestNamespace, wait_for};
 use warren_tests::operator_process::OperatorProcess;
+use warren_tests::{broker, broker_uri};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -158,9 +158,24 @@ async fn queue_deleted_on_the_broker_is_declared_again() -> anyhow::Result<()> {
     let queue = queue_name(&ns, "svc");
     wait_queue(&queue).await?;
 
+    // A message marks the queue the operator declared: the queue that comes back must be a new, empty one (the
+    // operator may declare it again before a check for its absence could run).
+    let connection = lapin::Connection::connect(&broker_uri(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+    let options = lapin::options::BasicPublishOptions::default();
+    channel.basic_publish("".into(), queue.as_str().into(), options, b"marker", Default::default()).await?.await?;
+    connection.close(200, "done".into()).await?;
+    let messages = |n: u64| {
+        let queue = queue.clone();
+        move || {
+            let queue = queue.clone();
+            async move { Ok(broker::queue("/", &queue).await?.filter(|q| q["messages"] == n)) }
+        }
+    };
+    wait_for("the marker in the queue", WAIT, messages(1)).await?;
     broker::delete_queue("/", &queue).await?;
-    assert!(broker::queue("/", &queue).await?.is_none());
-    let back = wait_queue(&queue).await?;
+    let back = wait_for("a new, empty queue", WAIT, messages(0)).await?;
     assert_eq!(back["arguments"]["x-queue-type"], "quorum");
     ns.cleanup().await
 }

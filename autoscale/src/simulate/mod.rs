@@ -132,8 +132,11 @@ impl ScalingPolicy for WarrenPolicy {
 pub const POLICIES: [&str; 4] = ["warren", "keda", "keda-eqct", "kpa"];
 
 /// The baselines warren is compared with, and the over-target ratio the goal allows against each.
-pub const BASELINES: [(&str, f64); 3] =
-    [("keda", GOAL_OVER_TARGET_RATIO), ("keda-eqct", GOAL_OVER_TARGET_RATIO_EQCT_KPA), ("kpa", GOAL_OVER_TARGET_RATIO_EQCT_KPA)];
+pub const BASELINES: [(&str, f64); 3] = [
+    ("keda", GOAL_OVER_TARGET_RATIO),
+    ("keda-eqct", GOAL_OVER_TARGET_RATIO_EQCT_KPA),
+    ("kpa", GOAL_OVER_TARGET_RATIO_EQCT_KPA),
+];
 
 /// One (trace, policy) result: exactly what `--json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -167,12 +170,9 @@ fn policy_for(name: &str, config: &SimConfig, trace: &Trace) -> Box<dyn ScalingP
             trace.max_replicas,
             config.phase(2),
         )),
-        "keda-eqct" => Box::new(KedaEqct::new(
-            config.target_queue_delay,
-            trace.min_replicas,
-            trace.max_replicas,
-            config.phase(3),
-        )),
+        "keda-eqct" => {
+            Box::new(KedaEqct::new(config.target_queue_delay, trace.min_replicas, trace.max_replicas, config.phase(3)))
+        }
         "kpa" => Box::new(Kpa::new(
             config.prefetch as f64 * config.target_utilization,
             trace.min_replicas,
