@@ -9,6 +9,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use warren_operator::RpcService;
+use warren_tests::chaos_broker::ChaosCluster;
 use warren_tests::cluster::{self, TestNamespace, wait_for};
 use warren_tests::operator_process::OperatorProcess;
 use warren_tests::{broker, broker_uri};
@@ -363,5 +364,70 @@ async fn scale_subresource_drives_replicas_when_autoscaling_is_off() -> anyhow::
     if scaling.reason != "Disabled" {
         bail!("Scaling reason {} while autoscaling is off", scaling.reason);
     }
+    ns.cleanup().await
+}
+
+/// Issue 11: with one node of a three-node cluster down, the operator (given every node in its broker Secret) still
+/// declares queues, reads queue figures from another node's management API and scales.
+#[tokio::test]
+async fn the_operator_keeps_reconciling_and_scaling_while_a_cluster_node_is_down() -> anyhow::Result<()> {
+    let mut rabbit = ChaosCluster::start(3).await?;
+    let (_client, ns) = setup("op-cluster").await?;
+    ns.create_broker_secret_for("rabbitmq", &rabbit.uri(), &rabbit.management_uri()).await?;
+    let operator = OperatorProcess::start(ns.name(), &[])?;
+    let scaling = json!({ "minReplicas": 1, "maxReplicas": 8, "targetQueueDelaySeconds": 1 });
+    create_service(&ns, "before", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": scaling }))
+        .await?;
+    wait_condition(&ns, "before", "QueueReady", "True", "Declared").await?;
+
+    // Lose the node the operator's AMQP connection is on (the first node when it cannot be told).
+    let http = reqwest::Client::new();
+    let url =
+        format!("http://127.0.0.1:{}/api/connections?columns=node,client_properties", rabbit.nodes[0].management_port);
+    let connections: Vec<serde_json::Value> =
+        http.get(&url).basic_auth("guest", Some("guest")).send().await?.json().await?;
+    let operator_node = connections
+        .iter()
+        .find(|c| c["client_properties"]["connection_name"] == "warren-operator")
+        .and_then(|c| c["node"].as_str().map(str::to_owned));
+    let victim = rabbit.nodes.iter().position(|n| Some(n.node_name()) == operator_node.as_deref()).unwrap_or(0);
+    eprintln!("operator connected to {operator_node:?}; stopping {}", rabbit.nodes[victim].node_name());
+    rabbit.nodes[victim].stop()?;
+    let survivor = rabbit.nodes.iter().find(|n| n.node_name() != rabbit.nodes[victim].node_name()).unwrap();
+
+    // Reconciling: a new service gets its queues on the surviving nodes.
+    create_service(&ns, "during", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    wait_condition(&ns, "during", "QueueReady", "True", "Declared").await?;
+
+    // Observing and scaling: a backlog on `before` (no worker runs) shows in its status and raises the replicas.
+    let connection = lapin::Connection::connect(&survivor.uri(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+    let queue = queue_name(&ns, "before");
+    for i in 0..200 {
+        let body = format!("{{\"i\":{i}}}");
+        let options = lapin::options::BasicPublishOptions::default();
+        channel
+            .basic_publish("".into(), queue.as_str().into(), options, body.as_bytes(), Default::default())
+            .await?
+            .await?;
+    }
+    connection.close(200, "done".into()).await?;
+    let api = ns.api::<RpcService>();
+    let scaled = wait_for("the backlog in the status and more replicas", WAIT, || async {
+        let svc = api.get("before").await?;
+        let status = svc.status.clone().unwrap_or_default();
+        let backlog = status.queue.as_ref().map_or(0, |q| q.ready);
+        let desired = status.scaling.as_ref().map_or(0, |s| s.desired_replicas);
+        Ok((backlog >= 200 && desired > 1).then_some((backlog, desired)))
+    })
+    .await?;
+    let failures = operator.metric("warren_operator_reconcile_failures_total").await;
+    eprintln!(
+        "OPERATOR on a cluster with a node down: backlog={} desired_replicas={} reconcile_failures={failures}",
+        scaled.0, scaled.1
+    );
+
+    rabbit.nodes[victim].restart().await?;
     ns.cleanup().await
 }
