@@ -20,6 +20,13 @@ const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 pub struct ChaosBrokerConfig {
     /// `max_message_size` in bytes (RabbitMQ's default when `None`).
     pub max_message_size: Option<u64>,
+    /// `cluster_partition_handling` (RabbitMQ's default, `ignore`, when `None`).
+    pub partition_handling: Option<&'static str>,
+    /// The Erlang distribution's tick time in seconds (60 by default): how soon a silent peer counts as gone.
+    pub net_ticktime: Option<u32>,
+    /// Run the node's processes as this uid (and gid) instead of root, so that a firewall rule can tell its
+    /// traffic apart (see [`Partition`]).
+    pub run_as: Option<u32>,
 }
 
 /// Where the RabbitMQ scripts run: on the host (3.10) or inside the 4.x tree.
@@ -45,16 +52,26 @@ impl Install {
         (host, inside)
     }
 
-    /// A command running RabbitMQ's `script` (rabbitmq-server, rabbitmqctl).
-    fn command(&self, script: &str) -> Command {
+    /// A command running RabbitMQ's `script` (rabbitmq-server, rabbitmqctl), as root or as `run_as`.
+    fn command(&self, script: &str, run_as: Option<u32>) -> Command {
         let path = Path::new(RABBITMQ_BIN).join(script);
-        match &self.tree {
-            Some(tree) => {
+        match (&self.tree, run_as) {
+            (Some(tree), None) => {
                 let mut command = Command::new("chroot");
                 command.arg(tree).arg(path);
                 command
             }
-            None => Command::new(path),
+            (Some(tree), Some(uid)) => {
+                let mut command = Command::new("chroot");
+                command.arg(format!("--userspec={uid}:{uid}")).arg(tree).arg(path);
+                command
+            }
+            (None, None) => Command::new(path),
+            (None, Some(uid)) => {
+                let mut command = Command::new("setpriv");
+                command.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]).arg(path);
+                command
+            }
         }
     }
 }
@@ -69,7 +86,8 @@ pub struct ChaosBroker {
     node: String,
     pub amqp_port: u16,
     pub management_port: u16,
-    dist_port: u16,
+    pub dist_port: u16,
+    run_as: Option<u32>,
 }
 
 impl ChaosBroker {
@@ -96,10 +114,21 @@ impl ChaosBroker {
         if let Some(size) = config.max_message_size {
             conf.push_str(&format!("max_message_size = {size}\n"));
         }
+        if let Some(handling) = config.partition_handling {
+            conf.push_str(&format!("cluster_partition_handling = {handling}\n"));
+        }
         std::fs::write(dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+        let ticktime = config.net_ticktime.map(|t| format!("[{{kernel, [{{net_ticktime, {t}}}]}}].\n"));
+        std::fs::write(dir.join("advanced.config"), ticktime.as_deref().unwrap_or("[].\n"))?;
         write_cookie(&dir, cookie)?;
-        let mut broker = Self { install, child: None, dir, inside, node, amqp_port, management_port, dist_port };
+        if let Some(uid) = config.run_as {
+            let status = Command::new("chown").arg("-R").arg(format!("{uid}:{uid}")).arg(&dir).status()?;
+            anyhow::ensure!(status.success(), "chown of {} failed", dir.display());
+        }
+        let run_as = config.run_as;
+        let mut broker =
+            Self { install, child: None, dir, inside, node, amqp_port, management_port, dist_port, run_as };
         broker.spawn()?;
         Ok(broker)
     }
@@ -108,9 +137,10 @@ impl ChaosBroker {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let stdout = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("stdout.log"))?;
         let inside = &self.inside;
-        let mut command = self.install.command("rabbitmq-server");
+        let mut command = self.install.command("rabbitmq-server", self.run_as);
         command
             .envs(node_env(inside, &self.node))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", inside.join("advanced.config"))
             .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_CONFIG_FILE", inside.join("rabbitmq.conf"))
@@ -142,7 +172,7 @@ impl ChaosBroker {
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self
             .install
-            .command("rabbitmqctl")
+            .command("rabbitmqctl", None)
             .envs(node_env(&self.inside, &self.node))
             .args(["-n", &self.node])
             .args(args)
@@ -302,11 +332,15 @@ pub struct ChaosCluster {
 impl ChaosCluster {
     /// Starts `size` nodes, joins the others to the first, and waits until every node runs the cluster.
     pub async fn start(size: usize) -> anyhow::Result<Self> {
+        Self::start_with(size, |_| ChaosBrokerConfig::default()).await
+    }
+
+    /// [`ChaosCluster::start`] with node `i` configured by `config(i)`.
+    pub async fn start_with(size: usize, config: impl Fn(usize) -> ChaosBrokerConfig) -> anyhow::Result<Self> {
         let cookie = new_cookie();
-        let config = ChaosBrokerConfig::default();
         let mut nodes = Vec::with_capacity(size);
-        for _ in 0..size {
-            nodes.push(ChaosBroker::create(&config, &cookie)?);
+        for i in 0..size {
+            nodes.push(ChaosBroker::create(&config(i), &cookie)?);
         }
         for node in &nodes {
             node.wait_until_up(Duration::from_secs(180)).await?;
@@ -320,6 +354,14 @@ impl ChaosCluster {
         let cluster = Self { nodes };
         cluster.wait_running(size, Duration::from_secs(60)).await?;
         Ok(cluster)
+    }
+
+    /// Cuts node `i` off from the other nodes (see [`Partition`]); it must run as its own uid (`run_as`).
+    pub fn partition(&self, i: usize) -> anyhow::Result<Partition> {
+        let node = &self.nodes[i];
+        let uid = node.run_as.context("a partitioned node must run as its own uid (ChaosBrokerConfig::run_as)")?;
+        let peers: Vec<u16> = self.nodes.iter().filter(|n| n.node != node.node).map(|n| n.dist_port).collect();
+        Partition::isolate(uid, node.dist_port, &peers)
     }
 
     /// A multi-host URI naming every node (the format a broker Secret's `uri` takes for a cluster).
@@ -382,5 +424,77 @@ fn write_cookie(dir: &Path, cookie: &str) -> anyhow::Result<()> {
     let path = dir.join(".erlang.cookie");
     std::fs::write(&path, cookie)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
+    Ok(())
+}
+
+/// A network partition between one node and the rest of its cluster on loopback: firewall rules in a chain of the
+/// test's own drop what the node's uid sends to its peers' distribution ports and from its own distribution port,
+/// so every Erlang distribution connection between it and its peers goes silent (the peers see it gone after the
+/// tick time), while its AMQP and management listeners stay reachable. Healed when dropped.
+pub struct Partition {
+    chain: String,
+    healed: bool,
+}
+
+impl Partition {
+    fn isolate(uid: u32, own_dist_port: u16, peer_dist_ports: &[u16]) -> anyhow::Result<Self> {
+        let chain = format!("WARREN-PART-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        iptables(&["-N", &chain])?;
+        let partition = Self { chain, healed: false };
+        let uid = uid.to_string();
+        let drop_from_node = |port_flag: &str, port: u16| {
+            let port = port.to_string();
+            iptables(&[
+                "-A",
+                &partition.chain,
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                &uid,
+                port_flag,
+                &port,
+                "-j",
+                "DROP",
+            ])
+        };
+        for port in peer_dist_ports {
+            drop_from_node("--dport", *port)?;
+        }
+        drop_from_node("--sport", own_dist_port)?;
+        iptables(&["-I", "OUTPUT", "-o", "lo", "-j", &partition.chain])?;
+        Ok(partition)
+    }
+
+    /// Removes the rules: the node's distribution connections work again.
+    pub fn heal(mut self) -> anyhow::Result<()> {
+        self.remove()
+    }
+
+    fn remove(&mut self) -> anyhow::Result<()> {
+        if self.healed {
+            return Ok(());
+        }
+        self.healed = true;
+        while iptables(&["-D", "OUTPUT", "-o", "lo", "-j", &self.chain]).is_ok() {}
+        iptables(&["-F", &self.chain])?;
+        iptables(&["-X", &self.chain])
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("could not remove the partition's firewall chain {}: {e:#}", self.chain);
+        }
+    }
+}
+
+fn iptables(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("iptables").args(["-w", "10"]).args(args).output().context("running iptables")?;
+    if !out.status.success() {
+        bail!("iptables {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
     Ok(())
 }

@@ -360,7 +360,7 @@ async fn replies_go_only_to_reply_addresses() {
 
 #[tokio::test]
 async fn a_reply_the_broker_refuses_for_size_becomes_an_error_and_runs_once() {
-    let broker = ChaosBroker::start(ChaosBrokerConfig { max_message_size: Some(1024 * 1024) }).await.unwrap();
+    let broker = ChaosBroker::start(ChaosBrokerConfig { max_message_size: Some(1024 * 1024), ..Default::default() }).await.unwrap();
     let queue = unique_name("chaos-maxsize");
     let backend = Backend::start_now().await;
     let worker = WorkerCommand::new(&queue)
@@ -997,7 +997,8 @@ async fn a_broker_restart_under_load_loses_no_one_way_request() {
 
 // ---------------------------------------------------------------------------------------------------------------
 // 14. A RabbitMQ cluster node lost under load (issue 11): a quorum queue replicated on three nodes, workers and
-// callers spread over the nodes by the multi-host URI, one node stopped cleanly, then another killed with SIGKILL.
+// callers spread over the nodes by the multi-host URI; one node stopped cleanly, another killed with SIGKILL, and
+// (separately) one cut off from the others by a network partition with `pause_minority`.
 
 /// How one call of the load ended, and on which caller.
 #[derive(Debug)]
@@ -1010,30 +1011,212 @@ struct CallOutcome {
     at: Duration,
 }
 
-/// Which node each connection is on: (connection name, node), read from any node whose management API answers.
-async fn connections_by_node(cluster: &ChaosCluster) -> Vec<(String, String)> {
-    let http = reqwest::Client::new();
-    for node in cluster.nodes.iter() {
-        let url = format!("http://127.0.0.1:{}/api/connections?columns=node,client_properties", node.management_port);
-        let Ok(response) = http.get(&url).basic_auth("guest", Some("guest")).send().await else { continue };
-        let Ok(list) = response.json::<Vec<Value>>().await else { continue };
-        return list
-            .iter()
-            .map(|c| {
-                let name = c["client_properties"]["connection_name"].as_str().unwrap_or("?").to_owned();
-                (name, c["node"].as_str().unwrap_or("?").to_owned())
-            })
-            .collect();
-    }
-    Vec::new()
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum NodeFault {
+    /// `rabbitmqctl stop`: connections closed cleanly, as in a rolling restart.
+    Stop,
+    /// SIGKILL of the node's VM: connections reset, as when a machine is lost.
+    Kill,
+    /// The node cut off from its peers (AMQP still reachable): with `pause_minority` it pauses itself.
+    Partition,
 }
 
-/// Calls `queue` from `callers` clients, `lanes` calls in flight each, until `stop` is set.
+/// A cluster under test with its workers, callers and the backend that counts runs per request.
+struct ClusterRig {
+    cluster: ChaosCluster,
+    queue: String,
+    backend: Backend,
+    workers: Vec<WorkerProcess>,
+    callers: Vec<Client>,
+}
+
+impl ClusterRig {
+    async fn start(cluster: ChaosCluster) -> Self {
+        let queue = unique_name("chaos-cluster");
+        let backend = Backend::start_now().await;
+        let mut workers = Vec::new();
+        for _ in 0..3 {
+            let worker = WorkerCommand::new(&queue)
+                .broker_uri(&cluster.uri())
+                .handler(&backend.url())
+                .args(["--declare", "--prefetch", "4"])
+                .start()
+                .await
+                .unwrap();
+            workers.push(worker);
+        }
+        let mut callers = Vec::new();
+        for _ in 0..3 {
+            callers.push(Client::connect(&cluster.uri()).await.unwrap());
+        }
+        let members = queue_members(&cluster, &queue).await;
+        eprintln!("quorum queue {queue} members: {members:?}");
+        assert_eq!(members.len(), 3, "the request queue must be replicated on every node: {members:?}");
+        Self { cluster, queue, backend, workers, callers }
+    }
+
+    /// Which node each connection is on: (connection name, node), from any node whose management API answers.
+    async fn connections_by_node(&self) -> Vec<(String, String)> {
+        let http = reqwest::Client::new();
+        for node in &self.cluster.nodes {
+            let url =
+                format!("http://127.0.0.1:{}/api/connections?columns=node,client_properties", node.management_port);
+            let Ok(response) = http.get(&url).basic_auth("guest", Some("guest")).send().await else { continue };
+            let Ok(list) = response.json::<Vec<Value>>().await else { continue };
+            return list
+                .iter()
+                .map(|c| {
+                    let name = c["client_properties"]["connection_name"].as_str().unwrap_or("?").to_owned();
+                    (name, c["node"].as_str().unwrap_or("?").to_owned())
+                })
+                .collect();
+        }
+        Vec::new()
+    }
+
+    /// Runs the load, applies `fault` to node `victim` after 3 s, repairs it after the workers are back, and checks
+    /// what callers and workers saw. Returns every call's outcome.
+    async fn lose_node(&mut self, victim: usize, fault: NodeFault) -> Vec<CallOutcome> {
+        let victim_name = self.cluster.nodes[victim].node_name().to_owned();
+        let connections = self.connections_by_node().await;
+        let node_of = |name: &str| connections.iter().find(|(n, _)| n == name).map(|(_, node)| node.clone());
+        let caller_nodes: Vec<Option<String>> = self.callers.iter().map(|c| node_of(&c.connection_name())).collect();
+        let mut per_node: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (name, node) in &connections {
+            let entry = per_node.entry(node.clone()).or_default();
+            if name.starts_with("warren-worker") { entry.0 += 1 } else { entry.1 += 1 }
+        }
+        eprintln!("{fault:?}: connections per node (worker, caller): {per_node:?}; victim {victim_name}");
+        let doomed: Vec<usize> =
+            (0..self.callers.len()).filter(|&c| caller_nodes[c].as_deref() == Some(&victim_name)).collect();
+        let workers_on_victim = per_node.get(&victim_name).map_or(0, |(w, _)| *w);
+
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = run_load(&self.callers, &self.queue, 4, fault, start, stop.clone());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let reconnects_before = reconnects(&self.workers).await;
+        let fault_at = start.elapsed();
+        let mut partition = None;
+        match fault {
+            NodeFault::Stop => self.cluster.nodes[victim].stop().unwrap(),
+            NodeFault::Kill => self.cluster.nodes[victim].kill(),
+            NodeFault::Partition => partition = Some(self.cluster.partition(victim).unwrap()),
+        }
+        // A paused node stops its AMQP listener: that is when its clients notice.
+        let lost_at = Instant::now();
+        if fault == NodeFault::Partition {
+            let port = self.cluster.nodes[victim].amqp_port;
+            let paused = wait_until("the minority node to pause", Duration::from_secs(90), || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err()
+            })
+            .await;
+            assert!(paused, "{victim_name} did not pause (pause_minority) within 90 s of the partition");
+            eprintln!("Partition: {victim_name} paused {:?} after the partition", lost_at.elapsed());
+        }
+        // Workers on the lost node reconnect to another: time until they have and every worker consumes again.
+        if workers_on_victim > 0 {
+            let workers = &self.workers;
+            let reconnected =
+                wait_until("the workers on the lost node reconnect", Duration::from_secs(90), || async move {
+                    reconnects(workers).await > reconnects_before
+                })
+                .await;
+            assert!(reconnected, "no worker reconnected after losing {victim_name}");
+        }
+        for worker in self.workers.iter_mut() {
+            worker.wait_ready(Duration::from_secs(60)).await.unwrap();
+        }
+        let workers_back_after = lost_at.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        match partition.take() {
+            Some(partition) => partition.heal().unwrap(),
+            None => self.cluster.nodes[victim].restart().await.unwrap(),
+        }
+        let healed_at = Instant::now();
+        self.cluster.wait_running(3, Duration::from_secs(180)).await.unwrap();
+        let rejoined_after = healed_at.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut outcomes = Vec::new();
+        for task in load {
+            outcomes.extend(task.await.unwrap());
+        }
+
+        let mut counts = Counts::default();
+        counts.sent = outcomes.len() as u64;
+        for o in &outcomes {
+            match &o.result {
+                Ok(()) => counts.answered += 1,
+                Err(kind) => *counts.errors.entry(kind.clone()).or_default() += 1,
+            }
+        }
+        let failed_slowest = outcomes.iter().filter(|o| o.result.is_err()).map(|o| o.elapsed).max();
+        // Per caller that lost its node: time from the fault until its first call both sent and answered after it.
+        let recovered: Vec<Option<Duration>> = doomed
+            .iter()
+            .map(|&c| {
+                outcomes
+                    .iter()
+                    .filter(|o| o.caller == c && o.result.is_ok() && o.at > fault_at + o.elapsed)
+                    .map(|o| o.at - fault_at)
+                    .min()
+            })
+            .collect();
+        counts.note("fault", format!("{fault:?} {victim_name}"));
+        counts.note("callers_on_lost_node", format!("{doomed:?}"));
+        counts.note("slowest_failed_call", format!("{failed_slowest:?}"));
+        counts.note("callers_answered_again_after", format!("{recovered:?}"));
+        counts.note("worker_connections_on_lost_node", workers_on_victim);
+        counts.note("workers_consuming_again_after", format!("{workers_back_after:?}"));
+        counts.note("worker_reconnects", reconnects(&self.workers).await - reconnects_before);
+        counts.note("node_back_in_cluster_after", format!("{rejoined_after:?}"));
+        counts.print(&format!("cluster node lost ({fault:?})"));
+
+        // Only callers that were on the lost node see errors, and only `connection` errors, failing fast.
+        for o in outcomes.iter().filter(|o| o.result.is_err()) {
+            assert!(doomed.contains(&o.caller), "caller {} was not on the lost node: {o:?}", o.caller);
+            assert_eq!(o.result, Err("connection".to_owned()), "{o:?}");
+            assert!(o.elapsed < Duration::from_secs(30), "a call failed by timing out, not fast: {o:?}");
+        }
+        for (c, r) in doomed.iter().zip(&recovered) {
+            assert!(r.is_some(), "caller {c} never got an answer after the fault: {counts:?}");
+        }
+        outcomes
+    }
+
+    /// Nothing waits in the queue, nothing was dead-lettered, and every answered call ran, at most twice (a
+    /// request a worker on the lost node had taken is redelivered: the one rerun the fault forces).
+    async fn check_nothing_lost(&self, outcomes: &[CallOutcome], scenario: &str) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let node = &self.cluster.nodes[0];
+        let waiting = queue_depth(&node.uri(), &self.queue).await;
+        let dead = queue_depth(&node.uri(), &dead_letter_queue_name(&self.queue)).await;
+        let runs = self.backend.log.runs();
+        let mut counts = Counts::default();
+        counts.sent = outcomes.len() as u64;
+        counts.answered = outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
+        counts.runs_from(runs.values().copied());
+        counts.note("waiting", waiting);
+        counts.note("dead_lettered", dead);
+        let ran = outcomes.iter().filter(|o| o.result.is_err() && runs.contains_key(&o.id)).count();
+        counts.note("failed_calls_whose_request_ran", ran);
+        counts.print(scenario);
+        for o in outcomes.iter().filter(|o| o.result.is_ok()) {
+            assert!(runs.get(&o.id).copied().unwrap_or(0) >= 1, "answered but never ran: {o:?}");
+        }
+        assert!(runs.values().all(|&n| n <= 2), "a request ran more than twice: {counts:?}");
+        assert_eq!(waiting, 0, "requests still wait in the queue: {counts:?}");
+        assert_eq!(dead, 0, "requests were dead-lettered because of the node loss: {counts:?}");
+    }
+}
+
+/// Calls `queue` from every caller, `lanes` calls in flight each, until `stop` is set.
 fn run_load(
     callers: &[Client],
     queue: &str,
     lanes: usize,
-    phase: &'static str,
+    fault: NodeFault,
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Vec<CallOutcome>>> {
@@ -1045,7 +1228,7 @@ fn run_load(
                 let mut outcomes = Vec::new();
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let id = format!("{phase}-{caller}-{lane}-{n}");
+                    let id = format!("{fault:?}-{caller}-{lane}-{n}");
                     n += 1;
                     let began = Instant::now();
                     let result = client
@@ -1070,166 +1253,6 @@ fn run_load(
     tasks
 }
 
-#[derive(Clone, Copy, Debug)]
-enum NodeFault {
-    Stop,
-    Kill,
-}
-
-#[tokio::test]
-async fn losing_a_cluster_node_under_load_loses_no_request() {
-    let mut cluster = ChaosCluster::start(3).await.unwrap();
-    let queue = unique_name("chaos-cluster");
-    let backend = Backend::start_now().await;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let worker = WorkerCommand::new(&queue)
-            .broker_uri(&cluster.uri())
-            .handler(&backend.url())
-            .args(["--declare", "--prefetch", "4"])
-            .start()
-            .await
-            .unwrap();
-        workers.push(worker);
-    }
-    let mut callers = Vec::new();
-    for _ in 0..3 {
-        callers.push(Client::connect(&cluster.uri()).await.unwrap());
-    }
-    let members = queue_members(&cluster, &queue).await;
-    eprintln!("quorum queue {queue} members: {members:?}");
-    assert_eq!(members.len(), 3, "the request queue must be replicated on every node: {members:?}");
-
-    let mut all_outcomes = Vec::new();
-    let mut victims = Vec::new();
-    for (phase, fault) in [("stop", NodeFault::Stop), ("kill", NodeFault::Kill)] {
-        // The victim: the node holding the most caller connections (callers pick a node at random), so the test
-        // sees callers lose their connection; a node no caller is on still carries worker connections.
-        let connections = connections_by_node(&cluster).await;
-        let caller_names: Vec<String> = callers.iter().map(Client::connection_name).collect();
-        let node_of = |name: &str| connections.iter().find(|(n, _)| n == name).map(|(_, node)| node.clone());
-        let caller_nodes: Vec<Option<String>> = caller_names.iter().map(|n| node_of(n)).collect();
-        let mut per_node: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for (name, node) in &connections {
-            let entry = per_node.entry(node.clone()).or_default();
-            if name.starts_with("warren-worker") { entry.0 += 1 } else { entry.1 += 1 }
-        }
-        let victim = cluster
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| !victims.contains(&n.node_name().to_owned()))
-            .max_by_key(|(_, n)| caller_nodes.iter().filter(|c| c.as_deref() == Some(n.node_name())).count())
-            .map(|(i, _)| i)
-            .unwrap();
-        let victim_name = cluster.nodes[victim].node_name().to_owned();
-        eprintln!("{phase}: connections per node (worker, caller): {per_node:?}; victim {victim_name}");
-        let doomed_callers: Vec<usize> =
-            (0..callers.len()).filter(|&c| caller_nodes[c].as_deref() == Some(&victim_name)).collect();
-
-        let start = Instant::now();
-        let stop = Arc::new(AtomicBool::new(false));
-        let load = run_load(&callers, &queue, 4, phase, start, stop.clone());
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let fault_at = start.elapsed();
-        let reconnects_before = reconnects(&workers).await;
-        let workers_on_victim = per_node.get(&victim_name).map_or(0, |(w, _)| *w);
-        match fault {
-            NodeFault::Stop => cluster.nodes[victim].stop().unwrap(),
-            NodeFault::Kill => cluster.nodes[victim].kill(),
-        }
-        // Workers on the lost node reconnect to another: time until they have and every worker consumes again.
-        let lost_at = Instant::now();
-        if workers_on_victim > 0 {
-            let workers = &workers;
-            let reconnected =
-                wait_until("the workers on the lost node reconnect", Duration::from_secs(60), || async move {
-                    reconnects(workers).await > reconnects_before
-                })
-                .await;
-            assert!(reconnected, "no worker reconnected after losing {victim_name}");
-        }
-        for worker in workers.iter_mut() {
-            worker.wait_ready(Duration::from_secs(60)).await.unwrap();
-        }
-        let workers_back_after = lost_at.elapsed();
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        cluster.nodes[victim].restart().await.unwrap();
-        cluster.wait_running(3, Duration::from_secs(120)).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut outcomes = Vec::new();
-        for task in load {
-            outcomes.extend(task.await.unwrap());
-        }
-
-        let mut counts = Counts::default();
-        counts.sent = outcomes.len() as u64;
-        for o in &outcomes {
-            match &o.result {
-                Ok(()) => counts.answered += 1,
-                Err(kind) => *counts.errors.entry(kind.clone()).or_default() += 1,
-            }
-        }
-        let failed_fast_max = outcomes.iter().filter(|o| o.result.is_err()).map(|o| o.elapsed).max();
-        // Per caller that lost its node: time from the fault until its first answered call after it.
-        let recovered: Vec<Option<Duration>> = doomed_callers
-            .iter()
-            .map(|&c| {
-                outcomes
-                    .iter()
-                    .filter(|o| o.caller == c && o.result.is_ok() && o.at > fault_at + o.elapsed)
-                    .map(|o| o.at - fault_at)
-                    .min()
-            })
-            .collect();
-        counts.note("fault", format!("{fault:?} {victim_name}"));
-        counts.note("callers_on_lost_node", format!("{doomed_callers:?}"));
-        counts.note("failed_fast_max", format!("{failed_fast_max:?}"));
-        counts.note("callers_recovered_after", format!("{recovered:?}"));
-        counts.note("worker_connections_on_lost_node", workers_on_victim);
-        counts.note("workers_consuming_again_after", format!("{workers_back_after:?}"));
-        counts.note("worker_reconnects", reconnects(&workers).await - reconnects_before);
-        counts.print(&format!("cluster node lost ({phase})"));
-
-        // Only callers that were on the lost node see errors, and only `connection` errors, failing fast.
-        for o in outcomes.iter().filter(|o| o.result.is_err()) {
-            assert!(doomed_callers.contains(&o.caller), "caller {} was not on the lost node: {o:?}", o.caller);
-            assert_eq!(o.result, Err("connection".to_owned()), "{o:?}");
-            assert!(o.elapsed < Duration::from_secs(30), "a call failed by timing out, not fast: {o:?}");
-        }
-        for (c, r) in doomed_callers.iter().zip(&recovered) {
-            assert!(r.is_some(), "caller {c} never got an answer after the fault: {counts:?}");
-        }
-        victims.push(victim_name);
-        all_outcomes.extend(outcomes);
-    }
-
-    // Nothing waits in the queue, nothing was dead-lettered, and every answered call ran, at most twice (a request
-    // a worker on the lost node had taken is redelivered: the one rerun the fault forces).
-    let survivor = cluster.nodes.iter().find(|n| !victims.is_empty() && n.node_name() != victims[1]).unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let waiting = queue_depth(&survivor.uri(), &queue).await;
-    let dead = queue_depth(&survivor.uri(), &dead_letter_queue_name(&queue)).await;
-    let runs = backend.log.runs();
-    let mut counts = Counts::default();
-    counts.sent = all_outcomes.len() as u64;
-    counts.answered = all_outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
-    counts.runs_from(runs.values().copied());
-    counts.note("waiting", waiting);
-    counts.note("dead_lettered", dead);
-    let unanswered_but_ran = all_outcomes.iter().filter(|o| o.result.is_err() && runs.contains_key(&o.id)).count();
-    counts.note("failed_calls_whose_request_ran", unanswered_but_ran);
-    counts.print("cluster node lost (both faults)");
-    for o in all_outcomes.iter().filter(|o| o.result.is_ok()) {
-        assert!(runs.get(&o.id).copied().unwrap_or(0) >= 1, "answered but never ran: {o:?}");
-    }
-    assert!(runs.values().all(|&n| n <= 2), "a request ran more than twice: {counts:?}");
-    assert_eq!(waiting, 0, "requests still wait in the queue: {counts:?}");
-    assert_eq!(dead, 0, "requests were dead-lettered because of the node loss: {counts:?}");
-    drop(workers);
-}
-
 /// Reconnects of all the workers so far.
 async fn reconnects(workers: &[WorkerProcess]) -> f64 {
     let metrics: Vec<_> = workers.iter().map(|w| w.metric("warren_worker_reconnects_total")).collect();
@@ -1249,3 +1272,43 @@ async fn queue_members(cluster: &ChaosCluster, queue: &str) -> Vec<String> {
     }
     Vec::new()
 }
+
+/// The node most callers are on (callers pick a node at random), so that the test sees callers lose theirs.
+async fn busiest_caller_node(rig: &ClusterRig, exclude: &[usize]) -> usize {
+    let connections = rig.connections_by_node().await;
+    let names: Vec<String> = rig.callers.iter().map(Client::connection_name).collect();
+    (0..rig.cluster.nodes.len())
+        .filter(|i| !exclude.contains(i))
+        .max_by_key(|&i| {
+            let node = rig.cluster.nodes[i].node_name();
+            connections.iter().filter(|(n, on)| on == node && names.contains(n)).count()
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn losing_a_cluster_node_under_load_loses_no_request() {
+    let mut rig = ClusterRig::start(ChaosCluster::start(3).await.unwrap()).await;
+    let first = busiest_caller_node(&rig, &[]).await;
+    let mut outcomes = rig.lose_node(first, NodeFault::Stop).await;
+    let second = busiest_caller_node(&rig, &[first]).await;
+    outcomes.extend(rig.lose_node(second, NodeFault::Kill).await);
+    rig.check_nothing_lost(&outcomes, "cluster node lost (stop, then kill: totals)").await;
+}
+
+#[tokio::test]
+async fn a_partitioned_node_pauses_under_pause_minority_and_loses_no_request() {
+    // The node to cut off runs as another uid, so that a firewall rule can drop its distribution traffic alone.
+    let config = |i: usize| ChaosBrokerConfig {
+        partition_handling: Some("pause_minority"),
+        net_ticktime: Some(4),
+        run_as: (i == 2).then_some(PARTITIONED_UID),
+        ..ChaosBrokerConfig::default()
+    };
+    let mut rig = ClusterRig::start(ChaosCluster::start_with(3, config).await.unwrap()).await;
+    let outcomes = rig.lose_node(2, NodeFault::Partition).await;
+    rig.check_nothing_lost(&outcomes, "cluster node partitioned (pause_minority: totals)").await;
+}
+
+/// A uid no account on the machine uses.
+const PARTITIONED_UID: u32 = 64_123;
