@@ -24,6 +24,8 @@ mod error;
 pub mod management;
 mod pending;
 pub mod protocol;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod topology;
 
 pub use client::{CONNECT_TIMEOUT, CallOptions, Client, NOTIFY_TIMEOUT, RECONNECT_INTERVAL};

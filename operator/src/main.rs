@@ -60,13 +60,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", warren_operator::crd_yaml()),
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
-                )
-                // A pod's log is a file, not a terminal: no colour codes in `kubectl logs`.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .init();
+            // Logs (RUST_LOG, default info,kube=warn); reconcile spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+            let _telemetry = warren_client::telemetry::init("warren-operator", "info,kube=warn");
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(run(args))?;
         }
     }

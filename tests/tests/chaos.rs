@@ -360,7 +360,9 @@ async fn replies_go_only_to_reply_addresses() {
 
 #[tokio::test]
 async fn a_reply_the_broker_refuses_for_size_becomes_an_error_and_runs_once() {
-    let broker = ChaosBroker::start(ChaosBrokerConfig { max_message_size: Some(1024 * 1024), ..Default::default() }).await.unwrap();
+    let broker = ChaosBroker::start(ChaosBrokerConfig { max_message_size: Some(1024 * 1024), ..Default::default() })
+        .await
+        .unwrap();
     let queue = unique_name("chaos-maxsize");
     let backend = Backend::start_now().await;
     let worker = WorkerCommand::new(&queue)
