@@ -90,6 +90,16 @@ def test_broker_uris_come_from_the_argument_or_warren_broker_uri(monkeypatch):
     assert broker_uris() == ["amqp://guest:guest@127.0.0.1:5672/%2f"]
 
 
+def test_a_multi_host_uri_names_one_node_a_host_and_a_comma_in_a_password_stays_in_it():
+    # The broker Secret's `uri` for a cluster, as warren-worker and the operator read it (docs/operations.md).
+    assert protocol.split_uris("amqp://u:p@n1:5672,n2:5673,n3/%2f?heartbeat=5") == [
+        "amqp://u:p@n1:5672/%2f?heartbeat=5", "amqp://u:p@n2:5673/%2f?heartbeat=5", "amqp://u:p@n3/%2f?heartbeat=5"]
+    assert protocol.split_uris("amqp://u:p,w@n1/v,amqps://x:y@n2/v") == ["amqp://u:p,w@n1/v", "amqps://x:y@n2/v"]
+    assert protocol.split_uris(["amqp://u@a,b"]) == ["amqp://u@a", "amqp://u@b"]
+    with pytest.raises(ValueError):
+        protocol.split_uris(" , ")
+
+
 def test_expose_registers_by_name_and_keeps_the_function():
     registry = warren.Registry()
 

@@ -6,6 +6,8 @@ functions, so both sides agree on every header, property and error object.
 
 from __future__ import annotations
 
+import re
+
 import datetime
 import json
 import time
@@ -185,12 +187,30 @@ def dead_letter_queue_arguments(queue_type: str = "quorum") -> Dict[str, Any]:
 
 
 def split_uris(uris: Any) -> List[str]:
-    """Broker addresses: one URI, a comma-separated list of URIs (nodes of one cluster), or a list of them."""
+    """Broker addresses, one URI each: from one URI, a multi-host URI (``amqp://user:pass@h1:5672,h2:5672/%2f``:
+    one credential set, the nodes of one cluster — the form a broker Secret's ``uri`` takes for a cluster), a
+    comma-separated list of URIs, or a list of any of these."""
     if isinstance(uris, str):
-        items = uris.split(",")
+        items = _URI_START.split(uris)
     else:
         items = list(uris)
-    result = [item.strip() for item in items if item and item.strip()]
+    result = [uri for item in items if item and item.strip() for uri in _expand_hosts(item.strip())]
     if not result:
         raise ValueError("no broker URI given")
     return result
+
+
+# A comma that starts another URI (``,amqp://``), as opposed to one between the hosts of a multi-host URI.
+_URI_START = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _expand_hosts(uri: str) -> List[str]:
+    """``scheme://userinfo@h1,h2/rest`` → one URI per host; the host list starts after the last ``@`` of the
+    authority, so a comma in a password stays part of it."""
+    if "://" not in uri:
+        return [part.strip() for part in uri.split(",") if part.strip()]
+    scheme, rest = uri.split("://", 1)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = authority.rpartition("@")
+    return [f"{scheme}://{userinfo}{at}{host.strip()}{tail}" for host in hosts.split(",") if host.strip()]
