@@ -247,6 +247,14 @@ async fn the_http_handler_container_may_not_loosen_the_pod_security() {
     ns.cleanup().await.unwrap();
 }
 
+#[test]
+fn worker_policy_defaults_are_the_workers_own() {
+    let spec = warren_operator::crd::WorkerSpec::default();
+    assert_eq!(spec.max_reply_bytes as usize, warren_worker::worker::DEFAULT_MAX_REPLY_BYTES);
+    assert_eq!(Duration::from_secs(spec.handler_timeout_seconds as u64), warren_worker::http_handler::DEFAULT_TIMEOUT);
+    assert!(spec.allow_reply_to.is_empty());
+}
+
 #[tokio::test]
 async fn worker_policies_have_the_workers_defaults_and_bounds() {
     let (_client, ns) = setup("crd-worker-policies").await;
