@@ -107,7 +107,8 @@ test-node: build
 	WARREN_CHART_SET="$$chart_set" WARREN_HELM=$$(scripts/build-helm) \
 	  $(CARGO) test $(CARGO_FLAGS) -p warren-tests --test node -- --ignored --test-threads=1 --nocapture
 
-# helm lint + template, and the rendered manifests validated by the real API server (server-side dry run).
+# helm lint + template, the rendered manifests validated by the real API server (server-side dry run), and the
+# RBAC checked by its authorizer (scripts/check-chart-rbac: Secrets readable only in watchNamespace when it is set).
 chart-check:
 	$(call step,Helm chart (helm lint, helm template, server-side dry run))
 	@helm=$$(scripts/build-helm); \
@@ -119,6 +120,7 @@ chart-check:
 	  echo "the chart must refuse replicaCount > 1 without leader election"; exit 1; fi; \
 	$(WITH_ENV) kubectl apply --server-side --dry-run=server -f $(CHART_CRD) >/dev/null; \
 	kubectl apply --dry-run=server -f $(CACHE)/chart-rendered.yaml; \
+	scripts/check-chart-rbac $$helm $(CHART_KUBE_VERSION); \
 	echo "chart ok"
 
 # Everything runs on RabbitMQ 4.0 by default (scripts/env); the suites whose behaviour depends on the broker run again

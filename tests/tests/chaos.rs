@@ -1314,3 +1314,114 @@ async fn a_partitioned_node_pauses_under_pause_minority_and_loses_no_request() {
 
 /// A uid no account on the machine uses.
 const PARTITIONED_UID: u32 = 64_123;
+
+// The operator under an API server restart
+
+/// The API server goes away while the operator reconciles (the observer's news keeps triggering passes that fail)
+/// and comes back: the operator survives, its status catches up, and nothing is done twice (the one Deployment
+/// keeps its identity and generation, the queues are the same). A control plane of the test's own: the shared one
+/// is never restarted.
+#[tokio::test]
+async fn operator_rides_out_an_api_server_restart() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::PostParams;
+    use warren_operator::RpcService;
+    use warren_tests::cluster::{TestNamespace, install_crd, wait_for};
+    use warren_tests::operator_process::OperatorProcess;
+    use warren_tests::private_cluster::PrivateCluster;
+
+    let _broker = broker::shared().await;
+    let cluster = PrivateCluster::start().expect("a private control plane");
+    let client = cluster.client().await.unwrap();
+    install_crd(&client).await.unwrap();
+    let ns = TestNamespace::create(&client, "chaos-apiserver").await.unwrap();
+    ns.create_broker_secret("rabbitmq").await.unwrap();
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let mut operator = OperatorProcess::start_against(&kubeconfig, ns.name(), &[]).unwrap();
+    let svc: RpcService = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "RpcService",
+        "metadata": { "name": "svc" },
+        "spec": { "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": { "enabled": false } },
+    }))
+    .unwrap();
+    let api = ns.api::<RpcService>();
+    api.create(&PostParams::default(), &svc).await.unwrap();
+    let queue = format!("{}.svc", ns.name());
+    let _cleanup = QueueCleanup::service(&queue);
+    let backlog_shown = |n: i64| {
+        let api = api.clone();
+        async move {
+            wait_for(&format!("status.queue.ready = {n}"), Duration::from_secs(120), || async {
+                let svc = api.get("svc").await?;
+                Ok((svc.status.and_then(|s| s.queue).map(|q| q.ready) == Some(n)).then_some(()))
+            })
+            .await
+        }
+    };
+    wait_for("the queues to be declared", Duration::from_secs(120), || async {
+        let svc = api.get("svc").await?;
+        let declared =
+            svc.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "QueueReady" && c.status == "True");
+        Ok(declared.then_some(()))
+    })
+    .await
+    .unwrap();
+    let channel = publisher().await;
+    publish_n(&channel, &queue, 2).await;
+    backlog_shown(2).await.unwrap();
+    let before = ns.api::<Deployment>().get("svc").await.unwrap();
+
+    cluster.stop_apiserver().unwrap();
+    // New figures while it is down: the observer triggers passes whose status patch cannot get through.
+    publish_n(&channel, &queue, 3).await;
+    let failures = wait_for("a pass that fails without the API server", Duration::from_secs(60), || async {
+        let n = operator.metric("warren_operator_reconcile_failures_total").await;
+        Ok((n >= 1.0).then_some(n))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let outage_failures = operator.metric("warren_operator_reconcile_failures_total").await;
+    assert!(operator.is_running(), "the operator exited while the API server was down");
+
+    cluster.up().expect("the API server back");
+    backlog_shown(5).await.unwrap();
+    let after = ns.api::<Deployment>().get("svc").await.unwrap();
+    let deployments = ns.api::<Deployment>().list(&Default::default()).await.unwrap().items.len();
+    let reconciles = operator.metric("warren_operator_reconciles_total").await;
+    let opened = broker::queue("/", &queue).await.unwrap().is_some();
+    println!(
+        "api server restart: failed passes {failures} when first seen, {outage_failures} by the end of the outage; \
+         {reconciles} passes in all; deployments {deployments}; deployment generation {:?} -> {:?}; queue present: {opened}",
+        before.metadata.generation, after.metadata.generation
+    );
+    assert!(operator.is_running(), "the operator exited after the API server came back");
+    assert_eq!(deployments, 1);
+    assert_eq!(after.metadata.uid, before.metadata.uid, "the same Deployment, not a new one");
+    assert_eq!(after.metadata.generation, before.metadata.generation, "its spec was not rewritten");
+    assert!(opened);
+    drop(operator);
+    ns.cleanup().await.unwrap();
+}
+
+async fn publisher() -> Channel {
+    let conn = Connection::connect(&broker_uri(), ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    // The connection lives as long as the channel's test: leaked on purpose, closed at exit.
+    std::mem::forget(conn);
+    channel
+}
+
+async fn publish_n(channel: &Channel, queue: &str, n: usize) {
+    for _ in 0..n {
+        let confirm = channel
+            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), b"[]", BasicProperties::default())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+}
