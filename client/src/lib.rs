@@ -26,6 +26,8 @@ pub mod failover;
 pub mod management;
 mod pending;
 pub mod protocol;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod topology;
 
 pub use client::{CONNECT_TIMEOUT, CallOptions, Client, NOTIFY_TIMEOUT, RECONNECT_INTERVAL};

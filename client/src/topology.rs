@@ -6,6 +6,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 /// The suffix of a request queue's dead-letter queue.
 pub const DEAD_LETTER_SUFFIX: &str = ".dead";
+/// The longest queue name RabbitMQ accepts, in bytes (an AMQP short string).
+pub const MAX_QUEUE_NAME_BYTES: usize = 255;
 
 /// RabbitMQ queue type: the one mapping to `x-queue-type` (the CRD's `queue.type` and the worker's
 /// `--queue-type` both map here).

@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use warren_client::endpoint::{BROKER_URI_ENV, SECRET_URI_KEY};
 use warren_client::topology::QueueOptions;
 
-use crate::crd::{ResponderContainer, RpcService};
+use crate::crd::{ResponderContainer, RpcService, WorkerSpec};
 
 /// The port of the worker's `/metrics`, `/healthz` and `/readyz`.
 pub const WORKER_METRICS_PORT: i32 = 9090;
@@ -97,6 +97,7 @@ fn worker_container(svc: &RpcService, inputs: &BuildInputs) -> Container {
         args.extend(["--default-method".to_owned(), method]);
     }
     let mut env = vec![broker_uri_env(inputs)];
+    env.extend(worker_policy_env(spec));
     env.extend(spec.env.iter().cloned());
     Container {
         name: "worker".to_owned(),
@@ -110,6 +111,31 @@ fn worker_container(svc: &RpcService, inputs: &BuildInputs) -> Container {
         security_context: Some(restricted_security_context()),
         ..Default::default()
     }
+}
+
+/// The worker's policies from the spec (warren-worker reads them from its environment); `worker.env` comes after
+/// them, so an entry there still wins.
+fn worker_policy_env(spec: &WorkerSpec) -> Vec<EnvVar> {
+    let mut env = vec![
+        value_env("WARREN_HANDLER_TIMEOUT", format!("{}s", spec.handler_timeout_seconds)),
+        value_env("WARREN_MAX_REPLY_BYTES", spec.max_reply_bytes.to_string()),
+    ];
+    if !spec.allow_reply_to.is_empty() {
+        env.push(value_env("WARREN_ALLOW_REPLY_TO", spec.allow_reply_to.join(",")));
+    }
+    env
+}
+
+/// The user's HTTP backend as written, with the restricted profile's settings filled in where it leaves them
+/// unset: no privilege escalation, non-root, all capabilities dropped. What would loosen them (privileged,
+/// escalation, added capabilities other than NET_BIND_SERVICE, root, host ports) the CRD's CEL rules refuse.
+fn backend_container(container: &Container) -> Container {
+    let mut c = container.clone();
+    let sc = c.security_context.get_or_insert_with(SecurityContext::default);
+    sc.allow_privilege_escalation.get_or_insert(false);
+    sc.run_as_non_root.get_or_insert(true);
+    sc.capabilities.get_or_insert_with(Capabilities::default).drop.get_or_insert_with(|| vec!["ALL".to_owned()]);
+    c
 }
 
 /// `WARREN_BROKER_URI` by reference to the broker Secret's `uri` key: credentials are never copied into the spec.
@@ -195,7 +221,7 @@ pub fn deployment(svc: &RpcService, inputs: &BuildInputs) -> Deployment {
         None => {
             let mut containers = vec![worker_container(svc, inputs)];
             if let Some(http) = &handler.http {
-                containers.push(http.container.clone());
+                containers.push(backend_container(&http.container));
             }
             (containers, WORKER_METRICS_PORT)
         }
@@ -443,6 +469,77 @@ worker:
         assert!(c.env.as_ref().unwrap().iter().all(|e| e.name != "WARREN_DEFAULT_METHOD"));
         assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 8081);
         assert!(c.command.is_none() && c.args.is_none());
+    }
+
+    #[test]
+    fn worker_policies_are_rendered_into_the_worker_env_with_the_workers_defaults() {
+        let env_of = |svc: &RpcService| {
+            deployment(svc, &inputs()).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap()
+        };
+        let defaults = env_of(&fixture("{}"));
+        let value = |env: &[EnvVar], name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+        assert_eq!(value(&defaults, "WARREN_HANDLER_TIMEOUT").as_deref(), Some("30s"));
+        assert_eq!(value(&defaults, "WARREN_MAX_REPLY_BYTES").as_deref(), Some("16777216"));
+        assert_eq!(value(&defaults, "WARREN_ALLOW_REPLY_TO"), None, "only reply addresses by default");
+
+        let svc = fixture(
+            r#"
+worker:
+  handlerTimeoutSeconds: 120
+  maxReplyBytes: 1048576
+  allowReplyTo: ["billing.replies.*", "audit"]
+  env: [{ name: WARREN_HANDLER_TIMEOUT, value: 5s }]
+"#,
+        );
+        let env = env_of(&svc);
+        assert_eq!(value(&env, "WARREN_MAX_REPLY_BYTES").as_deref(), Some("1048576"));
+        assert_eq!(value(&env, "WARREN_ALLOW_REPLY_TO").as_deref(), Some("billing.replies.*,audit"));
+        let timeouts: Vec<_> = env.iter().filter(|e| e.name == "WARREN_HANDLER_TIMEOUT").collect();
+        assert_eq!(timeouts.len(), 2);
+        assert_eq!(
+            (timeouts[0].value.as_deref(), timeouts[1].value.as_deref()),
+            (Some("120s"), Some("5s")),
+            "worker.env comes last, so an entry there wins"
+        );
+    }
+
+    #[test]
+    fn http_backend_gets_the_restricted_defaults_where_unset_and_keeps_what_it_sets() {
+        let backend = |yaml: &str| {
+            let svc = fixture(yaml);
+            deployment(&svc, &inputs()).spec.unwrap().template.spec.unwrap().containers[1].clone()
+        };
+        let plain = backend("worker: { handler: { http: { container: { name: app, image: app:1 } } } }");
+        let sc = plain.security_context.unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(sc.privileged, None);
+        assert_eq!(sc.read_only_root_filesystem, None, "not imposed: many servers write to /tmp");
+
+        let own = backend(
+            r#"
+worker:
+  handler:
+    http:
+      container:
+        name: app
+        image: app:1
+        env: [{ name: DB_PASSWORD, valueFrom: { secretKeyRef: { name: db, key: password } } }]
+        securityContext:
+          runAsUser: 1000
+          readOnlyRootFilesystem: true
+          capabilities: { add: [NET_BIND_SERVICE], drop: [NET_RAW] }
+"#,
+        );
+        let sc = own.security_context.unwrap();
+        assert_eq!((sc.run_as_user, sc.read_only_root_filesystem), (Some(1000), Some(true)));
+        let caps = sc.capabilities.unwrap();
+        assert_eq!(caps.add, Some(vec!["NET_BIND_SERVICE".to_owned()]));
+        assert_eq!(caps.drop, Some(vec!["NET_RAW".to_owned()]), "the user's own drop list stands");
+        assert_eq!((sc.allow_privilege_escalation, sc.run_as_non_root), (Some(false), Some(true)));
+        let secret = own.env.unwrap()[0].value_from.clone().unwrap().secret_key_ref.unwrap();
+        assert_eq!(secret.name, "db", "a Secret of the service's own namespace, by reference");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct OperatorConfig {
     pub default_broker_secret: Option<String>,
     /// How often the observer reads queue figures from the management API.
     pub poll_interval: Duration,
+    /// How long after deletion began `deletionPolicy: Delete` keeps retrying to delete the queues on a broker that
+    /// does not answer or refuses, before the finalizer lets the object go and reports the queues left behind.
+    pub cleanup_timeout: Duration,
 }
 
 impl Default for OperatorConfig {
@@ -34,6 +37,7 @@ impl Default for OperatorConfig {
             worker_image: format!("ghcr.io/warren-dev/warren-worker:{}", env!("CARGO_PKG_VERSION")),
             default_broker_secret: None,
             poll_interval: Duration::from_secs(5),
+            cleanup_timeout: Duration::from_secs(300),
         }
     }
 }

@@ -27,6 +27,10 @@ use warren_client::topology::QueueKind;
     category = "warren",
     namespaced,
     doc = "An RPC service served over RabbitMQ: a request queue with dead-lettering and an autoscaled worker pool.",
+    // The name is the worker pods' label value (at most 63) and part of the default queue name `<namespace>.<name>`
+    // (RabbitMQ's limit is 255 bytes, `.dead` included): both fit when the name does.
+    validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name must be at most 63 characters: it is the worker pods' label value and part of the queue name"),
+    validation = Rule::new("!self.metadata.name.endsWith('.dead')").message("metadata.name must not end in '.dead': <namespace>.<name> would be another service's dead-letter queue"),
     status = "RpcServiceStatus",
     derive = "PartialEq",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
@@ -92,10 +96,15 @@ pub struct SecretRef {
 #[serde(rename_all = "camelCase")]
 pub struct QueueSpec {
     /// The request queue's name on the broker; callers publish to it. Defaults to `<namespace>.<name>`.
-    /// Immutable once the object exists.
+    /// Immutable once the object exists. At most 250 bytes (RabbitMQ's limit is 255, and the dead-letter queue
+    /// adds `.dead`); it must not end in `.dead`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 200))]
-    #[x_kube(validation = Rule::new("!self.startsWith('amq.')").message("queue names starting with 'amq.' are reserved by RabbitMQ"))]
+    #[x_kube(
+        validation = Rule::new("!self.startsWith('amq.')").message("queue names starting with 'amq.' are reserved by RabbitMQ"),
+        validation = Rule::new("bytes(self).size() <= 250").message("queue.name must be at most 250 bytes: RabbitMQ allows 255 and the dead-letter queue adds '.dead'"),
+        validation = Rule::new("!self.endsWith('.dead')").message("queue.name must not end in '.dead': that is a dead-letter queue's name")
+    )]
     pub name: Option<String>,
 
     /// The queue type: `quorum` (replicated, with a delivery limit that dead-letters poison requests) or
@@ -176,7 +185,7 @@ pub enum DeletionPolicy {
 }
 
 /// The worker pods.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
     /// The warren-worker image. Defaults to the operator's configured worker image (`--worker-image`).
@@ -216,6 +225,28 @@ pub struct WorkerSpec {
     #[serde(default = "default_grace_period")]
     #[schemars(range(min = 1))]
     pub termination_grace_period_seconds: i64,
+
+    /// How long the HTTP handler may take per request when the caller's deadline is later or absent; a request
+    /// cut off gets a `deadline_exceeded` error reply. (`WARREN_HANDLER_TIMEOUT` of warren-worker.)
+    #[serde(default = "default_handler_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub handler_timeout_seconds: i64,
+
+    /// The largest reply (and HTTP handler response) in bytes; a larger one is answered with an `internal` error
+    /// instead, so a reply the broker would refuse never makes a request run again. Keep it at or below the
+    /// broker's `max_message_size` (16 MiB by default). (`WARREN_MAX_REPLY_BYTES` of warren-worker.)
+    #[serde(default = "default_max_reply_bytes")]
+    #[schemars(range(min = 1024, max = 536870912))]
+    pub max_reply_bytes: i64,
+
+    /// Queues the workers may publish replies to besides reply addresses (direct reply-to and server-named
+    /// `amq.gen-` queues, always allowed): a queue name, a prefix ending in `*` (`replies.*`), or `*` alone
+    /// (any queue: lets a caller make the workers publish into another service's queue; not recommended).
+    /// The service's own queues are never reply addresses. (`WARREN_ALLOW_REPLY_TO` of warren-worker.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 255)))]
+    #[x_kube(validation = Rule::new("self.all(p, p.size() > 0 && !p.contains(',') && (p.indexOf('*') == -1 || p.indexOf('*') == p.size() - 1))").message("allowReplyTo entries are queue names or prefixes ending in '*' ('*' only at the end, no commas)"))]
+    pub allow_reply_to: Vec<String>,
 }
 
 impl Default for WorkerSpec {
@@ -229,6 +260,9 @@ impl Default for WorkerSpec {
             resources: None,
             env: Vec::new(),
             termination_grace_period_seconds: default_grace_period(),
+            handler_timeout_seconds: default_handler_timeout(),
+            max_reply_bytes: default_max_reply_bytes(),
+            allow_reply_to: Vec::new(),
         }
     }
 }
@@ -241,6 +275,16 @@ fn default_replicas() -> i32 {
 }
 fn default_grace_period() -> i64 {
     60
+}
+/// warren-worker's own default (`--handler-timeout 30s`).
+pub const DEFAULT_HANDLER_TIMEOUT_SECONDS: i64 = 30;
+fn default_handler_timeout() -> i64 {
+    DEFAULT_HANDLER_TIMEOUT_SECONDS
+}
+/// warren-worker's own default (`--max-reply-bytes`): RabbitMQ 4's default `max_message_size`.
+pub const DEFAULT_MAX_REPLY_BYTES: i64 = 16 * 1024 * 1024;
+fn default_max_reply_bytes() -> i64 {
+    DEFAULT_MAX_REPLY_BYTES
 }
 
 /// Exactly one of `builtin`, `http` or `container`.
@@ -297,7 +341,7 @@ impl BuiltinHandler {
 
 /// An HTTP handler: the worker POSTs each request's params to `http://127.0.0.1:<port><path>/<method>`
 /// (the method also in the `X-Warren-Method` header); a 2xx response body is the result, anything else an error.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpHandler {
     /// The port your container listens on, on the pod's loopback.
@@ -309,7 +353,19 @@ pub struct HttpHandler {
     #[serde(default = "default_http_path")]
     pub path: String,
 
-    /// Your container, run beside the worker in each pod.
+    /// Your container, run beside the worker in each pod. It runs under the restricted profile: where its
+    /// `securityContext` leaves them unset, the operator sets `allowPrivilegeEscalation: false`,
+    /// `runAsNonRoot: true` and drops all capabilities; privileged containers, privilege escalation, added
+    /// capabilities other than `NET_BIND_SERVICE`, running as root (uid 0 or `runAsNonRoot: false`), an
+    /// `Unconfined` seccomp profile and host ports are refused.
+    #[x_kube(
+        validation = Rule::new("!has(self.securityContext) || !has(self.securityContext.privileged) || !self.securityContext.privileged").message("handler.http.container: privileged containers are not allowed"),
+        validation = Rule::new("!has(self.securityContext) || !has(self.securityContext.allowPrivilegeEscalation) || !self.securityContext.allowPrivilegeEscalation").message("handler.http.container: allowPrivilegeEscalation must not be true"),
+        validation = Rule::new("!has(self.securityContext) || !has(self.securityContext.capabilities) || !has(self.securityContext.capabilities.add) || self.securityContext.capabilities.add.all(c, c == 'NET_BIND_SERVICE')").message("handler.http.container: only NET_BIND_SERVICE may be added to the capabilities"),
+        validation = Rule::new("!has(self.securityContext) || ((!has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot) && (!has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0))").message("handler.http.container: must not run as root (runAsUser 0 or runAsNonRoot false)"),
+        validation = Rule::new("!has(self.securityContext) || !has(self.securityContext.seccompProfile) || self.securityContext.seccompProfile.type != 'Unconfined'").message("handler.http.container: an Unconfined seccomp profile is not allowed"),
+        validation = Rule::new("!has(self.ports) || self.ports.all(p, !has(p.hostPort) || p.hostPort == 0)").message("handler.http.container: host ports are not allowed")
+    )]
     pub container: Container,
 }
 

@@ -10,6 +10,16 @@ pub enum Error {
     #[error(transparent)]
     Dereference(#[from] DereferenceError),
 
+    /// validate: a queue name RabbitMQ cannot hold (with `.dead`, over 255 bytes).
+    #[error("queue name {queue} is too long: with '.dead' it must fit in 255 bytes; set a shorter spec.queue.name")]
+    InvalidQueueName { queue: String },
+
+    /// validate: another RpcService, created earlier, uses the same queue on the same broker.
+    #[error(
+        "queue {queue} (or its .dead queue) is already used by RpcService {owner} on the same broker; this service declares, runs and deletes nothing until it has a queue of its own: recreate it with another spec.queue.name"
+    )]
+    QueueClaimed { queue: String, owner: String },
+
     /// apply: the queues on the broker.
     #[error(transparent)]
     DeclareQueues(BrokerError),
@@ -44,6 +54,8 @@ impl Error {
             Self::DeclareQueues(e) | Self::DeleteQueues(e) => e.reason(),
             Self::ReadDeployment { .. } | Self::ApplyDeployment { .. } | Self::PatchStatus(_) => KUBERNETES_ERROR,
             Self::Finalizer(_) => "FinalizerError",
+            Self::InvalidQueueName { .. } => "InvalidQueueName",
+            Self::QueueClaimed { .. } => "QueueNameConflict",
         }
     }
 
@@ -51,6 +63,7 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Dereference(e) => e.is_permanent(),
+            Self::InvalidQueueName { .. } | Self::QueueClaimed { .. } => true,
             Self::DeclareQueues(e) | Self::DeleteQueues(e) => e.is_permanent(),
             Self::ReadDeployment { .. } | Self::ApplyDeployment { .. } | Self::PatchStatus(_) | Self::Finalizer(_) => {
                 false

@@ -22,6 +22,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod observer;
+pub mod ownership;
 pub mod reconcile;
 pub mod status;
 

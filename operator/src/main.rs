@@ -36,6 +36,10 @@ struct RunArgs {
     /// How often queue figures are read from the management API.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// How long deleting an RpcService with `deletionPolicy: Delete` retries on a broker that does not answer
+    /// or refuses, before it lets the object go and reports the queues it left behind.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    cleanup_timeout: Duration,
     /// Watch only this namespace (default: all).
     #[arg(long, env = "WARREN_WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -60,13 +64,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", warren_operator::crd_yaml()),
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
-                )
-                // A pod's log is a file, not a terminal: no colour codes in `kubectl logs`.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .init();
+            // Logs (RUST_LOG, default info,kube=warn); reconcile spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+            let _telemetry = warren_client::telemetry::init("warren-operator", "info,kube=warn");
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(run(args))?;
         }
     }
@@ -102,6 +101,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         worker_image: args.worker_image,
         default_broker_secret: args.default_broker_secret,
         poll_interval: args.poll_interval,
+        cleanup_timeout: args.cleanup_timeout,
     };
     let polls = tokio::spawn(observer.clone().run(config.poll_interval));
     let ctx = Arc::new(Context::new(client, config, observer, metrics));

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::channel::mpsc::UnboundedSender;
@@ -21,10 +21,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{ObjectRef, Store};
 use warren_autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleDecision};
+use warren_client::management;
 
 use crate::broker::{Broker, BrokerError, QueueFigures};
 use crate::crd::{RpcService, RpcServiceSpec};
 use crate::metrics::{DirectionLabel, Metrics};
+use crate::ownership::Claim;
 
 /// What a reconcile tells the observer about a service.
 pub struct Registration {
@@ -185,6 +187,19 @@ impl Observer {
         self.metrics.services.set(services.len() as i64);
     }
 
+    /// Every RpcService in the controller's cache with the broker its last pass reached, for [`crate::ownership`].
+    pub fn claims(&self) -> Vec<Claim> {
+        let services = self.services.lock().expect("observer lock");
+        self.cache
+            .state()
+            .into_iter()
+            .map(|svc| {
+                let broker = services.get(&ObjectRef::from_obj(svc.as_ref())).map(|s| s.registration.broker.clone());
+                Claim { svc, broker }
+            })
+            .collect()
+    }
+
     /// Drops services the cache no longer holds, once the cache has synced.
     fn forget_departed(&self) {
         if !matches!(self.cache.wait_until_ready().now_or_never(), Some(Ok(()))) {
@@ -197,6 +212,12 @@ impl Observer {
 
     /// One round: a request per broker (observe), then a decision per service and its triggers.
     pub async fn poll_once(&self) {
+        self.poll_within(management::REQUEST_TIMEOUT).await;
+    }
+
+    /// One round with every broker asked at once, each cut off after `timeout` and recorded as soon as it
+    /// answers: a broker that does not answer (one tenant's black-holed `managementUri`) delays no other.
+    async fn poll_within(&self, timeout: Duration) {
         self.forget_departed();
         let brokers: Vec<Arc<Broker>> = {
             let services = self.services.lock().expect("observer lock");
@@ -208,14 +229,21 @@ impl Observer {
             }
             seen
         };
-        for broker in brokers {
+        let polls = brokers.into_iter().map(|broker| async move {
             self.metrics.observer_polls.inc();
-            let figures = broker.queue_figures().await;
+            let figures = match tokio::time::timeout(timeout, broker.queue_figures()).await {
+                Ok(figures) => figures,
+                Err(_) => Err(BrokerError::ManagementUnavailable(format!(
+                    "no answer within {}",
+                    humantime::format_duration(timeout)
+                ))),
+            };
             if figures.is_err() {
                 self.metrics.observer_failures.inc();
             }
             self.record(&broker, &figures, self.started.elapsed().as_secs_f64());
-        }
+        });
+        futures::future::join_all(polls).await;
     }
 
     /// Decides for every service on `broker` from one poll's `figures` (taken at `now`, seconds on the
@@ -250,13 +278,14 @@ impl Observer {
         }
     }
 
-    /// Polls every `interval` until the task is dropped.
-    pub async fn run(self: Arc<Self>, interval: std::time::Duration) {
+    /// Polls every `interval` until the task is dropped; no broker's poll outlasts the interval (nor the
+    /// management client's own timeout), so the round keeps its cadence.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            self.poll_once().await;
+            self.poll_within(interval.min(management::REQUEST_TIMEOUT)).await;
         }
     }
 }

@@ -25,6 +25,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::instrument;
+use warren_client::topology::{self, MAX_QUEUE_NAME_BYTES};
 
 use crate::build::{self, BuildInputs};
 use crate::context::{Context, FIELD_MANAGER, backoff};
@@ -32,7 +33,7 @@ use crate::crd::{DeletionPolicy, RpcService, RpcServiceStatus};
 use crate::dereference;
 use crate::error::{Error, Result};
 use crate::observer::{Announcements, Registration};
-use crate::status;
+use crate::{ownership, status};
 
 /// The finalizer that lets the operator apply `deletionPolicy` before the object goes.
 pub const FINALIZER: &str = "warren.dev/queues";
@@ -109,10 +110,16 @@ pub fn error_policy(svc: Arc<RpcService>, error: &Error, ctx: Arc<Context>) -> A
 /// One pass over a live RpcService.
 async fn apply(svc: &RpcService, ctx: &Context) -> Result<Action> {
     let key = ObjectRef::from_obj(svc);
+    if let Some(error) = invalid_queue_name(svc) {
+        return Err(blocked(svc, ctx, error).await);
+    }
     let found = match dereference::broker(svc, ctx).await {
         Ok(found) => found,
-        Err(error) => return Err(broker_unreachable(svc, ctx, error.into()).await),
+        Err(error) => return Err(blocked(svc, ctx, error.into()).await),
     };
+    if let Some(owner) = ownership::owner(svc, &found.broker, &ctx.observer.claims()) {
+        return Err(blocked(svc, ctx, queue_claimed(svc, &owner)).await);
+    }
     let declared = found.broker.declare_queues(&svc.queue_name(), &build::queue_options(svc)).await;
     let current = current_deployment(svc, ctx).await?;
     let view = ctx.observer.register(Registration::new(key.clone(), svc, found.broker.clone(), current.as_ref()));
@@ -139,8 +146,22 @@ async fn apply(svc: &RpcService, ctx: &Context) -> Result<Action> {
     declared.map(|()| Action::requeue(RESYNC)).map_err(Error::DeclareQueues)
 }
 
-/// Without the broker nothing can be declared or run: say so, and wait for the Secret to change.
-async fn broker_unreachable(svc: &RpcService, ctx: &Context, error: Error) -> Error {
+/// A queue name RabbitMQ cannot hold (the CRD refuses them; an object stored before it did may still have one).
+fn invalid_queue_name(svc: &RpcService) -> Option<Error> {
+    let dead = topology::dead_letter_queue_name(&svc.queue_name());
+    (dead.len() > MAX_QUEUE_NAME_BYTES).then(|| Error::InvalidQueueName { queue: svc.queue_name() })
+}
+
+fn queue_claimed(svc: &RpcService, owner: &RpcService) -> Error {
+    Error::QueueClaimed {
+        queue: svc.queue_name(),
+        owner: format!("{}/{}", owner.namespace().unwrap_or_default(), owner.name_any()),
+    }
+}
+
+/// Without the broker, or with a queue this service may not use, nothing can be declared or run: say so, and
+/// wait for a change.
+async fn blocked(svc: &RpcService, ctx: &Context, error: Error) -> Error {
     ctx.observer.forget(&ObjectRef::from_obj(svc));
     let (next, _) = status::next(svc, &status::unreachable_conditions(&error), None, None, &now());
     match patch_status(svc, ctx, &next).await {
@@ -203,21 +224,114 @@ async fn publish(svc: &RpcService, ctx: &Context, events: Vec<Event>) -> bool {
 }
 
 /// Applies `deletionPolicy` to the queues; the Deployment goes with the object through its owner reference.
+/// Deleting them is retried with backoff, but never holds the object (or its namespace) forever: see
+/// [`leave_queues_because`].
 async fn cleanup(svc: &RpcService, ctx: &Context) -> Result<Action> {
     ctx.observer.forget(&ObjectRef::from_obj(svc));
-    let skip = svc.annotations().get(SKIP_BROKER_CLEANUP).is_some_and(|v| v == "true");
-    if svc.spec.queue.deletion_policy == DeletionPolicy::Delete && !skip {
-        let found = dereference::broker(svc, ctx).await?;
-        found.broker.delete_queues(&svc.queue_name()).await.map_err(Error::DeleteQueues)?;
-        let deleted = Event {
-            type_: EventType::Normal,
-            reason: "QueuesDeleted".into(),
-            note: Some(format!("deleted {0} and {0}.dead (deletionPolicy: Delete)", svc.queue_name())),
-            action: "DeleteQueues".into(),
-            secondary: None,
-        };
-        publish(svc, ctx, vec![deleted]).await;
+    let done = apply_deletion_policy(svc, ctx).await;
+    // Once the object may go, its broker may too (a failed cleanup is retried with it).
+    if done.is_ok() {
+        ctx.brokers.release(&ObjectRef::from_obj(svc));
     }
-    ctx.brokers.release(&ObjectRef::from_obj(svc));
+    done
+}
+
+async fn apply_deletion_policy(svc: &RpcService, ctx: &Context) -> Result<Action> {
+    let skip = svc.annotations().get(SKIP_BROKER_CLEANUP).is_some_and(|v| v == "true");
+    if svc.spec.queue.deletion_policy != DeletionPolicy::Delete || skip {
+        return Ok(Action::await_change());
+    }
+    let queue = svc.queue_name();
+    let event = match delete_queues(svc, ctx).await {
+        Ok(None) => event(
+            EventType::Normal,
+            "QueuesDeleted",
+            format!("deleted {queue} and {queue}.dead (deletionPolicy: Delete)"),
+        ),
+        Ok(Some(owner)) => {
+            let note = format!("kept {queue} and {queue}.dead: they belong to RpcService {owner}");
+            tracing::warn!("{note}");
+            event(EventType::Warning, "QueuesRetained", note)
+        }
+        Err(error) => {
+            let Some(why) = leave_queues_because(&error, svc, ctx.config.cleanup_timeout, &Timestamp::now()) else {
+                return Err(error);
+            };
+            let note =
+                format!("{queue} and {queue}.dead may be left on the broker: {why} ({error}); delete them by hand");
+            tracing::warn!("{note}");
+            event(EventType::Warning, "QueuesLeftBehind", note)
+        }
+    };
+    publish(svc, ctx, vec![event]).await;
     Ok(Action::await_change())
+}
+
+/// Deletes the service's queues unless another service owns them; returns that owner.
+async fn delete_queues(svc: &RpcService, ctx: &Context) -> Result<Option<String>> {
+    if let Some(error) = invalid_queue_name(svc) {
+        return Err(error);
+    }
+    let found = dereference::broker(svc, ctx).await?;
+    if let Some(owner) = ownership::owner(svc, &found.broker, &ctx.observer.claims()) {
+        return Ok(Some(format!("{}/{}", owner.namespace().unwrap_or_default(), owner.name_any())));
+    }
+    found.broker.delete_queues(&svc.queue_name()).await.map_err(Error::DeleteQueues)?;
+    Ok(None)
+}
+
+/// Why the finalizer stops trying to delete the queues after `error`, or `None` to retry with backoff. It stops
+/// when no retry can succeed (the broker Secret is gone, as when its namespace is being deleted, or invalid; the
+/// queue name is one RabbitMQ cannot hold) and once `timeout` has passed since deletion began (a broker that
+/// stays unreachable or refuses).
+pub fn leave_queues_because(error: &Error, svc: &RpcService, timeout: Duration, now: &Timestamp) -> Option<String> {
+    use crate::dereference::DereferenceError as D;
+    match error {
+        Error::Dereference(D::NoBrokerSecret | D::SecretNotFound { .. } | D::InvalidBrokerSecret { .. }) => {
+            Some("the broker Secret is gone or invalid, so the broker cannot be reached".to_owned())
+        }
+        Error::InvalidQueueName { .. } => Some("RabbitMQ cannot hold such a queue name".to_owned()),
+        _ => {
+            let since = svc.metadata.deletion_timestamp.as_ref()?.0;
+            let waited = Duration::try_from(now.duration_since(since)).unwrap_or_default();
+            (waited >= timeout).then(|| format!("gave up after {} of retries", humantime::format_duration(timeout)))
+        }
+    }
+}
+
+fn event(type_: EventType, reason: &str, note: String) -> Event {
+    Event { type_, reason: reason.into(), note: Some(note), action: "DeleteQueues".into(), secondary: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BrokerError;
+    use crate::crd::RpcServiceSpec;
+    use crate::dereference::DereferenceError;
+
+    fn deleting(seconds_ago: i64, now: &Timestamp) -> RpcService {
+        let mut svc = RpcService::new("calc", RpcServiceSpec::default());
+        svc.metadata.namespace = Some("shop".into());
+        let since = now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(seconds_ago)).unwrap();
+        svc.metadata.deletion_timestamp = Some(Time(since));
+        svc
+    }
+
+    #[test]
+    fn cleanup_leaves_the_queues_when_no_retry_can_succeed_or_the_bound_has_passed() {
+        let now = Timestamp::now();
+        let timeout = Duration::from_secs(300);
+        let gone = Error::from(DereferenceError::SecretNotFound { namespace: "shop".into(), name: "rabbitmq".into() });
+        let down = Error::DeleteQueues(BrokerError::ManagementUnavailable("connection refused".into()));
+        let refused = Error::DeleteQueues(BrokerError::Refused("HTTP 403".into()));
+
+        let why = leave_queues_because(&gone, &deleting(1, &now), timeout, &now).expect("a gone Secret ends it");
+        assert!(why.contains("broker Secret is gone"), "{why}");
+        for error in [&down, &refused] {
+            assert_eq!(leave_queues_because(error, &deleting(60, &now), timeout, &now), None, "retried: {error}");
+            let why = leave_queues_because(error, &deleting(301, &now), timeout, &now).expect("bounded");
+            assert!(why.contains("5m"), "{why}");
+        }
+    }
 }

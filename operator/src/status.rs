@@ -105,11 +105,16 @@ pub fn workers_condition(deployment: &Deployment, desired: i32) -> ConditionUpda
     }
 }
 
-/// `QueueReady` and `WorkersReady` when the broker could not be reached: nothing can be declared or run.
+/// `QueueReady` and `WorkersReady` when the broker could not be reached or the queue may not be used: nothing
+/// can be declared or run.
 pub fn unreachable_conditions(error: &Error) -> [ConditionUpdate; 2] {
+    let workers = match error {
+        Error::Dereference(_) => "workers need the broker Secret",
+        _ => "no workers run until the service has a queue of its own",
+    };
     [
         ConditionUpdate::new(QUEUE_READY, false, error.reason(), error.to_string()),
-        ConditionUpdate::new(WORKERS_READY, false, error.reason(), "workers need the broker Secret"),
+        ConditionUpdate::new(WORKERS_READY, false, error.reason(), workers),
     ]
 }
 

@@ -46,8 +46,11 @@ pub async fn delete_service_queues(queue: &str) -> anyhow::Result<()> {
     delete_queue("/", &format!("{queue}.dead")).await
 }
 
+/// `rabbitmqctl` for the environment's broker: scripts/env's wrapper for the node it runs (on the host or in the 4.x
+/// tree), or the host's own for a broker started by someone else.
 fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("rabbitmqctl").args(args).output().context("running rabbitmqctl")?;
+    let ctl = std::env::var("WARREN_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
+    let out = std::process::Command::new(&ctl).args(args).output().with_context(|| format!("running {ctl}"))?;
     if !out.status.success() {
         bail!("rabbitmqctl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }

@@ -176,12 +176,22 @@ impl TestNamespace {
 
     /// Creates the broker Secret an RpcService's `spec.broker.secretRef` names, pointing at the test broker.
     pub async fn create_broker_secret(&self, name: &str) -> anyhow::Result<Secret> {
+        self.create_broker_secret_for(name, &crate::broker_uri(), &crate::management_uri()).await
+    }
+
+    /// A broker Secret naming another broker than the environment's (e.g. a test's own cluster).
+    pub async fn create_broker_secret_for(
+        &self,
+        name: &str,
+        uri: &str,
+        management_uri: &str,
+    ) -> anyhow::Result<Secret> {
         let secret = Secret {
             metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
             string_data: Some(
                 [
-                    (SECRET_URI_KEY.to_string(), crate::broker_uri()),
-                    (SECRET_MANAGEMENT_URI_KEY.to_string(), crate::management_uri()),
+                    (SECRET_URI_KEY.to_string(), uri.to_owned()),
+                    (SECRET_MANAGEMENT_URI_KEY.to_string(), management_uri.to_owned()),
                 ]
                 .into(),
             ),

@@ -7,6 +7,7 @@ pub mod chaos_broker;
 pub mod cluster;
 pub mod local_runtime;
 pub mod operator_process;
+pub mod private_cluster;
 pub mod worker_process;
 
 use std::path::PathBuf;

@@ -20,6 +20,11 @@ impl OperatorProcess {
     /// Starts the operator watching only `namespace`, polling the broker every second, without leader election
     /// unless `extra` turns it on.
     pub fn start(namespace: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_against(&crate::cluster::kubeconfig_path(), namespace, extra)
+    }
+
+    /// [`OperatorProcess::start`] against the API server `kubeconfig` names.
+    pub fn start_against(kubeconfig: &str, namespace: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let metrics_port = free_port();
         let mut cmd = Command::new(crate::bin_path("warren-operator"));
         cmd.args(["run", "--namespace", namespace, "--poll-interval", "1s", "--worker-image", "warren-worker:test"])
@@ -28,7 +33,7 @@ impl OperatorProcess {
             cmd.args(["--leader-election", "false"]);
         }
         cmd.args(extra)
-            .env("KUBECONFIG", crate::cluster::kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", namespace)
             .env("RUST_LOG", std::env::var("WARREN_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .stdin(Stdio::null());
@@ -52,6 +57,11 @@ impl OperatorProcess {
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// Whether the process still runs (it has not exited, crashed or been killed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> u32 {

@@ -22,8 +22,8 @@ use warren_client::topology::{QueueOptions, dead_letter_queue_name};
 use warren_client::{CallError, Client};
 use warren_tests::backend::Backend;
 use warren_tests::broker::QueueCleanup;
-use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig};
-use warren_tests::worker_process::{WorkerCommand, metric_sum, metric_value};
+use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig, ChaosCluster};
+use warren_tests::worker_process::{WorkerCommand, WorkerProcess, metric_sum, metric_value};
 use warren_tests::{bin_path, broker, broker_uri, unique_name};
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +370,9 @@ async fn replies_go_only_to_reply_addresses() {
 
 #[tokio::test]
 async fn a_reply_the_broker_refuses_for_size_becomes_an_error_and_runs_once() {
-    let broker = ChaosBroker::start(ChaosBrokerConfig { max_message_size: Some(1024 * 1024) }).await.unwrap();
+    let broker = ChaosBroker::start(ChaosBrokerConfig { max_message_size: Some(1024 * 1024), ..Default::default() })
+        .await
+        .unwrap();
     let queue = unique_name("chaos-maxsize");
     let backend = Backend::start_now().await;
     let worker = WorkerCommand::new(&queue)
@@ -1016,7 +1018,7 @@ async fn a_lost_node_moves_the_worker_and_the_caller_to_the_next_address() {
     // Two unclustered nodes stand for a cluster's: the queue is declared on both, and the worker and the caller
     // start on the first (the second refuses connections until they are up), then the first is killed.
     let (first, second) = tokio::join!(ChaosBroker::start(Default::default()), ChaosBroker::start(Default::default()));
-    let (first, second) = (first.unwrap(), second.unwrap());
+    let (mut first, second) = (first.unwrap(), second.unwrap());
     second.stop_app().unwrap();
     let uri = format!("amqp://guest:guest@127.0.0.1:{},127.0.0.1:{}/%2f", first.amqp_port, second.amqp_port);
     let queue = unique_name("chaos-node-loss");
@@ -1072,7 +1074,7 @@ async fn a_lost_node_moves_the_worker_and_the_caller_to_the_next_address() {
         .unwrap();
     let echo_ok = r#"warren_worker_requests_total{method="echo",outcome="ok"}"#;
     let answered_before_kill = worker.metric(echo_ok).await;
-    first.kill().unwrap();
+    first.kill();
     let killed = Instant::now();
     let _ = killed_at.set(killed);
     // The worker consumes from the second node's queue (asked over AMQP: the management API's figures lag).
@@ -1118,4 +1120,433 @@ async fn a_lost_node_moves_the_worker_and_the_caller_to_the_next_address() {
     assert!(unexpected.is_empty(), "{counts:?}");
     assert!(!worker.log().contains("guest:guest"), "the worker logged the password");
     assert!(worker.log().contains(&format!("@127.0.0.1:{}/", second.amqp_port)), "the log names the new node");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 14. A RabbitMQ cluster node lost under load (issue 11): a quorum queue replicated on three nodes, workers and
+// callers spread over the nodes by the multi-host URI; one node stopped cleanly, another killed with SIGKILL, and
+// (separately) one cut off from the others by a network partition with `pause_minority`.
+
+/// How one call of the load ended, and on which caller.
+#[derive(Debug)]
+struct CallOutcome {
+    caller: usize,
+    id: String,
+    result: Result<(), String>,
+    elapsed: Duration,
+    /// When the call ended, from the start of the load.
+    at: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum NodeFault {
+    /// `rabbitmqctl stop`: connections closed cleanly, as in a rolling restart.
+    Stop,
+    /// SIGKILL of the node's VM: connections reset, as when a machine is lost.
+    Kill,
+    /// The node cut off from its peers (AMQP still reachable): with `pause_minority` it pauses itself.
+    Partition,
+}
+
+/// A cluster under test with its workers, callers and the backend that counts runs per request.
+struct ClusterRig {
+    cluster: ChaosCluster,
+    queue: String,
+    backend: Backend,
+    workers: Vec<WorkerProcess>,
+    callers: Vec<Client>,
+}
+
+impl ClusterRig {
+    async fn start(cluster: ChaosCluster) -> Self {
+        let queue = unique_name("chaos-cluster");
+        let backend = Backend::start_now().await;
+        let mut workers = Vec::new();
+        for _ in 0..3 {
+            let worker = WorkerCommand::new(&queue)
+                .broker_uri(&cluster.uri())
+                .handler(&backend.url())
+                .args(["--declare", "--prefetch", "4"])
+                .start()
+                .await
+                .unwrap();
+            workers.push(worker);
+        }
+        let mut callers = Vec::new();
+        for _ in 0..3 {
+            callers.push(Client::connect(&cluster.uri()).await.unwrap());
+        }
+        let members = queue_members(&cluster, &queue).await;
+        eprintln!("quorum queue {queue} members: {members:?}");
+        assert_eq!(members.len(), 3, "the request queue must be replicated on every node: {members:?}");
+        Self { cluster, queue, backend, workers, callers }
+    }
+
+    /// Which node each connection is on: (connection name, node), from any node whose management API answers.
+    async fn connections_by_node(&self) -> Vec<(String, String)> {
+        let http = reqwest::Client::new();
+        for node in &self.cluster.nodes {
+            let url =
+                format!("http://127.0.0.1:{}/api/connections?columns=node,client_properties", node.management_port);
+            let Ok(response) = http.get(&url).basic_auth("guest", Some("guest")).send().await else { continue };
+            let Ok(list) = response.json::<Vec<Value>>().await else { continue };
+            return list
+                .iter()
+                .map(|c| {
+                    let name = c["client_properties"]["connection_name"].as_str().unwrap_or("?").to_owned();
+                    (name, c["node"].as_str().unwrap_or("?").to_owned())
+                })
+                .collect();
+        }
+        Vec::new()
+    }
+
+    /// Runs the load, applies `fault` to node `victim` after 3 s, repairs it after the workers are back, and checks
+    /// what callers and workers saw. Returns every call's outcome.
+    async fn lose_node(&mut self, victim: usize, fault: NodeFault) -> Vec<CallOutcome> {
+        let victim_name = self.cluster.nodes[victim].node_name().to_owned();
+        let connections = self.connections_by_node().await;
+        let node_of = |name: &str| connections.iter().find(|(n, _)| n == name).map(|(_, node)| node.clone());
+        let caller_nodes: Vec<Option<String>> = self.callers.iter().map(|c| node_of(&c.connection_name())).collect();
+        let mut per_node: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (name, node) in &connections {
+            let entry = per_node.entry(node.clone()).or_default();
+            if name.starts_with("warren-worker") { entry.0 += 1 } else { entry.1 += 1 }
+        }
+        eprintln!("{fault:?}: connections per node (worker, caller): {per_node:?}; victim {victim_name}");
+        let doomed: Vec<usize> =
+            (0..self.callers.len()).filter(|&c| caller_nodes[c].as_deref() == Some(&victim_name)).collect();
+        let workers_on_victim = per_node.get(&victim_name).map_or(0, |(w, _)| *w);
+
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = run_load(&self.callers, &self.queue, 4, fault, start, stop.clone());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let reconnects_before = reconnects(&self.workers).await;
+        let fault_at = start.elapsed();
+        let mut partition = None;
+        match fault {
+            NodeFault::Stop => self.cluster.nodes[victim].stop().unwrap(),
+            NodeFault::Kill => self.cluster.nodes[victim].kill(),
+            NodeFault::Partition => partition = Some(self.cluster.partition(victim).unwrap()),
+        }
+        // A paused node stops its AMQP listener: that is when its clients notice.
+        let lost_at = Instant::now();
+        if fault == NodeFault::Partition {
+            let port = self.cluster.nodes[victim].amqp_port;
+            let paused = wait_until("the minority node to pause", Duration::from_secs(90), || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err()
+            })
+            .await;
+            assert!(paused, "{victim_name} did not pause (pause_minority) within 90 s of the partition");
+            eprintln!("Partition: {victim_name} paused {:?} after the partition", lost_at.elapsed());
+        }
+        // Workers on the lost node reconnect to another: time until they have and every worker consumes again.
+        if workers_on_victim > 0 {
+            let workers = &self.workers;
+            let reconnected =
+                wait_until("the workers on the lost node reconnect", Duration::from_secs(90), || async move {
+                    reconnects(workers).await > reconnects_before
+                })
+                .await;
+            assert!(reconnected, "no worker reconnected after losing {victim_name}");
+        }
+        for worker in self.workers.iter_mut() {
+            worker.wait_ready(Duration::from_secs(60)).await.unwrap();
+        }
+        let workers_back_after = lost_at.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        match partition.take() {
+            Some(partition) => partition.heal().unwrap(),
+            None => self.cluster.nodes[victim].restart().await.unwrap(),
+        }
+        let healed_at = Instant::now();
+        self.cluster.wait_running(3, Duration::from_secs(180)).await.unwrap();
+        let rejoined_after = healed_at.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut outcomes = Vec::new();
+        for task in load {
+            outcomes.extend(task.await.unwrap());
+        }
+
+        let mut counts = Counts::default();
+        counts.sent = outcomes.len() as u64;
+        for o in &outcomes {
+            match &o.result {
+                Ok(()) => counts.answered += 1,
+                Err(kind) => *counts.errors.entry(kind.clone()).or_default() += 1,
+            }
+        }
+        let failed_slowest = outcomes.iter().filter(|o| o.result.is_err()).map(|o| o.elapsed).max();
+        // Per caller that lost its node: time from the fault until its first call both sent and answered after it.
+        let recovered: Vec<Option<Duration>> = doomed
+            .iter()
+            .map(|&c| {
+                outcomes
+                    .iter()
+                    .filter(|o| o.caller == c && o.result.is_ok() && o.at > fault_at + o.elapsed)
+                    .map(|o| o.at - fault_at)
+                    .min()
+            })
+            .collect();
+        counts.note("fault", format!("{fault:?} {victim_name}"));
+        counts.note("callers_on_lost_node", format!("{doomed:?}"));
+        counts.note("slowest_failed_call", format!("{failed_slowest:?}"));
+        counts.note("callers_answered_again_after", format!("{recovered:?}"));
+        counts.note("worker_connections_on_lost_node", workers_on_victim);
+        counts.note("workers_consuming_again_after", format!("{workers_back_after:?}"));
+        counts.note("worker_reconnects", reconnects(&self.workers).await - reconnects_before);
+        counts.note("node_back_in_cluster_after", format!("{rejoined_after:?}"));
+        counts.print(&format!("cluster node lost ({fault:?})"));
+
+        // Only callers that were on the lost node see errors, and only `connection` errors, failing fast.
+        for o in outcomes.iter().filter(|o| o.result.is_err()) {
+            assert!(doomed.contains(&o.caller), "caller {} was not on the lost node: {o:?}", o.caller);
+            assert_eq!(o.result, Err("connection".to_owned()), "{o:?}");
+            assert!(o.elapsed < Duration::from_secs(30), "a call failed by timing out, not fast: {o:?}");
+        }
+        for (c, r) in doomed.iter().zip(&recovered) {
+            assert!(r.is_some(), "caller {c} never got an answer after the fault: {counts:?}");
+        }
+        outcomes
+    }
+
+    /// Nothing waits in the queue, nothing was dead-lettered, and every answered call ran, at most twice (a
+    /// request a worker on the lost node had taken is redelivered: the one rerun the fault forces).
+    async fn check_nothing_lost(&self, outcomes: &[CallOutcome], scenario: &str) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let node = &self.cluster.nodes[0];
+        let waiting = queue_depth(&node.uri(), &self.queue).await;
+        let dead = queue_depth(&node.uri(), &dead_letter_queue_name(&self.queue)).await;
+        let runs = self.backend.log.runs();
+        let mut counts = Counts::default();
+        counts.sent = outcomes.len() as u64;
+        counts.answered = outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
+        counts.runs_from(runs.values().copied());
+        counts.note("waiting", waiting);
+        counts.note("dead_lettered", dead);
+        let ran = outcomes.iter().filter(|o| o.result.is_err() && runs.contains_key(&o.id)).count();
+        counts.note("failed_calls_whose_request_ran", ran);
+        counts.print(scenario);
+        for o in outcomes.iter().filter(|o| o.result.is_ok()) {
+            assert!(runs.get(&o.id).copied().unwrap_or(0) >= 1, "answered but never ran: {o:?}");
+        }
+        assert!(runs.values().all(|&n| n <= 2), "a request ran more than twice: {counts:?}");
+        assert_eq!(waiting, 0, "requests still wait in the queue: {counts:?}");
+        assert_eq!(dead, 0, "requests were dead-lettered because of the node loss: {counts:?}");
+    }
+}
+
+/// Calls `queue` from every caller, `lanes` calls in flight each, until `stop` is set.
+fn run_load(
+    callers: &[Client],
+    queue: &str,
+    lanes: usize,
+    fault: NodeFault,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<CallOutcome>>> {
+    let mut tasks = Vec::new();
+    for (caller, client) in callers.iter().enumerate() {
+        for lane in 0..lanes {
+            let (client, queue, stop) = (client.clone(), queue.to_owned(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("{fault:?}-{caller}-{lane}-{n}");
+                    n += 1;
+                    let began = Instant::now();
+                    let result = client
+                        .call(&queue, Some("slow"), json!({"id": id, "ms": 20}), Duration::from_secs(60))
+                        .await
+                        .map(drop)
+                        .map_err(|e| match e {
+                            CallError::Remote { code, .. } => format!("remote:{code}"),
+                            other => other.kind().as_str().to_owned(),
+                        });
+                    let failed = result.is_err();
+                    outcomes.push(CallOutcome { caller, id, result, elapsed: began.elapsed(), at: start.elapsed() });
+                    if failed {
+                        // A caller whose connection died retries after a pause, as an application would.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                outcomes
+            }));
+        }
+    }
+    tasks
+}
+
+/// Reconnects of all the workers so far.
+async fn reconnects(workers: &[WorkerProcess]) -> f64 {
+    let metrics: Vec<_> = workers.iter().map(|w| w.metric("warren_worker_reconnects_total")).collect();
+    futures::future::join_all(metrics).await.iter().sum()
+}
+
+/// The quorum queue's members, from the management API of a node that answers.
+async fn queue_members(cluster: &ChaosCluster, queue: &str) -> Vec<String> {
+    for node in &cluster.nodes {
+        let management = warren_client::management::Management::new(&node.management_uri()).unwrap();
+        if let Ok(Some(q)) = management.queue("/", queue).await {
+            return q["members"]
+                .as_array()
+                .map(|m| m.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+        }
+    }
+    Vec::new()
+}
+
+/// The node most callers are on (callers pick a node at random), so that the test sees callers lose theirs.
+async fn busiest_caller_node(rig: &ClusterRig, exclude: &[usize]) -> usize {
+    let connections = rig.connections_by_node().await;
+    let names: Vec<String> = rig.callers.iter().map(Client::connection_name).collect();
+    (0..rig.cluster.nodes.len())
+        .filter(|i| !exclude.contains(i))
+        .max_by_key(|&i| {
+            let node = rig.cluster.nodes[i].node_name();
+            connections.iter().filter(|(n, on)| on == node && names.contains(n)).count()
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn losing_a_cluster_node_under_load_loses_no_request() {
+    let mut rig = ClusterRig::start(ChaosCluster::start(3).await.unwrap()).await;
+    let first = busiest_caller_node(&rig, &[]).await;
+    let mut outcomes = rig.lose_node(first, NodeFault::Stop).await;
+    let second = busiest_caller_node(&rig, &[first]).await;
+    outcomes.extend(rig.lose_node(second, NodeFault::Kill).await);
+    rig.check_nothing_lost(&outcomes, "cluster node lost (stop, then kill: totals)").await;
+}
+
+#[tokio::test]
+async fn a_partitioned_node_pauses_under_pause_minority_and_loses_no_request() {
+    // The node to cut off runs as another uid, so that a firewall rule can drop its distribution traffic alone.
+    let config = |i: usize| ChaosBrokerConfig {
+        partition_handling: Some("pause_minority"),
+        net_ticktime: Some(4),
+        run_as: (i == 2).then_some(PARTITIONED_UID),
+        ..ChaosBrokerConfig::default()
+    };
+    let mut rig = ClusterRig::start(ChaosCluster::start_with(3, config).await.unwrap()).await;
+    let outcomes = rig.lose_node(2, NodeFault::Partition).await;
+    rig.check_nothing_lost(&outcomes, "cluster node partitioned (pause_minority: totals)").await;
+}
+
+/// A uid no account on the machine uses.
+const PARTITIONED_UID: u32 = 64_123;
+
+// The operator under an API server restart
+
+/// The API server goes away while the operator reconciles (the observer's news keeps triggering passes that fail)
+/// and comes back: the operator survives, its status catches up, and nothing is done twice (the one Deployment
+/// keeps its identity and generation, the queues are the same). A control plane of the test's own: the shared one
+/// is never restarted.
+#[tokio::test]
+async fn operator_rides_out_an_api_server_restart() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::PostParams;
+    use warren_operator::RpcService;
+    use warren_tests::cluster::{TestNamespace, install_crd, wait_for};
+    use warren_tests::operator_process::OperatorProcess;
+    use warren_tests::private_cluster::PrivateCluster;
+
+    let _broker = broker::shared().await;
+    let cluster = PrivateCluster::start().expect("a private control plane");
+    let client = cluster.client().await.unwrap();
+    install_crd(&client).await.unwrap();
+    let ns = TestNamespace::create(&client, "chaos-apiserver").await.unwrap();
+    ns.create_broker_secret("rabbitmq").await.unwrap();
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let mut operator = OperatorProcess::start_against(&kubeconfig, ns.name(), &[]).unwrap();
+    let svc: RpcService = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "RpcService",
+        "metadata": { "name": "svc" },
+        "spec": { "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": { "enabled": false } },
+    }))
+    .unwrap();
+    let api = ns.api::<RpcService>();
+    api.create(&PostParams::default(), &svc).await.unwrap();
+    let queue = format!("{}.svc", ns.name());
+    let _cleanup = QueueCleanup::service(&queue);
+    let backlog_shown = |n: i64| {
+        let api = api.clone();
+        async move {
+            wait_for(&format!("status.queue.ready = {n}"), Duration::from_secs(120), || async {
+                let svc = api.get("svc").await?;
+                Ok((svc.status.and_then(|s| s.queue).map(|q| q.ready) == Some(n)).then_some(()))
+            })
+            .await
+        }
+    };
+    wait_for("the queues to be declared", Duration::from_secs(120), || async {
+        let svc = api.get("svc").await?;
+        let declared =
+            svc.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "QueueReady" && c.status == "True");
+        Ok(declared.then_some(()))
+    })
+    .await
+    .unwrap();
+    let channel = publisher().await;
+    publish_n(&channel, &queue, 2).await;
+    backlog_shown(2).await.unwrap();
+    let before = ns.api::<Deployment>().get("svc").await.unwrap();
+
+    cluster.stop_apiserver().unwrap();
+    // New figures while it is down: the observer triggers passes whose status patch cannot get through.
+    publish_n(&channel, &queue, 3).await;
+    let failures = wait_for("a pass that fails without the API server", Duration::from_secs(60), || async {
+        let n = operator.metric("warren_operator_reconcile_failures_total").await;
+        Ok((n >= 1.0).then_some(n))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let outage_failures = operator.metric("warren_operator_reconcile_failures_total").await;
+    assert!(operator.is_running(), "the operator exited while the API server was down");
+
+    cluster.up().expect("the API server back");
+    backlog_shown(5).await.unwrap();
+    let after = ns.api::<Deployment>().get("svc").await.unwrap();
+    let deployments = ns.api::<Deployment>().list(&Default::default()).await.unwrap().items.len();
+    let reconciles = operator.metric("warren_operator_reconciles_total").await;
+    let opened = broker::queue("/", &queue).await.unwrap().is_some();
+    println!(
+        "api server restart: failed passes {failures} when first seen, {outage_failures} by the end of the outage; \
+         {reconciles} passes in all; deployments {deployments}; deployment generation {:?} -> {:?}; queue present: {opened}",
+        before.metadata.generation, after.metadata.generation
+    );
+    assert!(operator.is_running(), "the operator exited after the API server came back");
+    assert_eq!(deployments, 1);
+    assert_eq!(after.metadata.uid, before.metadata.uid, "the same Deployment, not a new one");
+    assert_eq!(after.metadata.generation, before.metadata.generation, "its spec was not rewritten");
+    assert!(opened);
+    drop(operator);
+    ns.cleanup().await.unwrap();
+}
+
+async fn publisher() -> Channel {
+    let conn = Connection::connect(&broker_uri(), ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    // The connection lives as long as the channel's test: leaked on purpose, closed at exit.
+    std::mem::forget(conn);
+    channel
+}
+
+async fn publish_n(channel: &Channel, queue: &str, n: usize) {
+    for _ in 0..n {
+        let confirm = channel
+            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), b"[]", BasicProperties::default())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
 }

@@ -177,6 +177,113 @@ async fn invalid_specs_are_rejected() {
 }
 
 #[tokio::test]
+async fn names_that_would_not_fit_a_queue_or_a_label_are_rejected() {
+    let (_client, ns) = setup("crd-names").await;
+    let api = raw_api(&ns);
+    let create = |name: String, spec: Value| {
+        let api = api.clone();
+        async move { api.create(&PostParams::default(), &rpcservice(&name, spec)).await }
+    };
+    let rejected = |result: Result<DynamicObject, kube::Error>, expected: &str| {
+        let err = result.expect_err("the API server accepted a name that cannot work");
+        let message = rejection(&err).unwrap_or_else(|| panic!("not an API rejection: {err}")).to_string();
+        assert!(message.contains(expected), "expected {expected:?} in: {message}");
+    };
+    let with_queue = |queue: &str| {
+        let mut spec = minimal_spec();
+        json_merge(&mut spec, json!({ "queue": { "name": queue } }));
+        spec
+    };
+
+    // 64 characters: a valid object name, but not a label value (and `<namespace>.<name>.dead` could pass 255 bytes).
+    rejected(create("a".repeat(64), minimal_spec()).await, "metadata.name must be at most 63 characters");
+    create("a".repeat(63), minimal_spec()).await.expect("63 characters are accepted");
+    rejected(create("orders.dead".into(), minimal_spec()).await, "metadata.name must not end in '.dead'");
+
+    // 130 two-byte characters are 260 bytes: within maxLength (characters), over RabbitMQ's limit (bytes).
+    rejected(create("wide".into(), with_queue(&"é".repeat(130))).await, "queue.name must be at most 250 bytes");
+    create("wide-ok".into(), with_queue(&"é".repeat(125))).await.expect("250 bytes are accepted");
+    rejected(create("dead".into(), with_queue("billing.dead")).await, "queue.name must not end in '.dead'");
+
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_http_handler_container_may_not_loosen_the_pod_security() {
+    let (_client, ns) = setup("crd-http-security").await;
+    let with_security = |security: Value| {
+        let mut spec = minimal_spec();
+        let container = json!({ "name": "app", "image": "app:1", "securityContext": security });
+        json_merge(&mut spec, json!({ "worker": { "handler": { "http": { "container": container } } } }));
+        spec
+    };
+    let refused = [
+        (json!({ "privileged": true }), "privileged containers are not allowed"),
+        (json!({ "allowPrivilegeEscalation": true }), "allowPrivilegeEscalation must not be true"),
+        (json!({ "capabilities": { "add": ["SYS_ADMIN"] } }), "only NET_BIND_SERVICE may be added"),
+        (json!({ "runAsUser": 0 }), "must not run as root"),
+        (json!({ "runAsNonRoot": false }), "must not run as root"),
+        (json!({ "seccompProfile": { "type": "Unconfined" } }), "an Unconfined seccomp profile is not allowed"),
+    ];
+    for (security, expected) in &refused {
+        assert_create_rejected(&ns, with_security(security.clone()), &[expected]).await;
+    }
+    let mut host_port = minimal_spec();
+    let container = json!({ "name": "app", "image": "app:1", "ports": [{ "containerPort": 8080, "hostPort": 8080 }] });
+    json_merge(&mut host_port, json!({ "worker": { "handler": { "http": { "container": container } } } }));
+    assert_create_rejected(&ns, host_port, &["host ports are not allowed"]).await;
+
+    // What the restricted profile allows is accepted, and so are references to the namespace's Secrets.
+    let mut allowed = with_security(json!({
+        "runAsUser": 1000, "allowPrivilegeEscalation": false, "capabilities": { "add": ["NET_BIND_SERVICE"], "drop": ["ALL"] }
+    }));
+    let env = json!([{ "name": "DB_PASSWORD", "valueFrom": { "secretKeyRef": { "name": "db", "key": "password" } } }]);
+    json_merge(&mut allowed, json!({ "worker": { "handler": { "http": { "container": { "env": env } } } } }));
+    raw_api(&ns)
+        .create(&PostParams::default(), &rpcservice("allowed", allowed))
+        .await
+        .unwrap_or_else(|err| panic!("a restricted container must be accepted: {err}"));
+    println!("http container: {} refused settings, 1 restricted container accepted", refused.len() + 1);
+    ns.cleanup().await.unwrap();
+}
+
+#[test]
+fn worker_policy_defaults_are_the_workers_own() {
+    let spec = warren_operator::crd::WorkerSpec::default();
+    assert_eq!(spec.max_reply_bytes as usize, warren_worker::worker::DEFAULT_MAX_REPLY_BYTES);
+    assert_eq!(Duration::from_secs(spec.handler_timeout_seconds as u64), warren_worker::http_handler::DEFAULT_TIMEOUT);
+    assert!(spec.allow_reply_to.is_empty());
+}
+
+#[tokio::test]
+async fn worker_policies_have_the_workers_defaults_and_bounds() {
+    let (_client, ns) = setup("crd-worker-policies").await;
+    let created = raw_api(&ns).create(&PostParams::default(), &rpcservice("calc", minimal_spec())).await.unwrap();
+    let worker = &created.data["spec"]["worker"];
+    assert_eq!(worker["handlerTimeoutSeconds"], 30);
+    assert_eq!(worker["maxReplyBytes"], 16 * 1024 * 1024);
+    assert!(worker.get("allowReplyTo").is_none(), "only reply addresses by default: {worker}");
+
+    let with = |worker: Value| {
+        let mut spec = minimal_spec();
+        json_merge(&mut spec, json!({ "worker": worker }));
+        spec
+    };
+    assert_create_rejected(&ns, with(json!({ "handlerTimeoutSeconds": 0 })), &["spec.worker.handlerTimeoutSeconds"])
+        .await;
+    assert_create_rejected(&ns, with(json!({ "maxReplyBytes": 10 })), &["spec.worker.maxReplyBytes"]).await;
+    for pattern in ["a*b", "a,b", ""] {
+        assert_create_rejected(&ns, with(json!({ "allowReplyTo": [pattern] })), &["allowReplyTo entries"]).await;
+    }
+    let policies = json!({ "handlerTimeoutSeconds": 120, "maxReplyBytes": 1048576, "allowReplyTo": ["billing.replies.*", "audit", "*"] });
+    raw_api(&ns)
+        .create(&PostParams::default(), &rpcservice("tuned", with(policies)))
+        .await
+        .unwrap_or_else(|err| panic!("valid policies must be accepted: {err}"));
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test]
 async fn queue_type_and_name_are_immutable() {
     let (_client, ns) = setup("crd-immutable").await;
     let api = raw_api(&ns);

@@ -9,9 +9,10 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use warren_operator::RpcService;
-use warren_tests::broker;
+use warren_tests::chaos_broker::ChaosCluster;
 use warren_tests::cluster::{self, TestNamespace, wait_for};
 use warren_tests::operator_process::OperatorProcess;
+use warren_tests::{broker, broker_uri};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -158,9 +159,24 @@ async fn queue_deleted_on_the_broker_is_declared_again() -> anyhow::Result<()> {
     let queue = queue_name(&ns, "svc");
     wait_queue(&queue).await?;
 
+    // A message marks the queue the operator declared: the queue that comes back must be a new, empty one (the
+    // operator may declare it again before a check for its absence could run).
+    let connection = lapin::Connection::connect(&broker_uri(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+    let options = lapin::options::BasicPublishOptions::default();
+    channel.basic_publish("".into(), queue.as_str().into(), options, b"marker", Default::default()).await?.await?;
+    connection.close(200, "done".into()).await?;
+    let messages = |n: u64| {
+        let queue = queue.clone();
+        move || {
+            let queue = queue.clone();
+            async move { Ok(broker::queue("/", &queue).await?.filter(|q| q["messages"] == n)) }
+        }
+    };
+    wait_for("the marker in the queue", WAIT, messages(1)).await?;
     broker::delete_queue("/", &queue).await?;
-    assert!(broker::queue("/", &queue).await?.is_none());
-    let back = wait_queue(&queue).await?;
+    let back = wait_for("a new, empty queue", WAIT, messages(0)).await?;
     assert_eq!(back["arguments"]["x-queue-type"], "quorum");
     ns.cleanup().await
 }
@@ -419,6 +435,155 @@ async fn rotating_the_broker_secret_leaves_one_operator_connection() -> anyhow::
     ns.cleanup().await
 }
 
+/// Issue 11: with one node of a three-node cluster down, the operator (given every node in its broker Secret) still
+/// declares queues, reads queue figures from another node's management API and scales.
+#[tokio::test]
+async fn the_operator_keeps_reconciling_and_scaling_while_a_cluster_node_is_down() -> anyhow::Result<()> {
+    let mut rabbit = ChaosCluster::start(3).await?;
+    let (_client, ns) = setup("op-cluster").await?;
+    ns.create_broker_secret_for("rabbitmq", &rabbit.uri(), &rabbit.management_uri()).await?;
+    let operator = OperatorProcess::start(ns.name(), &[])?;
+    let scaling = json!({ "minReplicas": 1, "maxReplicas": 8, "targetQueueDelaySeconds": 1 });
+    create_service(&ns, "before", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": scaling }))
+        .await?;
+    wait_condition(&ns, "before", "QueueReady", "True", "Declared").await?;
+
+    // Lose the node the operator's AMQP connection is on (the first node when it cannot be told).
+    let http = reqwest::Client::new();
+    let url =
+        format!("http://127.0.0.1:{}/api/connections?columns=node,client_properties", rabbit.nodes[0].management_port);
+    let connections: Vec<serde_json::Value> =
+        http.get(&url).basic_auth("guest", Some("guest")).send().await?.json().await?;
+    let operator_node = connections
+        .iter()
+        .find(|c| c["client_properties"]["connection_name"] == "warren-operator")
+        .and_then(|c| c["node"].as_str().map(str::to_owned));
+    let victim = rabbit.nodes.iter().position(|n| Some(n.node_name()) == operator_node.as_deref()).unwrap_or(0);
+    eprintln!("operator connected to {operator_node:?}; stopping {}", rabbit.nodes[victim].node_name());
+    rabbit.nodes[victim].stop()?;
+    let survivor = rabbit.nodes.iter().find(|n| n.node_name() != rabbit.nodes[victim].node_name()).unwrap();
+
+    // Reconciling: a new service gets its queues on the surviving nodes.
+    create_service(&ns, "during", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    wait_condition(&ns, "during", "QueueReady", "True", "Declared").await?;
+
+    // Observing and scaling: a backlog on `before` (no worker runs) shows in its status and raises the replicas.
+    let connection = lapin::Connection::connect(&survivor.uri(), lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+    let queue = queue_name(&ns, "before");
+    for i in 0..200 {
+        let body = format!("{{\"i\":{i}}}");
+        let options = lapin::options::BasicPublishOptions::default();
+        channel
+            .basic_publish("".into(), queue.as_str().into(), options, body.as_bytes(), Default::default())
+            .await?
+            .await?;
+    }
+    connection.close(200, "done".into()).await?;
+    let api = ns.api::<RpcService>();
+    let scaled = wait_for("the backlog in the status and more replicas", WAIT, || async {
+        let svc = api.get("before").await?;
+        let status = svc.status.clone().unwrap_or_default();
+        let backlog = status.queue.as_ref().map_or(0, |q| q.ready);
+        let desired = status.scaling.as_ref().map_or(0, |s| s.desired_replicas);
+        Ok((backlog >= 200 && desired > 1).then_some((backlog, desired)))
+    })
+    .await?;
+    let failures = operator.metric("warren_operator_reconcile_failures_total").await;
+    eprintln!(
+        "OPERATOR on a cluster with a node down: backlog={} desired_replicas={} reconcile_failures={failures}",
+        scaled.0, scaled.1
+    );
+
+    rabbit.nodes[victim].restart().await?;
+    ns.cleanup().await
+}
+
+/// The notes of the events with `reason` the operator recorded about RpcService `name`.
+async fn event_notes(ns: &TestNamespace, name: &str, reason: &str) -> anyhow::Result<Vec<String>> {
+    let events = ns.api::<k8s_openapi::api::events::v1::Event>().list(&Default::default()).await?;
+    Ok(events
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.note)
+        .collect())
+}
+
+/// A broker Secret with the given URIs.
+async fn create_secret(ns: &TestNamespace, name: &str, uri: &str, management_uri: &str) -> anyhow::Result<()> {
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "stringData": { "uri": uri, "managementUri": management_uri },
+    }))?;
+    ns.api::<k8s_openapi::api::core::v1::Secret>().create(&PostParams::default(), &secret).await?;
+    Ok(())
+}
+
+async fn wait_gone(ns: &TestNamespace, name: &str) -> anyhow::Result<()> {
+    let api = ns.api::<RpcService>();
+    wait_for(&format!("RpcService {name} to be gone"), WAIT, || async {
+        Ok(api.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn deleting_a_delete_policy_service_whose_secret_is_gone_finishes() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-secret-gone").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    let spec = json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "queue": { "deletionPolicy": "Delete" } });
+    create_service(&ns, "svc", spec).await?;
+    let queue = queue_name(&ns, "svc");
+    let _cleanup = broker::QueueCleanup::service(&queue);
+    wait_condition(&ns, "svc", "QueueReady", "True", "Declared").await?;
+
+    // What deleting the namespace does: the Secret goes at once, the RpcService waits for its finalizer.
+    ns.api::<k8s_openapi::api::core::v1::Secret>().delete("rabbitmq", &DeleteParams::default()).await?;
+    ns.api::<RpcService>().delete("svc", &DeleteParams::default()).await?;
+    wait_gone(&ns, "svc").await?;
+    let notes = event_notes(&ns, "svc", "QueuesLeftBehind").await?;
+    println!("secret gone: RpcService deleted; QueuesLeftBehind events: {notes:?}");
+    assert!(notes.iter().any(|n| n.contains(&queue) && n.contains("broker Secret is gone")), "{notes:?}");
+    assert!(broker::queue("/", &queue).await?.is_some(), "nothing could delete the queue without the Secret");
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn deleting_a_delete_policy_service_on_an_unreachable_broker_finishes_after_the_bound() -> anyhow::Result<()> {
+    let (_client, ns) = setup("op-broker-gone").await?;
+    // Nothing listens on these ports: every connection is refused, as when the broker is gone.
+    let port = warren_tests::operator_process::free_port();
+    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    create_secret(&ns, "gone", &uri, &format!("http://guest:guest@127.0.0.1:{port}")).await?;
+    let operator = OperatorProcess::start(ns.name(), &["--cleanup-timeout", "8s"])?;
+    let spec = json!({ "broker": { "secretRef": { "name": "gone" } }, "queue": { "deletionPolicy": "Delete" } });
+    create_service(&ns, "svc", spec).await?;
+    wait_condition(&ns, "svc", "QueueReady", "False", "BrokerUnavailable").await?;
+
+    let api = ns.api::<RpcService>();
+    api.delete("svc", &DeleteParams::default()).await?;
+    let retried = wait_for("a failed cleanup attempt", WAIT, || async {
+        let failures = operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;
+        Ok((api.get_opt("svc").await?.is_some() && failures >= 2.0).then_some(failures))
+    })
+    .await?;
+    wait_gone(&ns, "svc").await?;
+    let failures = operator.metric("warren_operator_reconcile_failures_total{reason=\"BrokerUnavailable\"}").await;
+    let notes = event_notes(&ns, "svc", "QueuesLeftBehind").await?;
+    println!(
+        "broker unreachable: BrokerUnavailable failures {retried} while the object was held, {failures} in all; \
+         QueuesLeftBehind events: {notes:?}"
+    );
+    assert!(notes.iter().any(|n| n.contains(&queue_name(&ns, "svc")) && n.contains("gave up after 8s")), "{notes:?}");
+    assert!(!notes.iter().any(|n| n.contains("guest:guest")), "no credentials in events: {notes:?}");
+    ns.cleanup().await
+}
+
 #[tokio::test]
 async fn a_malformed_secret_uri_is_reported_without_its_password() -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Secret;
@@ -449,5 +614,120 @@ async fn a_malformed_secret_uri_is_reported_without_its_password() -> anyhow::Re
     let events = ns.api::<Event>().list(&Default::default()).await?;
     let notes: Vec<String> = events.items.iter().filter_map(|e| e.note.clone()).collect();
     assert!(notes.iter().all(|n| !n.contains(password)), "{notes:?}");
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn a_queue_claimed_by_an_older_service_is_neither_used_nor_deleted() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-claimed").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    create_service(&ns, "orders", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
+    let queue = queue_name(&ns, "orders");
+    let _cleanup = broker::QueueCleanup::service(&queue);
+    wait_condition(&ns, "orders", "QueueReady", "True", "Declared").await?;
+
+    // A younger service names the same queue explicitly, with deletionPolicy Delete.
+    let thief = json!({
+        "broker": { "secretRef": { "name": "rabbitmq" } },
+        "queue": { "name": queue, "deletionPolicy": "Delete" },
+    });
+    create_service(&ns, "thief", thief).await?;
+    let svc = wait_condition(&ns, "thief", "QueueReady", "False", "QueueNameConflict").await?;
+    let message = &condition(&svc, "QueueReady").unwrap().message;
+    println!("conflict: {message}");
+    assert!(message.contains(&format!("{}/orders", ns.name())), "{message}");
+    assert_eq!(condition(&svc, "Ready").unwrap().status, "False");
+    assert!(ns.api::<Deployment>().get_opt("thief").await?.is_none(), "no workers on another service's queue");
+
+    ns.api::<RpcService>().delete("thief", &DeleteParams::default()).await?;
+    wait_gone(&ns, "thief").await?;
+    let retained = event_notes(&ns, "thief", "QueuesRetained").await?;
+    println!("thief deleted; QueuesRetained events: {retained:?}; queue {queue} still there");
+    assert!(broker::queue("/", &queue).await?.is_some(), "the owner's queue survives the thief's Delete policy");
+    assert!(broker::queue("/", &format!("{queue}.dead")).await?.is_some());
+    assert!(retained.iter().any(|n| n.contains(&format!("{}/orders", ns.name()))), "{retained:?}");
+    let orders = ns.api::<RpcService>().get("orders").await?;
+    assert_eq!(condition(&orders, "QueueReady").unwrap().status, "True");
+    ns.cleanup().await
+}
+
+/// A management API that accepts connections and never answers (a black-holed `managementUri`): the real broker
+/// cannot be made to do that on demand. Returns the port and a count of connections accepted.
+async fn black_hole() -> anyhow::Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            held.push(socket);
+        }
+    });
+    Ok((port, accepted))
+}
+
+#[tokio::test]
+async fn a_black_holed_management_api_does_not_delay_other_services() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let (_client, ns) = setup("op-black-hole").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let (port, accepted) = black_hole().await?;
+    create_secret(&ns, "silent", &warren_tests::broker_uri(), &format!("http://guest:guest@127.0.0.1:{port}")).await?;
+    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    let scaling_off = json!({ "enabled": false });
+    create_service(&ns, "silent", json!({ "broker": { "secretRef": { "name": "silent" } }, "scaling": scaling_off }))
+        .await?;
+    create_service(
+        &ns,
+        "healthy",
+        json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": scaling_off }),
+    )
+    .await?;
+    let queue = queue_name(&ns, "healthy");
+    let _cleanup = (broker::QueueCleanup::service(&queue), broker::QueueCleanup::service(&queue_name(&ns, "silent")));
+    wait_condition(&ns, "healthy", "QueueReady", "True", "Declared").await?;
+    wait_for("the silent broker to be polled", WAIT, || async {
+        Ok((accepted.load(std::sync::atomic::Ordering::Relaxed) > 0).then_some(()))
+    })
+    .await?;
+
+    // No workers run here (no kubelet): what is published stays ready, and status follows it poll by poll. Each
+    // step must show within the management client's 10 s timeout, the delay a poll of the silent broker before
+    // this one would add.
+    let conn = lapin::Connection::connect(&warren_tests::broker_uri(), Default::default()).await?;
+    let channel = conn.create_channel().await?;
+    let api = ns.api::<RpcService>();
+    let mut took = Vec::new();
+    for backlog in 1..=3i64 {
+        channel
+            .basic_publish("".into(), queue.as_str().into(), Default::default(), b"[]", Default::default())
+            .await?
+            .await?;
+        let started = std::time::Instant::now();
+        wait_for(&format!("status.queue.ready = {backlog}"), WAIT, || async {
+            let svc = api.get("healthy").await?;
+            Ok((svc.status.and_then(|s| s.queue).map(|q| q.ready) == Some(backlog)).then_some(()))
+        })
+        .await?;
+        took.push(started.elapsed());
+    }
+    let silent = api.get("silent").await?;
+    let scaling = condition(&silent, "Scaling").map(|c| (c.reason.clone(), c.message.clone()));
+    println!(
+        "black hole: {} connections accepted (never answered); healthy service's backlog 1..3 reflected after {took:?}; \
+         silent service's Scaling condition: {scaling:?}",
+        accepted.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for t in &took {
+        assert!(
+            *t < warren_client::management::REQUEST_TIMEOUT,
+            "a status update waited for the silent broker: {took:?}"
+        );
+    }
+    conn.close(200, "done".into()).await?;
     ns.cleanup().await
 }

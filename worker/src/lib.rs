@@ -41,12 +41,3 @@ pub use http_handler::HttpHandler;
 pub use metrics::Metrics;
 pub use signal::shutdown_signal;
 pub use worker::{Worker, WorkerBuilder, WorkerError};
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A pod's log is a file, not a terminal: no colour codes in `kubectl logs`.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-}

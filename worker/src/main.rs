@@ -10,7 +10,8 @@ use warren_worker::{Metrics, server, signal};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    warren_worker::init_logging();
+    // Logs to stderr (RUST_LOG, default info); traces over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let _telemetry = warren_client::telemetry::init("warren-worker", "info");
     // One thread is plenty for I/O-bound handlers and keeps the idle footprint small.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -35,7 +35,7 @@ use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind, Event};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 use warren_client::broker_uri::{BrokerAddresses, InvalidBrokerUri, Redacted};
 use warren_client::failover::Rotation;
 use warren_client::topology::{QueueOptions, dead_letter_queue_name, declare_service_queues};
@@ -800,11 +800,26 @@ async fn consume(channel: &Channel, worker: &Worker) -> Result<(Consumer, String
     Ok((consumer, tag))
 }
 
-/// Handler → reply (confirmed) → ack, for one delivery.
+/// One delivery in a span of its own (exported over OTLP when configured) that continues the caller's trace.
 async fn handle(delivery: Delivery, context: &RequestContext, publisher: &Publisher) {
+    let request = Request::from_properties(&delivery.properties);
+    let span = tracing::info_span!(
+        "delivery",
+        otel.kind = "consumer",
+        queue = %delivery.routing_key,
+        method = request.method.as_deref().unwrap_or(""),
+        correlation_id = request.correlation_id.as_ref().map_or("", |c| c.as_str()),
+        redelivered = delivery.redelivered,
+    );
+    let trace = &request.trace;
+    warren_client::telemetry::continue_trace(&span, trace.traceparent.as_deref(), trace.tracestate.as_deref());
+    handle_in_span(delivery, request, context, publisher).instrument(span).await
+}
+
+/// Handler → reply (confirmed) → ack, for one delivery.
+async fn handle_in_span(delivery: Delivery, request: Request, context: &RequestContext, publisher: &Publisher) {
     let metrics = context.dispatcher.metrics();
     let _gauge = metrics.in_flight();
-    let request = Request::from_properties(&delivery.properties);
     if let Some(reply_to) = &request.reply_to
         && !context.reply_to.allows(reply_to.as_str())
     {

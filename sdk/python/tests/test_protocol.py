@@ -90,15 +90,14 @@ def test_broker_uris_come_from_the_argument_or_warren_broker_uri(monkeypatch):
     assert broker_uris() == ["amqp://guest:guest@127.0.0.1:5672/%2f"]
 
 
-def test_a_uri_of_several_hosts_gives_one_uri_per_host():
-    # The Secret's form (one set of credentials, the hosts after the last "@"), as warren's Rust side reads it.
-    assert broker_uris("amqp://u:p,w@d@rabbit-0:5672,rabbit-1/prod?heartbeat=7") == [
-        "amqp://u:p,w%40d@rabbit-0:5672/prod?heartbeat=7",
-        "amqp://u:p,w%40d@rabbit-1/prod?heartbeat=7",
-    ]
-    assert broker_uris("amqp://u:p@a/%2f,amqp://v:q@b,c/%2f") == [
-        "amqp://u:p@a/%2f", "amqp://v:q@b/%2f", "amqp://v:q@c/%2f"]
-    assert broker_uris("amqp://u:p,w@a/%2f") == ["amqp://u:p,w@a/%2f"]
+def test_a_multi_host_uri_names_one_node_a_host_and_a_comma_in_a_password_stays_in_it():
+    # The broker Secret's `uri` for a cluster, as warren-worker and the operator read it (docs/operations.md).
+    assert protocol.split_uris("amqp://u:p@n1:5672,n2:5673,n3/%2f?heartbeat=5") == [
+        "amqp://u:p@n1:5672/%2f?heartbeat=5", "amqp://u:p@n2:5673/%2f?heartbeat=5", "amqp://u:p@n3/%2f?heartbeat=5"]
+    assert protocol.split_uris("amqp://u:p,w@n1/v,amqps://x:y@n2/v") == ["amqp://u:p,w@n1/v", "amqps://x:y@n2/v"]
+    assert protocol.split_uris(["amqp://u@a,b"]) == ["amqp://u@a", "amqp://u@b"]
+    with pytest.raises(ValueError):
+        protocol.split_uris(" , ")
 
 
 def test_expose_registers_by_name_and_keeps_the_function():

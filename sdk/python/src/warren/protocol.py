@@ -6,9 +6,10 @@ functions, so both sides agree on every header, property and error object.
 
 from __future__ import annotations
 
+import re
+
 import datetime
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -185,32 +186,31 @@ def dead_letter_queue_arguments(queue_type: str = "quorum") -> Dict[str, Any]:
     return {"x-queue-type": queue_type}
 
 
-# A comma that starts the next whole URI of a list (one followed by `scheme://`).
-_NEXT_URI = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
-
-
 def split_uris(uris: Any) -> List[str]:
-    """Broker addresses, one URI of one host each, from: a URI of one host; a URI of several hosts after one set of
-    credentials, ``amqp://user:pass@rabbit-0:5672,rabbit-1:5672/%2f`` (as the Secret's ``uri`` and warren's Rust
-    side take it: the credentials end at the last ``@``, so a password may hold a comma); a comma-separated list of
-    such URIs; or a list of them."""
-    items = _NEXT_URI.split(uris) if isinstance(uris, str) else list(uris)
-    result = [node for item in items if item and item.strip() for node in _one_uri_per_host(item.strip())]
+    """Broker addresses, one URI each: from one URI, a multi-host URI (``amqp://user:pass@h1:5672,h2:5672/%2f``:
+    one credential set, the nodes of one cluster — the form a broker Secret's ``uri`` takes for a cluster), a
+    comma-separated list of URIs, or a list of any of these."""
+    if isinstance(uris, str):
+        items = _URI_START.split(uris)
+    else:
+        items = list(uris)
+    result = [uri for item in items if item and item.strip() for uri in _expand_hosts(item.strip())]
     if not result:
         raise ValueError("no broker URI given")
     return result
 
 
-def _one_uri_per_host(uri: str) -> List[str]:
-    """``scheme://userinfo@h1,h2/path?query`` as ``scheme://userinfo@h1/path?query``, ``...@h2/...``."""
-    scheme, slashes, rest = uri.partition("://")
-    if not slashes:
-        return [uri]
-    userinfo, at, after = rest.rpartition("@")
-    end = re.search(r"[/?#]", after)
-    hosts, tail = (after[: end.start()], after[end.start():]) if end else (after, "")
-    if "," not in hosts:
-        return [uri]
-    # Characters that would end the credentials early for a URL parser (it decodes them again).
-    credentials = re.sub(r"[/?#@]", lambda m: "%{:02X}".format(ord(m.group())), userinfo) + at
-    return [f"{scheme}://{credentials}{host.strip()}{tail}" for host in hosts.split(",") if host.strip()]
+# A comma that starts another URI (``,amqp://``), as opposed to one between the hosts of a multi-host URI.
+_URI_START = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _expand_hosts(uri: str) -> List[str]:
+    """``scheme://userinfo@h1,h2/rest`` → one URI per host; the host list starts after the last ``@`` of the
+    authority, so a comma in a password stays part of it."""
+    if "://" not in uri:
+        return [part.strip() for part in uri.split(",") if part.strip()]
+    scheme, rest = uri.split("://", 1)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = authority.rpartition("@")
+    return [f"{scheme}://{userinfo}{at}{host.strip()}{tail}" for host in hosts.split(",") if host.strip()]

@@ -1,0 +1,143 @@
+//! Traces: the worker's span for each delivery, exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
+//! continues the caller's W3C `traceparent` and names the queue, the method and the correlation id. The collector
+//! here is an OTLP/HTTP receiver of the test's own that decodes the protobuf the exporter sends (no OpenTelemetry
+//! Collector build is available on this machine); the worker is the real binary on the real broker.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use serde_json::json;
+use warren_client::{CallOptions, Client, TraceContext};
+use warren_tests::broker::{self, QueueCleanup};
+use warren_tests::worker_process::WorkerCommand;
+use warren_tests::{broker_uri, unique_name};
+
+/// Every span the receiver got, with its resource's `service.name`.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<(String, Span)>>>);
+
+impl Received {
+    fn spans(&self) -> Vec<(String, Span)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+async fn start_receiver() -> (SocketAddr, Received) {
+    let received = Received::default();
+    let store = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| {
+            let store = store.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP/HTTP protobuf export");
+                for resource in request.resource_spans {
+                    let service = resource
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|a| a.key == "service.name")
+                        .and_then(|a| string_value(a.value.as_ref()?.value.as_ref()?))
+                        .unwrap_or_default();
+                    for scope in resource.scope_spans {
+                        for span in scope.spans {
+                            store.0.lock().unwrap().push((service.clone(), span));
+                        }
+                    }
+                }
+                let response = ExportTraceServiceResponse::default().encode_to_vec();
+                ([("content-type", "application/x-protobuf")], response)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, received)
+}
+
+fn string_value(value: &AnyValue) -> Option<String> {
+    match value {
+        AnyValue::StringValue(s) => Some(s.clone()),
+        AnyValue::BoolValue(b) => Some(b.to_string()),
+        AnyValue::IntValue(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| string_value(a.value.as_ref()?.value.as_ref()?))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn the_workers_delivery_span_continues_the_callers_trace_over_otlp() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("otlp");
+    let _cleanup = QueueCleanup::service(&queue);
+    let (collector, received) = start_receiver().await;
+    let _worker = WorkerCommand::new(&queue)
+        .arg("--declare")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{collector}"))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&broker_uri()).await.unwrap();
+
+    let (trace_id, parent_id) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traced = CallOptions {
+        timeout: Duration::from_secs(10),
+        trace: Some(TraceContext {
+            traceparent: format!("00-{trace_id}-{parent_id}-01"),
+            tracestate: Some("vendor=1".into()),
+        }),
+    };
+    let answer = client.call_with(&queue, Some("echo"), &json!({"traced": true}), &traced).await.unwrap();
+    assert_eq!(answer, json!({"traced": true}));
+    // A caller that sends no trace context (the tutorial's, pika's) starts a new trace at the worker.
+    client.call(&queue, Some("add"), json!([1, 2]), Duration::from_secs(10)).await.unwrap();
+
+    let deliveries = || -> Vec<Span> {
+        received.spans().into_iter().filter(|(_, s)| s.name == "delivery").map(|(_, s)| s).collect()
+    };
+    let mut waited = Duration::ZERO;
+    while deliveries().len() < 2 && waited < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    let spans = received.spans();
+    for (service, span) in &spans {
+        eprintln!(
+            "OTLP span {service}/{} trace={} parent={} attributes={:?}",
+            span.name,
+            hex(&span.trace_id),
+            hex(&span.parent_span_id),
+            span.attributes.iter().map(|a| &a.key).collect::<Vec<_>>()
+        );
+    }
+    let deliveries = deliveries();
+    assert_eq!(deliveries.len(), 2, "one delivery span per call, exported within 30 s: {} spans", spans.len());
+    assert!(spans.iter().all(|(service, _)| service == "warren-worker"), "service.name");
+
+    let continued = deliveries.iter().find(|s| attribute(s, "method").as_deref() == Some("echo")).unwrap();
+    assert_eq!(hex(&continued.trace_id), trace_id, "the caller's trace continues at the worker");
+    assert_eq!(hex(&continued.parent_span_id), parent_id, "the caller's span is the parent");
+    assert_eq!(attribute(continued, "queue").as_deref(), Some(queue.as_str()));
+    assert!(attribute(continued, "correlation_id").is_some_and(|c| !c.is_empty()), "the correlation id is recorded");
+    assert_eq!(continued.kind, opentelemetry_proto::tonic::trace::v1::span::SpanKind::Consumer as i32);
+
+    let root = deliveries.iter().find(|s| attribute(s, "method").as_deref() == Some("add")).unwrap();
+    assert_ne!(hex(&root.trace_id), trace_id);
+    assert!(root.parent_span_id.is_empty(), "no traceparent: a root span");
+}
