@@ -29,13 +29,13 @@ pub use policy::{
     DEFAULT_MAX_REPLICAS, DEFAULT_MAX_SCALE_UP_FACTOR, DEFAULT_MAX_SCALE_UP_PODS, DEFAULT_MIN_REPLICAS,
     DEFAULT_PREFETCH, DEFAULT_SCALE_DOWN_DELAY_SECONDS, DEFAULT_TARGET_QUEUE_DELAY_SECONDS, DEFAULT_TARGET_UTILIZATION,
     DEFAULT_TOLERANCE, DecisionInputs, Need, PolicySpec, PolicyState, RecommendationWindow, ReplicaCounts,
-    ScaleDecision, ScaleReason, Step, URGENT_BACKLOG_SHARE, decide, need, step,
+    ScaleDecision, ScaleReason, Step, URGENT_BACKLOG_SHARE, decide, need, queueing_delay, step,
 };
+pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use recurrence::{
     ANTICIPATION_LEAD_SECONDS, ANTICIPATION_SLACK_SHARE, Anticipation, BASE_HISTORY_SECONDS, MAX_RECURRENCE_SECONDS,
     MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
 };
-pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use throughput::{
     PRIOR_PER_REPLICA_THROUGHPUT, SATURATED_IN_FLIGHT_SHARE, SMOOTHING_SECONDS, ThroughputEstimate, ThroughputSource,
 };
