@@ -16,7 +16,8 @@ use warren_tests::operator_process::OperatorProcess;
 use warren_tests::worker_process::WorkerCommand;
 use warren_tests::{broker, broker_uri};
 
-const WAIT: Duration = Duration::from_secs(60);
+// Generous: the machine may be busy; nothing here asserts a time.
+const WAIT: Duration = Duration::from_secs(120);
 const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/warren/dashboards/warren.json");
 
 async fn setup(prefix: &str) -> anyhow::Result<TestNamespace> {
@@ -69,6 +70,28 @@ async fn publish_backlog(queue: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first row of a `kubectl get` table as (column, cell) pairs; a cell kubectl leaves blank is "".
+fn table_row(table: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut lines = table.lines();
+    let (header, row) = (lines.next().context("no header")?, lines.next().context("no row")?);
+    // Columns are left-aligned: each starts where its header word does.
+    let starts: Vec<usize> = header
+        .match_indices(|c: char| !c.is_whitespace())
+        .map(|(i, _)| i)
+        .filter(|i| *i == 0 || header[..*i].ends_with(char::is_whitespace))
+        .collect();
+    Ok(starts
+        .iter()
+        .enumerate()
+        .map(|(n, &start)| {
+            let end = starts.get(n + 1).copied().unwrap_or(usize::MAX);
+            let column = header[start..end.min(header.len())].trim().to_owned();
+            let cell = row.get(start.min(row.len())..end.min(row.len())).unwrap_or_default().trim().to_owned();
+            (column, cell)
+        })
+        .collect())
+}
+
 /// Whether `/metrics` text has a sample of `name` (a series, not only its `# TYPE` line).
 fn has_series(text: &str, name: &str) -> bool {
     text.lines()
@@ -99,13 +122,12 @@ async fn status_columns_and_metrics_show_the_queueing_delay_against_its_target()
     assert!(waiting.get("queueingDelaySeconds").is_none(), "{waiting}");
     let table = cluster::run_kubectl(&["get", "rpcsvc", "-n", ns.name(), "-o", "wide"])?;
     eprintln!("{table}");
-    let header: Vec<&str> = table.lines().next().context("kubectl printed nothing")?.split_whitespace().collect();
+    let cells = table_row(&table)?;
+    let cell = |column: &str| cells.iter().find(|(h, _)| h == column).map(|(_, v)| v.as_str());
     for column in ["BACKLOG", "DELAY", "TARGET", "PER-REPLICA", "REASON"] {
-        ensure!(header.contains(&column), "no {column} column: {header:?}");
+        ensure!(cell(column).is_some(), "no {column} column: {cells:?}");
     }
-    let row: Vec<&str> = table.lines().nth(1).context("no row")?.split_whitespace().collect();
-    let cell = |column: &str| header.iter().position(|h| *h == column).and_then(|i| row.get(i).copied());
-    assert_eq!((cell("BACKLOG"), cell("DELAY"), cell("TARGET")), (Some("40"), Some("<none>"), Some("2")));
+    assert_eq!((cell("BACKLOG"), cell("DELAY"), cell("TARGET")), (Some("40"), Some(""), Some("2")), "{cells:?}");
     assert_eq!(cell("PER-REPLICA"), Some("10"), "the hint, until a throughput is measured");
 
     // The per-service series, labelled by namespace and service; the backlog scaled the pool up, once, for a reason.
