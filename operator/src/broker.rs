@@ -11,8 +11,8 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 pub use warren_client::endpoint::{BrokerEndpoint, redact};
-pub use warren_client::management::QueueFigures;
 use warren_client::management::{Management, ManagementError};
+pub use warren_client::management::{QueueFigures, QueueReading, UnknownFigures};
 use warren_client::topology::{self, QueueOptions};
 
 /// How long a failed connection attempt is remembered before the next one: a thousand reconciles during an
@@ -151,8 +151,9 @@ impl Broker {
         Ok(())
     }
 
-    /// Every queue of this broker's vhost, with the figures the autoscaler needs, in one request.
-    pub async fn queue_figures(&self) -> Result<Vec<QueueFigures>, BrokerError> {
+    /// Every queue of this broker's vhost, with the figures the autoscaler needs (or why they are unknown), in one
+    /// request.
+    pub async fn queue_figures(&self) -> Result<Vec<QueueReading>, BrokerError> {
         Ok(self.management.queue_figures(&self.vhost).await?)
     }
 }
