@@ -107,8 +107,9 @@ test-node: build
 	WARREN_CHART_SET="$$chart_set" WARREN_HELM=$$(scripts/build-helm) \
 	  $(CARGO) test $(CARGO_FLAGS) -p warren-tests --test node -- --ignored --test-threads=1 --nocapture
 
-# helm lint + template, the rendered manifests validated by the real API server (server-side dry run), and the
-# RBAC checked by its authorizer (scripts/check-chart-rbac: Secrets readable only in watchNamespace when it is set).
+# helm lint + template, the rendered manifests validated by the real API server (server-side dry run), the RBAC
+# checked by its authorizer (scripts/check-chart-rbac: Secrets readable only in watchNamespace when it is set), and the
+# Grafana dashboard ConfigMap rendered only when asked for, with the sidecar's label and the dashboard file unchanged.
 chart-check:
 	$(call step,Helm chart (helm lint, helm template, server-side dry run))
 	@helm=$$(scripts/build-helm); \
@@ -118,9 +119,16 @@ chart-check:
 	  --set metrics.serviceMonitor.enabled=true --set serviceAccount.create=false --set rbac.create=false >/dev/null; \
 	if $$helm template warren charts/warren --kube-version $(CHART_KUBE_VERSION) --set replicaCount=2 --set leaderElection.enabled=false >/dev/null 2>&1; then \
 	  echo "the chart must refuse replicaCount > 1 without leader election"; exit 1; fi; \
+	if $$helm template warren charts/warren --kube-version $(CHART_KUBE_VERSION) --show-only templates/grafana-dashboard.yaml >/dev/null 2>&1; then \
+	  echo "the Grafana dashboard ConfigMap must render only with grafana.dashboard.enabled=true"; exit 1; fi; \
+	$$helm template warren charts/warren --kube-version $(CHART_KUBE_VERSION) --namespace default --set grafana.dashboard.enabled=true \
+	  --show-only templates/grafana-dashboard.yaml > $(CACHE)/chart-dashboard.yaml; \
+	grep -q '^    grafana_dashboard: "1"$$' $(CACHE)/chart-dashboard.yaml || { echo "the dashboard ConfigMap lacks the label grafana_dashboard: \"1\""; exit 1; }; \
 	$(WITH_ENV) kubectl apply --server-side --dry-run=server -f $(CHART_CRD) >/dev/null; \
 	kubectl apply --dry-run=server -f $(CACHE)/chart-rendered.yaml; \
 	scripts/check-chart-rbac $$helm $(CHART_KUBE_VERSION); \
+	kubectl apply --dry-run=server -f $(CACHE)/chart-dashboard.yaml -o jsonpath='{.data.warren\.json}' | \
+	  cmp - <(head -c -1 charts/warren/dashboards/warren.json) || { echo "the dashboard ConfigMap does not hold charts/warren/dashboards/warren.json"; exit 1; }; \
 	echo "chart ok"
 
 # Everything runs on RabbitMQ 4.0 by default (scripts/env); the suites whose behaviour depends on the broker run again

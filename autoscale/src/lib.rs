@@ -29,7 +29,7 @@ pub use policy::{
     DEFAULT_MAX_REPLICAS, DEFAULT_MAX_SCALE_UP_FACTOR, DEFAULT_MAX_SCALE_UP_PODS, DEFAULT_MIN_REPLICAS,
     DEFAULT_PREFETCH, DEFAULT_SCALE_DOWN_DELAY_SECONDS, DEFAULT_TARGET_QUEUE_DELAY_SECONDS, DEFAULT_TARGET_UTILIZATION,
     DEFAULT_TOLERANCE, DecisionInputs, Need, PolicySpec, PolicyState, RecommendationWindow, ReplicaCounts,
-    ScaleDecision, ScaleReason, Step, URGENT_BACKLOG_SHARE, decide, need, step,
+    ScaleDecision, ScaleReason, Step, URGENT_BACKLOG_SHARE, decide, need, queueing_delay, step,
 };
 pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use recurrence::{

@@ -165,6 +165,29 @@ pub struct DecisionInputs {
     pub throughput_source: ThroughputSource,
     pub current_replicas: i32,
     pub ready_replicas: i32,
+    /// The queueing delay a request arriving now would see (seconds), by [`queueing_delay`]: `None` when it
+    /// cannot be estimated (no figures, μ only the prior, or requests wait and no worker is ready to drain them).
+    #[serde(default)]
+    pub queueing_delay: Option<f64>,
+}
+
+impl DecisionInputs {
+    /// The rate the ready workers drain the queue at: ready replicas × μ.
+    pub fn drain_rate(&self) -> f64 {
+        self.ready_replicas.max(0) as f64 * self.per_replica_throughput
+    }
+}
+
+/// The design's latency model (Little's law): the queueing delay is the backlog ÷ the rate the consumers drain it
+/// — not ÷ the arrival rate. 0 when nothing waits; `None` when requests wait and nothing drains them (unbounded).
+pub fn queueing_delay(backlog: u64, drain_rate: f64) -> Option<f64> {
+    if backlog == 0 {
+        Some(0.0)
+    } else if drain_rate > 0.0 && drain_rate.is_finite() {
+        Some(backlog as f64 / drain_rate)
+    } else {
+        None
+    }
 }
 
 /// What the policy decided, why, and from what.
@@ -245,6 +268,7 @@ pub fn decide(
         throughput_source: source,
         current_replicas: replicas.current,
         ready_replicas: replicas.ready,
+        queueing_delay: None,
     };
     let Some(q) = &obs.queue else {
         // Never act on missing data, and in particular never scale to zero on it.
@@ -263,6 +287,10 @@ pub fn decide(
     inputs.rates_known = q.arrival_rate.is_some();
     inputs.arrival_rate = q.arrival_rate.unwrap_or(0.0).max(0.0);
     inputs.completion_rate = q.completion_rate.unwrap_or(0.0).max(0.0);
+    // A delay computed from the prior would be a guess presented as a figure: none until μ is hinted or measured.
+    if source != ThroughputSource::Prior {
+        inputs.queueing_delay = queueing_delay(q.backlog, inputs.drain_rate());
+    }
     let mut need = need(q, &inputs, spec);
     if inputs.rates_known
         && source != ThroughputSource::Prior
@@ -385,9 +413,9 @@ pub fn step(
 
 fn step_up(q: &ObservedQueue, need: &Need, inputs: &DecisionInputs, spec: &PolicySpec) -> Step {
     let (current, recommendation, why) = (inputs.current_replicas.max(0), need.recommendation, &need.why);
-    let drain_rate = inputs.ready_replicas.max(0) as f64 * inputs.per_replica_throughput;
-    let urgent =
-        q.backlog > 0 && q.backlog as f64 >= URGENT_BACKLOG_SHARE * spec.target_queue_delay_seconds * drain_rate;
+    let urgent = q.backlog > 0
+        && queueing_delay(q.backlog, inputs.drain_rate())
+            .is_none_or(|delay| delay >= URGENT_BACKLOG_SHARE * spec.target_queue_delay_seconds);
     let beyond_tolerance = recommendation as f64 >= current as f64 * (1.0 + spec.tolerance) - 1e-9;
     // With μ a mere guess, the pods already asked for measure it within a rate window of serving: more would be
     // sized on the guess. Once they have been watched that long the guess is used, so this never stalls.
@@ -551,6 +579,22 @@ mod tests {
         assert!(d.message.contains("at most 34 in one step"), "{}", d.message);
         let d = decide_fresh(&obs(0.0, 50_000, 8, 200.0), 40, &spec);
         assert_eq!(d.desired, 80);
+    }
+
+    #[test]
+    fn the_queueing_delay_is_the_backlog_over_the_drain_rate() {
+        assert_eq!(queueing_delay(0, 0.0), Some(0.0), "nothing waits: no delay, even with no workers");
+        assert_eq!(queueing_delay(100, 40.0), Some(2.5));
+        assert_eq!(queueing_delay(1, 0.0), None, "requests wait and nothing drains them: unbounded, not 0");
+        // 320 waiting, 10 ready replicas at 20 req/s: 1.6 s, whatever the arrival rate.
+        let d = decide_fresh(&obs(0.0, 320, 40, 100.0), 10, &spec());
+        assert_eq!(d.inputs.queueing_delay, Some(1.6));
+        let no_hint = PolicySpec { per_replica_throughput_hint: None, ..spec() };
+        assert_eq!(decide_fresh(&obs(0.0, 320, 40, 100.0), 10, &no_hint).inputs.queueing_delay, None, "prior");
+        assert_eq!(decide_fresh(&Observation::unavailable(0.0), 3, &spec()).inputs.queueing_delay, None);
+        let starting = ReplicaCounts { current: 2, ready: 0 };
+        let d = decide(&PolicyState::default(), &obs(0.0, 5, 0, 1.0), starting, &spec(), 0.0);
+        assert_eq!(d.inputs.queueing_delay, None, "no ready worker");
     }
 
     #[test]

@@ -42,15 +42,30 @@ pub struct QueueFigures {
     pub acked_total: u64,
 }
 
+/// A queue the management API lists without its message counts: they are unknown, not 0. RabbitMQ lists a new
+/// queue for several seconds before its first statistics emission, and never when metrics collection is disabled.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("the management API reports no {} for queue {name} (its statistics are not emitted yet, or not collected)", missing.join(", "))]
+pub struct UnknownFigures {
+    pub name: String,
+    /// The fields it lacks, as the API names them.
+    pub missing: Vec<&'static str>,
+}
+
+/// One queue of a figures poll: its figures, or why they are unknown.
+pub type QueueReading = Result<QueueFigures, UnknownFigures>;
+
+/// A row of `GET /api/queues/<vhost>`. Which absent field means what (RabbitMQ 3.10 to 4.x):
+/// - `messages_ready`, `messages_unacknowledged`, `consumers`: absent until the queue's first statistics emission
+///   (`collect_statistics_interval`, 5 s by default) or when collection is disabled: unknown.
+/// - `message_stats`, and `publish` or `ack` inside it: absent while the counter has never moved since the queue
+///   (or the broker) started: 0, as long as the counts above are present (then statistics are being collected).
 #[derive(Deserialize)]
 struct QueueRow {
     name: String,
-    #[serde(default)]
-    messages_ready: u64,
-    #[serde(default)]
-    messages_unacknowledged: u64,
-    #[serde(default)]
-    consumers: u64,
+    messages_ready: Option<u64>,
+    messages_unacknowledged: Option<u64>,
+    consumers: Option<u64>,
     #[serde(default)]
     message_stats: Option<MessageStats>,
 }
@@ -61,6 +76,33 @@ struct MessageStats {
     publish: u64,
     #[serde(default)]
     ack: u64,
+}
+
+impl QueueRow {
+    fn reading(self) -> QueueReading {
+        match (self.messages_ready, self.messages_unacknowledged, self.consumers) {
+            (Some(ready), Some(unacked), Some(consumers)) => {
+                let stats = self.message_stats.unwrap_or_default();
+                Ok(QueueFigures {
+                    name: self.name,
+                    ready,
+                    unacked,
+                    consumers,
+                    published_total: stats.publish,
+                    acked_total: stats.ack,
+                })
+            }
+            (ready, unacked, consumers) => {
+                let missing = [
+                    ("messages_ready", ready.is_none()),
+                    ("messages_unacknowledged", unacked.is_none()),
+                    ("consumers", consumers.is_none()),
+                ];
+                let missing = missing.into_iter().filter(|(_, absent)| *absent).map(|(field, _)| field).collect();
+                Err(UnknownFigures { name: self.name, missing })
+            }
+        }
+    }
 }
 
 /// A client of one broker's management API (one node or several); cheap to clone, one connection pool.
@@ -182,24 +224,12 @@ impl Management {
         response.error_for_status().map_err(unavailable)?.json().await.map_err(unavailable)
     }
 
-    /// Every queue of `vhost` with the figures the autoscaler needs, in one request.
-    pub async fn queue_figures(&self, vhost: &str) -> Result<Vec<QueueFigures>, ManagementError> {
+    /// Every queue of `vhost` with the figures the autoscaler needs, in one request; a queue whose counts the API
+    /// does not report is listed as [`UnknownFigures`], never as zeros.
+    pub async fn queue_figures(&self, vhost: &str) -> Result<Vec<QueueReading>, ManagementError> {
         let columns = "name,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.ack";
         let rows: Vec<QueueRow> = self.get(&["queues", vhost], Some(("columns", columns))).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let stats = r.message_stats.unwrap_or_default();
-                QueueFigures {
-                    name: r.name,
-                    ready: r.messages_ready,
-                    unacked: r.messages_unacknowledged,
-                    consumers: r.consumers,
-                    published_total: stats.publish,
-                    acked_total: stats.ack,
-                }
-            })
-            .collect())
+        Ok(rows.into_iter().map(QueueRow::reading).collect())
     }
 
     /// The queue as the management API shows it, or `None` when it does not exist.
@@ -269,5 +299,31 @@ mod tests {
             let Err(error) = Management::new(malformed) else { panic!("{malformed} accepted") };
             assert!(!error.to_string().contains("s3cret"), "{error}");
         }
+    }
+
+    fn reading(row: serde_json::Value) -> QueueReading {
+        serde_json::from_value::<QueueRow>(row).unwrap().reading()
+    }
+
+    #[test]
+    fn counters_that_never_moved_are_zero_but_missing_counts_are_unknown() {
+        // What RabbitMQ lists for a queue nobody has published to yet: no message_stats at all.
+        let idle = reading(serde_json::json!({
+            "name": "q", "messages_ready": 0, "messages_unacknowledged": 0, "consumers": 1,
+        }));
+        assert_eq!(idle, Ok(QueueFigures { name: "q".into(), consumers: 1, ..QueueFigures::default() }));
+        // Published to, nothing acked yet: `ack` is absent.
+        let published = reading(serde_json::json!({
+            "name": "q", "messages_ready": 3, "messages_unacknowledged": 0, "consumers": 0,
+            "message_stats": { "publish": 3 },
+        }));
+        assert_eq!(published.map(|f| (f.ready, f.published_total, f.acked_total)), Ok((3, 3, 0)));
+        // A new queue before its first statistics emission: only its name.
+        let fresh = reading(serde_json::json!({ "name": "q" }));
+        let unknown = fresh.unwrap_err();
+        assert_eq!(unknown.missing, ["messages_ready", "messages_unacknowledged", "consumers"]);
+        assert!(unknown.to_string().contains("no messages_ready, messages_unacknowledged, consumers for queue q"));
+        let partial = reading(serde_json::json!({ "name": "q", "messages_ready": 0, "consumers": 0 }));
+        assert_eq!(partial.unwrap_err().missing, ["messages_unacknowledged"]);
     }
 }

@@ -18,8 +18,8 @@ pub use warren_client::broker_uri::redact;
 use warren_client::broker_uri::{BrokerAddresses, Redacted};
 pub use warren_client::endpoint::BrokerEndpoint;
 use warren_client::failover::Rotation;
-pub use warren_client::management::QueueFigures;
 use warren_client::management::{Management, ManagementError};
+pub use warren_client::management::{QueueFigures, QueueReading, UnknownFigures};
 use warren_client::topology::{self, QueueOptions};
 
 use crate::crd::RpcService;
@@ -189,8 +189,9 @@ impl Broker {
         Ok(())
     }
 
-    /// Every queue of this broker's vhost, with the figures the autoscaler needs, in one request.
-    pub async fn queue_figures(&self) -> Result<Vec<QueueFigures>, BrokerError> {
+    /// Every queue of this broker's vhost, with the figures the autoscaler needs (or why they are unknown), in one
+    /// request.
+    pub async fn queue_figures(&self) -> Result<Vec<QueueReading>, BrokerError> {
         Ok(self.management.queue_figures(self.vhost()).await?)
     }
 }

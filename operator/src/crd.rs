@@ -38,10 +38,36 @@ use warren_client::topology::QueueKind;
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", priority = "1"),
     printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.queue.ready"),
     printcolumn(
+        name = "Delay",
+        type_ = "number",
+        json_path = ".status.queue.queueingDelaySeconds",
+        description = "estimated queueing delay (s): backlog ÷ the rate the ready workers drain it"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "number",
+        json_path = ".status.queue.targetDelaySeconds",
+        description = "the queueing delay (s) the pool is sized to stay under"
+    ),
+    printcolumn(
         name = "Rate",
         type_ = "number",
         json_path = ".status.queue.publishRate",
         description = "requests per second arriving"
+    ),
+    printcolumn(
+        name = "Per-Replica",
+        type_ = "number",
+        json_path = ".status.scaling.perReplicaThroughput",
+        priority = "1",
+        description = "requests per second one worker completes, as the last decision used it"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.scaling.reason",
+        priority = "1",
+        description = "why the last scaling decision is what it is"
     ),
     printcolumn(name = "Queue", type_ = "string", json_path = ".status.queue.name", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -549,27 +575,38 @@ pub struct RpcServiceStatus {
     pub scaling: Option<ScalingStatus>,
 }
 
-/// The request queue's figures from the management API.
+/// The request queue's figures from the management API, and the queueing delay they imply.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueStatus {
     /// The queue's name on the broker.
     pub name: String,
-    /// Requests waiting to be delivered (the backlog).
-    #[serde(default)]
-    pub ready: i64,
-    /// Requests delivered to a worker and not yet acknowledged (in flight).
-    #[serde(default)]
-    pub unacked: i64,
-    /// Consumers attached (one per worker).
-    #[serde(default)]
-    pub consumers: i64,
-    /// Requests arriving per second.
+    /// Requests waiting to be delivered (the backlog). Absent until the management API reports it (a new queue
+    /// has no statistics for its first seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<i64>,
+    /// Requests delivered to a worker and not yet acknowledged (in flight). Absent until reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unacked: Option<i64>,
+    /// Consumers attached (one per worker). Absent until reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<i64>,
+    /// Requests arriving per second. Absent until two polls span a rate window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_rate: Option<f64>,
-    /// Requests completed (acknowledged) per second.
+    /// Requests completed (acknowledged) per second. Absent until two polls span a rate window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack_rate: Option<f64>,
+    /// The estimated queueing delay in seconds: how long a request arriving now waits before a worker takes it.
+    /// By the latency model (docs/autoscaling.md): the backlog ÷ the rate the ready workers drain it, i.e. ready
+    /// replicas × the per-replica throughput. 0 when nothing waits. Absent when it cannot be estimated: no figures
+    /// from the broker this round, no throughput measured or hinted yet, or requests wait and no worker is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queueing_delay_seconds: Option<f64>,
+    /// The queueing delay the pool is sized to stay under (`spec.scaling.targetQueueDelaySeconds`), beside the
+    /// estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_delay_seconds: Option<f64>,
 }
 
 /// The autoscaler's latest decision, with everything it was computed from.
@@ -595,6 +632,11 @@ pub struct ScalingStatus {
     /// Per-replica throughput (requests/s) used.
     #[serde(default)]
     pub per_replica_throughput: f64,
+    /// Where that throughput came from: `measured` (while the workers were saturated), `lowerBound` (the most one
+    /// worker was seen to complete, above the hint or prior), `hint` (`scaling.perReplicaThroughputHint`) or
+    /// `prior` (a conservative guess, before anything is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput_source: Option<String>,
     /// When it was decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,

@@ -23,9 +23,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use warren_autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleDecision};
 use warren_client::management;
 
-use crate::broker::{Broker, BrokerError, QueueFigures};
+use crate::broker::{Broker, BrokerError, QueueFigures, QueueReading};
 use crate::crd::{RpcService, RpcServiceSpec};
-use crate::metrics::{DirectionLabel, Metrics};
+use crate::metrics::{DirectionLabel, Metrics, ServiceLabels};
 use crate::ownership::Claim;
 
 /// What a reconcile tells the observer about a service.
@@ -184,6 +184,7 @@ impl Observer {
     pub fn forget(&self, key: &ObjectRef<RpcService>) {
         let mut services = self.services.lock().expect("observer lock");
         services.remove(key);
+        self.metrics.service.forget(&labels(key));
         self.metrics.services.set(services.len() as i64);
     }
 
@@ -206,7 +207,13 @@ impl Observer {
             return;
         }
         let mut services = self.services.lock().expect("observer lock");
-        services.retain(|key, _| self.cache.get(key).is_some());
+        services.retain(|key, _| {
+            let cached = self.cache.get(key).is_some();
+            if !cached {
+                self.metrics.service.forget(&labels(key));
+            }
+            cached
+        });
         self.metrics.services.set(services.len() as i64);
     }
 
@@ -248,29 +255,40 @@ impl Observer {
 
     /// Decides for every service on `broker` from one poll's `figures` (taken at `now`, seconds on the
     /// observer's clock) and triggers one reconcile of each service that has something new to apply or report.
-    pub fn record(&self, broker: &Arc<Broker>, figures: &Result<Vec<QueueFigures>, BrokerError>, now: f64) {
-        let by_name: HashMap<&str, &QueueFigures> = match figures {
-            Ok(list) => list.iter().map(|f| (f.name.as_str(), f)).collect(),
+    pub fn record(&self, broker: &Arc<Broker>, figures: &Result<Vec<QueueReading>, BrokerError>, now: f64) {
+        let by_name: HashMap<&str, &QueueReading> = match figures {
+            Ok(list) => {
+                list.iter().map(|r| (r.as_ref().map_or_else(|u| u.name.as_str(), |f| f.name.as_str()), r)).collect()
+            }
             Err(_) => HashMap::new(),
         };
         let mut triggers = Vec::new();
         {
             let mut services = self.services.lock().expect("observer lock");
             for (key, state) in services.iter_mut().filter(|(_, s)| Arc::ptr_eq(&s.registration.broker, broker)) {
-                let found = by_name.get(state.registration.queue.as_str()).map(|f| (*f).clone());
-                let unavailable = match (figures, &found) {
+                let listed = by_name.get(state.registration.queue.as_str()).copied();
+                let unavailable = match (figures, listed) {
                     (Err(e), _) => Some(format!("the management API did not answer: {e}")),
                     (Ok(_), None) => Some(format!("queue {} is missing on the broker", state.registration.queue)),
-                    (Ok(_), Some(_)) => None,
+                    (Ok(_), Some(Err(unknown))) => Some(unknown.to_string()),
+                    (Ok(_), Some(Ok(_))) => None,
                 };
+                let found = listed.and_then(|r| r.as_ref().ok()).cloned();
+                let listed = listed.is_some();
                 // Re-declared by the reconcile this triggers.
-                let went_missing = figures.is_ok() && found.is_none() && !state.announcements.queue_missing;
+                let went_missing = figures.is_ok() && !listed && !state.announcements.queue_missing;
                 if went_missing {
                     state.announcements.queue_missing = true;
                 }
-                if state.observe(found, unavailable, now, &self.metrics) || went_missing {
+                let service = labels(key);
+                if state.observe(&service, found, unavailable, now, &self.metrics) || went_missing {
                     triggers.push(key.clone());
                 }
+                self.metrics.service.observe(
+                    &service,
+                    &state.view(),
+                    state.registration.policy.target_queue_delay_seconds,
+                );
             }
         }
         for key in triggers {
@@ -290,6 +308,11 @@ impl Observer {
     }
 }
 
+/// A service's metric labels.
+fn labels(key: &ObjectRef<RpcService>) -> ServiceLabels {
+    ServiceLabels { namespace: key.namespace.clone().unwrap_or_default(), service: key.name.clone() }
+}
+
 impl ServiceState {
     fn new(registration: Registration) -> Self {
         Self {
@@ -307,6 +330,7 @@ impl ServiceState {
     /// Feeds one round's figures to the scaler; returns whether the service's reconcile should run.
     fn observe(
         &mut self,
+        service: &ServiceLabels,
         found: Option<QueueFigures>,
         unavailable: Option<String>,
         now: f64,
@@ -348,6 +372,7 @@ impl ServiceState {
             self.last_scale = Some((Timestamp::now(), format!("{}: {}", decision.reason, decision.message)));
             let direction = if decision.desired > from { "up" } else { "down" };
             metrics.scale_events.get_or_create(&DirectionLabel { direction: direction.into() }).inc();
+            metrics.service.scaled(service, decision.reason);
         }
         self.decision = Some(decision);
         changed || figures_changed || availability_changed
@@ -468,7 +493,11 @@ mod tests {
         }
 
         fn poll(&self, figures: Result<Vec<QueueFigures>, BrokerError>, at: f64) {
-            self.observer.record(&self.broker, &figures, at);
+            self.poll_readings(figures.map(|list| list.into_iter().map(Ok).collect()), at);
+        }
+
+        fn poll_readings(&self, readings: Result<Vec<QueueReading>, BrokerError>, at: f64) {
+            self.observer.record(&self.broker, &readings, at);
         }
 
         /// The reconciles triggered since the last call.
@@ -541,6 +570,21 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_listed_without_counts_is_unknown_not_empty_and_not_missing() {
+        let mut f = settled(3);
+        let unknown = crate::broker::UnknownFigures { name: "shop.calc".into(), missing: vec!["messages_ready"] };
+        for at in [5.0, 10.0] {
+            f.poll_readings(Ok(vec![Err(unknown.clone())]), at);
+        }
+        assert_eq!(f.triggered(), 1, "the availability changed once");
+        let view = f.reconcile(3);
+        assert_eq!(view.desired_replicas, 3, "the pool is kept, not shrunk on a backlog read as 0");
+        assert!(!view.announcements.queue_missing, "the queue exists: nothing to declare again");
+        assert!(view.metrics_unavailable.is_some_and(|m| m.contains("no messages_ready")));
+        assert_eq!(view.decision.map(|d| d.inputs.queueing_delay), Some(None));
+    }
+
+    #[test]
     fn an_unanswered_poll_triggers_once_and_keeps_the_pool() {
         let mut f = settled(3);
         for at in [5.0, 10.0] {
@@ -550,6 +594,36 @@ mod tests {
         let view = f.reconcile(3);
         assert_eq!(view.desired_replicas, 3);
         assert!(view.metrics_unavailable.is_some_and(|m| m.contains("connection refused")));
+    }
+
+    #[test]
+    fn each_service_has_its_series_until_it_is_forgotten() {
+        let f = settled(1);
+        f.poll(Ok(vec![queue(160, 160)]), 5.0);
+        let text = f.observer.metrics.encode();
+        let series = |name: &str| format!("warren_operator_service_{name}{{namespace=\"shop\",service=\"calc\"");
+        for name in ["backlog", "in_flight", "arrival_rate", "completion_rate", "queueing_delay_seconds"] {
+            assert!(text.contains(&series(name)), "{name}:\n{text}");
+        }
+        for name in ["target_queue_delay_seconds", "desired_replicas", "ready_replicas"] {
+            assert!(text.contains(&series(name)), "{name}:\n{text}");
+        }
+        assert!(text.contains(&format!("{}}} 160", series("backlog"))), "{text}");
+        // One decided 1 → 10 on the 160 waiting: counted by its reason; μ is the spec's hint.
+        let decisions = format!("{},reason=\"MaxReplicas\"}} 1", series("scale_decisions_total"));
+        assert!(text.contains(&decisions), "{text}");
+        assert!(text.contains(&format!("{},source=\"hint\"}} 10", series("per_replica_throughput"))), "{text}");
+
+        // Unknown figures: no backlog, no delay — absent, not 0 — while the replica series stay.
+        let unknown = crate::broker::UnknownFigures { name: "shop.calc".into(), missing: vec!["messages_ready"] };
+        f.poll_readings(Ok(vec![Err(unknown)]), 10.0);
+        let text = f.observer.metrics.encode();
+        assert!(!text.contains(&series("backlog")) && !text.contains(&series("queueing_delay_seconds")), "{text}");
+        assert!(text.contains(&series("desired_replicas")), "{text}");
+
+        f.observer.forget(&f.key);
+        let text = f.observer.metrics.encode();
+        assert!(!text.contains("service=\"calc\""), "the service's series went with it:\n{text}");
     }
 
     #[test]

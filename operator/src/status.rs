@@ -12,7 +12,7 @@ use crate::build;
 use crate::crd::{QueueStatus, RpcService, RpcServiceStatus, ScalingStatus};
 use crate::error::Error;
 use crate::observer::{Announcements, ServiceView};
-use warren_autoscale::{ScaleDecision, ScaleReason};
+use warren_autoscale::{ScaleDecision, ScaleReason, ThroughputSource};
 
 pub const READY: &str = "Ready";
 pub const QUEUE_READY: &str = "QueueReady";
@@ -169,16 +169,22 @@ pub fn next(
     if let Some(view) = view {
         next.replicas = view.replicas.current;
         next.ready_replicas = view.replicas.ready;
-        next.queue = Some(match &view.figures {
+        let figures = match &view.figures {
             Some(f) => QueueStatus {
                 name: svc.queue_name(),
-                ready: f.ready as i64,
-                unacked: f.unacked as i64,
-                consumers: f.consumers as i64,
+                ready: Some(f.ready as i64),
+                unacked: Some(f.unacked as i64),
+                consumers: Some(f.consumers as i64),
                 publish_rate: view.arrival_rate.map(round2),
                 ack_rate: view.completion_rate.map(round2),
+                ..QueueStatus::default()
             },
             None => QueueStatus { name: svc.queue_name(), ..previous.queue.clone().unwrap_or_default() },
+        };
+        next.queue = Some(QueueStatus {
+            queueing_delay_seconds: queueing_delay(view).map(round2),
+            target_delay_seconds: Some(svc.spec.scaling.target_queue_delay_seconds),
+            ..figures
         });
         if let Some(mu) = view.per_replica_throughput {
             next.per_replica_throughput = Some(round2(mu));
@@ -212,6 +218,12 @@ pub fn scaling_condition(view: &ServiceView) -> ConditionUpdate {
     }
 }
 
+/// The estimated queueing delay of the latest decision, absent while the figures are unavailable.
+pub fn queueing_delay(view: &ServiceView) -> Option<f64> {
+    let current = view.metrics_unavailable.is_none();
+    view.decision.as_ref().filter(|_| current).and_then(|d| d.inputs.queueing_delay)
+}
+
 /// `status.scaling`: the decision with the figures it was made from.
 fn scaling_status(d: &ScaleDecision, now: &Time) -> ScalingStatus {
     ScalingStatus {
@@ -221,8 +233,19 @@ fn scaling_status(d: &ScaleDecision, now: &Time) -> ScalingStatus {
         backlog: d.inputs.backlog as i64,
         in_flight: d.inputs.in_flight as i64,
         arrival_rate: d.inputs.arrival_rate,
-        per_replica_throughput: d.inputs.per_replica_throughput,
+        per_replica_throughput: round2(d.inputs.per_replica_throughput),
+        throughput_source: Some(throughput_source(d.inputs.throughput_source).to_owned()),
         time: Some(now.clone()),
+    }
+}
+
+/// The source as status and metrics name it (camelCase, like the API's enums).
+pub fn throughput_source(source: ThroughputSource) -> &'static str {
+    match source {
+        ThroughputSource::Measured => "measured",
+        ThroughputSource::LowerBound => "lowerBound",
+        ThroughputSource::Hint => "hint",
+        ThroughputSource::Prior => "prior",
     }
 }
 
@@ -268,7 +291,9 @@ pub fn events(svc: &RpcService, transitions: &[Transition], news: &Announcements
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::QueueFigures;
     use k8s_openapi::jiff::Timestamp;
+    use warren_autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts};
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())
@@ -303,6 +328,66 @@ mod tests {
         let next =
             merge_conditions(&first, &[ConditionUpdate::new(QUEUE_READY, true, "Declared", "")], Some(1), &at(2));
         assert_eq!(next.len(), 2);
+    }
+
+    /// What the observer reports after one poll of `figures` (None: no figures yet) for a service on a 10 req/s
+    /// hint with one ready worker.
+    fn view(figures: Option<QueueFigures>, unavailable: Option<&str>) -> ServiceView {
+        let spec = PolicySpec { per_replica_throughput_hint: Some(10.0), ..PolicySpec::default() };
+        let mut scaler = Autoscaler::new(None);
+        let sample = figures.as_ref().filter(|_| unavailable.is_none()).map(|f| QueueSample {
+            at: 0.0,
+            ready: f.ready,
+            unacked: f.unacked,
+            consumers: f.consumers,
+            published_total: f.published_total,
+            acked_total: f.acked_total,
+        });
+        let observation = scaler.observe(sample, 0.0);
+        let decision = scaler.decide(&observation, ReplicaCounts { current: 1, ready: 1 }, &spec, 0.0);
+        ServiceView {
+            desired_replicas: decision.desired,
+            enabled: true,
+            replicas: ReplicaCounts { current: 1, ready: 1 },
+            figures,
+            arrival_rate: None,
+            completion_rate: None,
+            per_replica_throughput: None,
+            decision: Some(decision),
+            metrics_unavailable: unavailable.map(str::to_owned),
+            last_scale: None,
+            announcements: Announcements::default(),
+        }
+    }
+
+    #[test]
+    fn the_queue_status_shows_the_delay_beside_the_target_and_nothing_it_does_not_know() {
+        let mut svc = RpcService::new("calc", Default::default());
+        svc.metadata.namespace = Some("shop".into());
+        let unknown = view(None, Some("the management API reports no messages_ready for queue shop.calc"));
+        let (status, _) = next(&svc, &[], Some(&unknown), Some(1), &at(1));
+        let queue = status.queue.clone().unwrap();
+        assert_eq!((queue.name.as_str(), queue.target_delay_seconds), ("shop.calc", Some(2.0)));
+        assert_eq!(
+            (queue.ready, queue.unacked, queue.consumers, queue.queueing_delay_seconds),
+            (None, None, None, None)
+        );
+
+        // 25 waiting, one ready worker at 10 req/s: 2.5 s, over the 2 s target.
+        let figures = QueueFigures { name: "shop.calc".into(), ready: 25, consumers: 1, ..QueueFigures::default() };
+        svc.status = Some(status);
+        let (status, _) = next(&svc, &[], Some(&view(Some(figures.clone()), None)), Some(1), &at(2));
+        let queue = status.queue.clone().unwrap();
+        assert_eq!(
+            (queue.ready, queue.queueing_delay_seconds, queue.target_delay_seconds),
+            (Some(25), Some(2.5), Some(2.0))
+        );
+
+        // The broker stops answering: the figures stay as last observed, the estimate of now goes.
+        svc.status = Some(status);
+        let (status, _) = next(&svc, &[], Some(&view(Some(figures), Some("no answer"))), Some(1), &at(3));
+        let queue = status.queue.unwrap();
+        assert_eq!((queue.ready, queue.queueing_delay_seconds), (Some(25), None));
     }
 
     #[test]

@@ -344,7 +344,7 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
         gaps.iter().map(|g| (g * 10.0).round() / 10.0).collect::<Vec<_>>()
     );
     let status_ready: Vec<i64> =
-        during[peak_index..].iter().filter_map(|s| s.status.as_ref()?.queue.as_ref().map(|q| q.ready)).collect();
+        during[peak_index..].iter().filter_map(|s| s.status.as_ref()?.queue.as_ref()?.ready).collect();
     assert!(
         status_ready.iter().min().is_some_and(|m| (*m as u64) < peak_backlog),
         "status.queue.ready never dropped after the peak: {status_ready:?}"

@@ -1479,7 +1479,7 @@ async fn operator_rides_out_an_api_server_restart() {
         async move {
             wait_for(&format!("status.queue.ready = {n}"), Duration::from_secs(120), || async {
                 let svc = api.get("svc").await?;
-                Ok((svc.status.and_then(|s| s.queue).map(|q| q.ready) == Some(n)).then_some(()))
+                Ok((svc.status.and_then(|s| s.queue).and_then(|q| q.ready) == Some(n)).then_some(()))
             })
             .await
         }

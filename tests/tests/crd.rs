@@ -340,7 +340,7 @@ async fn kubectl_explains_get_and_scales_rpcservices() {
 
     let table = run_kubectl(&["get", "rpcsvc", "-n", ns.name()]).unwrap();
     let header = collapse_whitespace(table.lines().next().unwrap_or_default());
-    assert_eq!(header, "NAME READY REPLICAS BACKLOG RATE AGE", "{table}");
+    assert_eq!(header, "NAME READY REPLICAS BACKLOG DELAY TARGET RATE AGE", "{table}");
     assert!(table.contains("calculator"), "{table}");
 
     // The scale subresource moves spec.worker.replicas (what `kubectl scale`, HPA and KEDA use).

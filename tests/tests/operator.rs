@@ -485,7 +485,7 @@ async fn the_operator_keeps_reconciling_and_scaling_while_a_cluster_node_is_down
     let scaled = wait_for("the backlog in the status and more replicas", WAIT, || async {
         let svc = api.get("before").await?;
         let status = svc.status.clone().unwrap_or_default();
-        let backlog = status.queue.as_ref().map_or(0, |q| q.ready);
+        let backlog = status.queue.as_ref().and_then(|q| q.ready).unwrap_or(0);
         let desired = status.scaling.as_ref().map_or(0, |s| s.desired_replicas);
         Ok((backlog >= 200 && desired > 1).then_some((backlog, desired)))
     })
@@ -710,7 +710,7 @@ async fn a_black_holed_management_api_does_not_delay_other_services() -> anyhow:
         let started = std::time::Instant::now();
         wait_for(&format!("status.queue.ready = {backlog}"), WAIT, || async {
             let svc = api.get("healthy").await?;
-            Ok((svc.status.and_then(|s| s.queue).map(|q| q.ready) == Some(backlog)).then_some(()))
+            Ok((svc.status.and_then(|s| s.queue).and_then(|q| q.ready) == Some(backlog)).then_some(()))
         })
         .await?;
         took.push(started.elapsed());
