@@ -1182,8 +1182,25 @@ impl ClusterRig {
         Self { cluster, queue, backend, workers, callers }
     }
 
-    /// Which node each connection is on: (connection name, node), from any node whose management API answers.
+    /// Which node each connection is on: (connection name, node), once the management API lists every caller's and
+    /// worker's connection (it shows a new one only after its first statistics, some seconds later).
     async fn connections_by_node(&self) -> Vec<(String, String)> {
+        let callers: Vec<String> = self.callers.iter().map(Client::connection_name).collect();
+        let mut listed = Vec::new();
+        for _ in 0..60 {
+            listed = self.list_connections().await;
+            let callers_listed = callers.iter().all(|c| listed.iter().any(|(n, _)| n == c));
+            let workers_listed = listed.iter().filter(|(n, _)| n.starts_with("warren-worker")).count();
+            if callers_listed && workers_listed >= 2 * self.workers.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        listed
+    }
+
+    /// The connections the management API lists now: (connection name, node), from any node that answers.
+    async fn list_connections(&self) -> Vec<(String, String)> {
         let http = reqwest::Client::new();
         for node in &self.cluster.nodes {
             let url =

@@ -11,6 +11,7 @@ use serde_json::json;
 use warren_operator::RpcService;
 use warren_tests::chaos_broker::ChaosCluster;
 use warren_tests::cluster::{self, TestNamespace, wait_for};
+use warren_tests::local_runtime::{LocalRuntime, RuntimeOptions};
 use warren_tests::operator_process::OperatorProcess;
 use warren_tests::{broker, broker_uri};
 
@@ -440,24 +441,37 @@ async fn rotating_the_broker_secret_leaves_one_operator_connection() -> anyhow::
 #[tokio::test]
 async fn the_operator_keeps_reconciling_and_scaling_while_a_cluster_node_is_down() -> anyhow::Result<()> {
     let mut rabbit = ChaosCluster::start(3).await?;
-    let (_client, ns) = setup("op-cluster").await?;
+    let (client, ns) = setup("op-cluster").await?;
     ns.create_broker_secret_for("rabbitmq", &rabbit.uri(), &rabbit.management_uri()).await?;
     let operator = OperatorProcess::start(ns.name(), &[])?;
-    let scaling = json!({ "minReplicas": 1, "maxReplicas": 8, "targetQueueDelaySeconds": 1 });
-    create_service(&ns, "before", json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": scaling }))
-        .await?;
+    // Workers as local processes (one per replica the operator asks for), given the cluster by the Secret; each runs
+    // one 300 ms request at a time, so a backlog of 300 needs more than one of them.
+    let _runtime = LocalRuntime::start(client.clone(), ns.name(), RuntimeOptions::default())?;
+    let scaling = json!({ "minReplicas": 1, "maxReplicas": 8, "targetQueueDelaySeconds": 2 });
+    let worker = json!({ "defaultMethod": "sleep", "prefetch": 1 });
+    let spec = json!({ "broker": { "secretRef": { "name": "rabbitmq" } }, "scaling": scaling, "worker": worker });
+    create_service(&ns, "before", spec).await?;
     wait_condition(&ns, "before", "QueueReady", "True", "Declared").await?;
 
-    // Lose the node the operator's AMQP connection is on (the first node when it cannot be told).
+    // Lose the node the operator's AMQP connection is on (listed once its first statistics are in).
     let http = reqwest::Client::new();
-    let url =
-        format!("http://127.0.0.1:{}/api/connections?columns=node,client_properties", rabbit.nodes[0].management_port);
-    let connections: Vec<serde_json::Value> =
-        http.get(&url).basic_auth("guest", Some("guest")).send().await?.json().await?;
-    let operator_node = connections
-        .iter()
-        .find(|c| c["client_properties"]["connection_name"] == "warren-operator")
-        .and_then(|c| c["node"].as_str().map(str::to_owned));
+    let url = format!(
+        "http://127.0.0.1:{}/api/connections?columns=node,client_properties.connection_name",
+        rabbit.nodes[0].management_port
+    );
+    let mut operator_node = None;
+    for _ in 0..60 {
+        let connections: Vec<serde_json::Value> =
+            http.get(&url).basic_auth("guest", Some("guest")).send().await?.json().await?;
+        operator_node = connections
+            .iter()
+            .find(|c| c["client_properties"]["connection_name"] == "warren-operator")
+            .and_then(|c| c["node"].as_str().map(str::to_owned));
+        if operator_node.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let victim = rabbit.nodes.iter().position(|n| Some(n.node_name()) == operator_node.as_deref()).unwrap_or(0);
     eprintln!("operator connected to {operator_node:?}; stopping {}", rabbit.nodes[victim].node_name());
     rabbit.nodes[victim].stop()?;
@@ -467,13 +481,13 @@ async fn the_operator_keeps_reconciling_and_scaling_while_a_cluster_node_is_down
     create_service(&ns, "during", json!({ "broker": { "secretRef": { "name": "rabbitmq" } } })).await?;
     wait_condition(&ns, "during", "QueueReady", "True", "Declared").await?;
 
-    // Observing and scaling: a backlog on `before` (no worker runs) shows in its status and raises the replicas.
+    // Observing and scaling: a backlog on `before` shows in its status and raises the replicas.
     let connection = lapin::Connection::connect(&survivor.uri(), lapin::ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
     let queue = queue_name(&ns, "before");
-    for i in 0..200 {
-        let body = format!("{{\"i\":{i}}}");
+    for _ in 0..300 {
+        let body = r#"{"ms":300}"#;
         let options = lapin::options::BasicPublishOptions::default();
         channel
             .basic_publish("".into(), queue.as_str().into(), options, body.as_bytes(), Default::default())
@@ -487,7 +501,7 @@ async fn the_operator_keeps_reconciling_and_scaling_while_a_cluster_node_is_down
         let status = svc.status.clone().unwrap_or_default();
         let backlog = status.queue.as_ref().and_then(|q| q.ready).unwrap_or(0);
         let desired = status.scaling.as_ref().map_or(0, |s| s.desired_replicas);
-        Ok((backlog >= 200 && desired > 1).then_some((backlog, desired)))
+        Ok((backlog > 0 && desired > 1).then_some((backlog, desired)))
     })
     .await?;
     let failures = operator.metric("warren_operator_reconcile_failures_total").await;
