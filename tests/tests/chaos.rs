@@ -1172,10 +1172,19 @@ impl ClusterRig {
                 .unwrap();
             workers.push(worker);
         }
+        // Callers pick a node at random; keep one on each node, so that whichever node is lost, a caller was on it.
         let mut callers = Vec::new();
-        for _ in 0..3 {
-            callers.push(Client::connect(&cluster.uri()).await.unwrap());
+        for node in &cluster.nodes {
+            let port = format!(":{}/", node.amqp_port);
+            for _ in 0..50 {
+                let client = Client::connect(&cluster.uri()).await.unwrap();
+                if client.broker_address().contains(&port) {
+                    callers.push(client);
+                    break;
+                }
+            }
         }
+        assert_eq!(callers.len(), cluster.nodes.len(), "no caller landed on some node in 50 tries");
         let members = queue_members(&cluster, &queue).await;
         eprintln!("quorum queue {queue} members: {members:?}");
         assert_eq!(members.len(), 3, "the request queue must be replicated on every node: {members:?}");
