@@ -2,7 +2,8 @@
 
   perftest.py QUEUE quorum|classic IN_FLIGHT SECONDS WARMUP -- JAVA_CMD...
 
-Runs `JAVA_CMD com.rabbitmq.perf.PerfTest` with at most IN_FLIGHT unconfirmed publishes and prefetch IN_FLIGHT,
+Runs `JAVA_CMD com.rabbitmq.perf.PerfTest` with at most IN_FLIGHT unconfirmed publishes and prefetch 64 like every
+responder (a smaller one makes the consumer, acking each message through the queue, the bottleneck),
 reads its once-a-second lines after the warm-up and prints one JSON object shaped like `warren bench --json`:
 calls/s is the consumer's receive rate (the mean of those seconds), the latencies are PerfTest's one-way consumer
 latency (publish to delivery; median over those seconds of each second's median and percentiles), and the CPU is
@@ -48,7 +49,7 @@ def delete_queue(queue):
 def main(queue, queue_type, in_flight, seconds, warmup, java):
     in_flight, seconds, warmup = int(in_flight), float(seconds), float(warmup)
     args = ["com.rabbitmq.perf.PerfTest", "--uri", os.environ.get("WARREN_BROKER_URI", "amqp://localhost"),
-            "-x", "1", "-y", "1", "-u", queue, "-ad", "false", "-c", str(in_flight), "-q", str(in_flight),
+            "-x", "1", "-y", "1", "-u", queue, "-ad", "false", "-c", str(in_flight), "-q", str(max(64, in_flight)),
             "-z", str(int(warmup + seconds)), "-i", "1"]
     if queue_type == "quorum":
         args.append("-qq")

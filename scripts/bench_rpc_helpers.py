@@ -412,7 +412,7 @@ def report(results_path, benchmarks_path, json_path=None):
         ("Warren is behind: " + "; ".join(behind) + "." if behind else "Warren is ahead of every peer here."),
         "",
         "RabbitMQ PerfTest, the broker's own floor (one producer and one consumer in one JVM, publisher confirms "
-        "bounding the messages in flight, consumer prefetch the same; its latency is one way, publish to delivery, "
+        "bounding the messages in flight, consumer prefetch 64 like every responder; its latency is one way, publish to delivery, "
         "and its rate the consumer's; the median over the rounds of each round's per-second figures after the "
         "warm-up):",
         "",
@@ -498,7 +498,7 @@ def report(results_path, benchmarks_path, json_path=None):
         "queue itself as a durable classic queue and cannot use a quorum one (a quorum queue declared in advance "
         "makes its declare fail), and its standalone proxy reads replies in the calling green thread, so its 64 "
         "in flight are pipelined `call_async` calls collected oldest first. *PerfTest* is `com.rabbitmq:perf-test` "
-        "(`bench/perftest.py` runs it and reads its per-second lines): `-x 1 -y 1 -c N -q N` (`-qq` for quorum) on a "
+        "(`bench/perftest.py` runs it and reads its per-second lines): `-x 1 -y 1 -c N -q 64` (`-qq` for quorum) on a "
         "fresh queue each run.",
         "",
         "Reproduce with `scripts/bench-rpc [--json FILE]` (about 17 minutes after the builds with 3 rounds). On a small machine shared with "
