@@ -291,7 +291,14 @@ def report(results_path, benchmarks_path, json_path=None):
             r["warren_c64" if queue_type == "quorum" else "warren_classic_c64"]
 
     def rounds_median(f):
-        return statistics.median(f(i) for i in range(len(bare1["rounds"])))
+        """The median over rounds of f(round), leaving out rounds where a side measured no call."""
+        values = []
+        for i in range(len(bare1["rounds"])):
+            try:
+                values.append(f(i))
+            except ZeroDivisionError:
+                pass
+        return statistics.median(values) if values else None
 
     # warren against each peer, paired by round (both measured in the same round), like the targets below.
     peer_lines, behind = [], []
@@ -302,7 +309,12 @@ def report(results_path, benchmarks_path, json_path=None):
         x = r[name]
         w = warren_for(queue_type, x["concurrency"])
         ratio = rounds_median(lambda i: w["rounds"][i]["calls_per_sec"] / x["rounds"][i]["calls_per_sec"])
-        p50 = rounds_median(lambda i: w["rounds"][i]["p50"] - x["rounds"][i]["p50"])
+        p50 = rounds_median(lambda i: w["rounds"][i]["p50"] - x["rounds"][i]["p50"] if x["rounds"][i]["p50"]
+                            else 1 / 0)
+        if ratio is None or p50 is None:
+            peer_lines.append(f"| {caller} → {responder} | {queue_type} | {x['concurrency']} | – | – | "
+                              "no call measured |")
+            continue
         # The targets: calls/s at 64 in flight, p50 at 1 (the tutorial pair runs at 1 only: both count there).
         checks = []
         if x["concurrency"] > 1 or name.startswith("tutorial_"):
@@ -320,6 +332,8 @@ def report(results_path, benchmarks_path, json_path=None):
         if not (f1 and f64):
             continue
         w1_, w64_ = warren_for(queue_type, 1), warren_for(queue_type, 64)
+        if not (f1["calls_per_sec"] and f64["calls_per_sec"]):
+            continue
         floor_lines.append(
             f"- {queue_type.capitalize()}: warren's round trips at {w64_['concurrency']} in flight are "
             f"**{rounds_median(lambda i: w64_['rounds'][i]['calls_per_sec'] / f64['rounds'][i]['calls_per_sec']):.0%}"
@@ -400,6 +414,9 @@ def report(results_path, benchmarks_path, json_path=None):
         "",
         *[f"**Warning:** {name} had {x['errors']} failed calls in this run; its numbers are suspect."
           for name, x in r.items() if isinstance(x, dict) and x.get("errors")],
+        *[f"**Warning:** {name} measured no call in at least one round (its caller did not get going within the "
+          "warm-up, or every call failed); its numbers are suspect."
+          for name, x in r.items() if isinstance(x, dict) and any(not y["calls_per_sec"] for y in x.get("rounds", []))],
         "Warren against each peer, on the same queue type and at the same number of calls in flight (warren-client "
         "→ warren-worker; each figure the median of its per-round comparisons, both sides measured in the same "
         "round). The issue's targets: warren's calls/s ≥ every peer's at 64 in flight, and its p50 ≤ every peer's "

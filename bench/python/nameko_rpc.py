@@ -52,9 +52,9 @@ def server(service, max_workers):
 
 def client(service, duration_s, warmup_s, concurrency):
     concurrency = int(concurrency)
-    measure = Measure(float(duration_s), float(warmup_s), concurrency)
     with ClusterRpcProxy({"AMQP_URI": BROKER_URI}, timeout=5) as cluster:
         echo = getattr(cluster, service).echo
+        measure = Measure(float(duration_s), float(warmup_s), concurrency)  # the clock starts once connected
         outstanding = collections.deque()
         while outstanding or not measure.done():
             while len(outstanding) < concurrency and not measure.done():

@@ -65,7 +65,8 @@ public final class Bench {
   /** The closed loop and what it measures. */
   static final class Loop {
     final int concurrency;
-    final long start, from, until;
+    private final double seconds, warmup;
+    private long from, until;
     private long[] latenciesNs = new long[1 << 16];
     private int count;
     private long last;
@@ -74,8 +75,13 @@ public final class Bench {
 
     Loop(double seconds, double warmup, int concurrency) {
       this.concurrency = concurrency;
-      start = System.nanoTime();
-      from = start + (long) (warmup * 1e9);
+      this.seconds = seconds;
+      this.warmup = warmup;
+    }
+
+    /** The clock starts with the first call, once the client is connected (a cold JVM takes seconds to get there). */
+    private synchronized void begin() {
+      from = System.nanoTime() + (long) (warmup * 1e9);
       until = from + (long) (seconds * 1e9);
     }
 
@@ -99,6 +105,7 @@ public final class Bench {
 
     /** N threads, each calling again as soon as its call returned. */
     String runBlocking(Call call) throws Exception {
+      begin();
       Thread[] threads = new Thread[concurrency];
       for (int i = 0; i < concurrency; i++) {
         threads[i] = new Thread(() -> {
@@ -128,6 +135,7 @@ public final class Bench {
 
     /** N chains of asynchronous calls, each sending its next call from the previous one's completion. */
     String runAsync(Supplier<CompletableFuture<byte[]>> call) throws Exception {
+      begin();
       CountDownLatch done = new CountDownLatch(concurrency);
       for (int i = 0; i < concurrency; i++) {
         next(call, done);
