@@ -518,7 +518,7 @@ def report(results_path, benchmarks_path, json_path=None):
         "(`bench/perftest.py` runs it and reads its per-second lines): `-x 1 -y 1 -c N -q 64` (`-qq` for quorum) on a "
         "fresh queue each run.",
         "",
-        "Reproduce with `scripts/bench-rpc [--json FILE]` (about 17 minutes after the builds with 3 rounds). On a small machine shared with "
+        "Reproduce with `scripts/bench-rpc [--json FILE]` (about 16 to 20 minutes after the builds with 3 rounds). On a small machine shared with "
         "other work the numbers move from run to run: compare rows of one run, not runs.",
         "",
     ]
