@@ -8,7 +8,9 @@ report. Run with the venv's python (scripts/bench-rpc sets it up).
                                              a consumer (the process keeps running)
   wait-consumer QUEUE TIMEOUT_S              waits until QUEUE has a consumer
   delete-queues QUEUE...                     deletes the queues (missing ones are fine)
-  report RESULTS_JSON BENCHMARKS_MD          prints the comparison and writes the RPC section of BENCHMARKS_MD
+  report RESULTS_JSON BENCHMARKS_MD [ROWS_JSON]
+                                             prints the comparison and writes the RPC section of BENCHMARKS_MD
+                                             (and one object per row to ROWS_JSON)
 """
 
 import json
@@ -90,16 +92,19 @@ def tutorial_client(queue, duration_s, warmup_s):
     client = TutorialRpcClient(queue)
     start = time.perf_counter()
     measure_from, until = start + warmup_s, start + warmup_s + duration_s
-    latencies, last = [], measure_from
+    latencies, last, cpu_from, cpu_until = [], measure_from, None, None
     while True:
         sent = time.perf_counter()
         if sent >= until:
             break
+        if sent >= measure_from and cpu_from is None:
+            cpu_from = time.process_time()
         assert client.call([1, 2]) == [1, 2]
         done = time.perf_counter()
         if sent >= measure_from:
             latencies.append((done - sent) * 1e6)
             last = done
+            cpu_until = time.process_time()
     latencies.sort()
     elapsed = max(last - measure_from, 1e-6)
     print(json.dumps({
@@ -109,6 +114,7 @@ def tutorial_client(queue, duration_s, warmup_s):
         "calls_per_sec": round(len(latencies) / elapsed, 1),
         "latency_us": {name: round(percentile(latencies, q), 1)
                        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
+        "client_cpu_us_per_call": round((cpu_until - cpu_from) * 1e6 / len(latencies), 1) if latencies else None,
     }))
     client.connection.close()
 
@@ -177,8 +183,84 @@ def delete_queues(queues):
 
 # --- the report ----------------------------------------------------------------------------------------------------
 
+JAVA_RPC = ("Java RpcClient", "Java RpcServer")
+SPRING_RESPONDER = "Spring DirectMessageListenerContainer + MessageListenerAdapter"
+# variant: caller, responder, queue type, note. The order of the table within each queue type and in-flight level.
+ROWS = {
+    "bare_c1": ("bare lapin", "bare lapin", "quorum", ""),
+    "bare_confirm_c1": ("bare lapin", "bare lapin, reply confirmed before the ack", "quorum",
+                        "warren-worker's guarantee"),
+    "warren_client_bare_responder_c1": ("warren-client", "bare lapin", "quorum", ""),
+    "warren_c1": ("warren-client", "warren-worker", "quorum", ""),
+    "java_rpc_quorum_c1": (*JAVA_RPC, "quorum", ""),
+    "spring_quorum_c1": ("Spring RabbitTemplate", SPRING_RESPONDER, "quorum", "`convertSendAndReceive`"),
+    "spring_async_quorum_c1": ("Spring AsyncRabbitTemplate", SPRING_RESPONDER, "quorum", ""),
+    "aiopika_rpc_quorum_c1": ("aio-pika RPC", "aio-pika RPC", "quorum", "pickle"),
+    "aiopika_json_quorum_c1": ("aio-pika JsonRPC", "aio-pika JsonRPC", "quorum", ""),
+    "tutorial_quorum_c1": ("tutorial pika", "tutorial pika", "quorum", "cannot pipeline: one call at a time"),
+    "sdk_c1": ("Python SDK AsyncClient", "Python SDK responder", "quorum", ""),
+    "sdk_blocking_c1": ("Python SDK blocking Client", "Python SDK responder", "quorum", "`warren.call` from one thread"),
+    "perftest_quorum_c1": ("PerfTest producer", "PerfTest consumer", "quorum",
+                           "one way, no reply: the broker's floor; at most 1 unconfirmed publish"),
+    "bare_c64": ("bare lapin", "bare lapin", "quorum", "a channel per caller"),
+    "bare_shared_c64": ("bare lapin, one shared channel", "bare lapin", "quorum", "multiplexed like warren-client"),
+    "bare_confirm_shared_c64": ("bare lapin, one shared channel", "bare lapin, reply confirmed before the ack",
+                                "quorum", "warren-worker's guarantee"),
+    "warren_client_bare_responder_c64": ("warren-client", "bare lapin", "quorum", ""),
+    "warren_c64": ("warren-client", "warren-worker", "quorum", ""),
+    "java_rpc_quorum_c64": (*JAVA_RPC, "quorum", "64 threads sharing one RpcClient"),
+    "spring_quorum_c64": ("Spring RabbitTemplate", SPRING_RESPONDER, "quorum", "64 threads sharing one template"),
+    "spring_async_quorum_c64": ("Spring AsyncRabbitTemplate", SPRING_RESPONDER, "quorum", ""),
+    "aiopika_rpc_quorum_c64": ("aio-pika RPC", "aio-pika RPC", "quorum", "pickle"),
+    "aiopika_json_quorum_c64": ("aio-pika JsonRPC", "aio-pika JsonRPC", "quorum", ""),
+    "sdk_c64": ("Python SDK AsyncClient", "Python SDK responder", "quorum", "one connection, calls multiplexed"),
+    "perftest_quorum_c64": ("PerfTest producer", "PerfTest consumer", "quorum",
+                            "one way, no reply: the broker's floor; at most 64 unconfirmed publishes"),
+    "bare_classic_c1": ("bare lapin", "bare lapin", "classic", ""),
+    "warren_classic_c1": ("warren-client", "warren-worker", "classic", ""),
+    "java_rpc_classic_c1": (*JAVA_RPC, "classic", ""),
+    "spring_classic_c1": ("Spring RabbitTemplate", SPRING_RESPONDER, "classic", "`convertSendAndReceive`"),
+    "spring_async_classic_c1": ("Spring AsyncRabbitTemplate", SPRING_RESPONDER, "classic", ""),
+    "aiopika_rpc_classic_c1": ("aio-pika RPC", "aio-pika RPC", "classic", "pickle"),
+    "aiopika_json_classic_c1": ("aio-pika JsonRPC", "aio-pika JsonRPC", "classic", ""),
+    "nameko_classic_c1": ("Nameko ClusterRpcProxy", "Nameko service", "classic", "Nameko declares classic queues only"),
+    "tutorial_classic_c1": ("tutorial pika", "tutorial pika", "classic", "as in the tutorial; one call at a time"),
+    "perftest_classic_c1": ("PerfTest producer", "PerfTest consumer", "classic", "one way, no reply: the broker's floor"),
+    "bare_classic_shared_c64": ("bare lapin, one shared channel", "bare lapin", "classic", ""),
+    "warren_classic_c64": ("warren-client", "warren-worker", "classic", ""),
+    "java_rpc_classic_c64": (*JAVA_RPC, "classic", "64 threads sharing one RpcClient"),
+    "spring_classic_c64": ("Spring RabbitTemplate", SPRING_RESPONDER, "classic", "64 threads sharing one template"),
+    "spring_async_classic_c64": ("Spring AsyncRabbitTemplate", SPRING_RESPONDER, "classic", ""),
+    "aiopika_rpc_classic_c64": ("aio-pika RPC", "aio-pika RPC", "classic", "pickle"),
+    "aiopika_json_classic_c64": ("aio-pika JsonRPC", "aio-pika JsonRPC", "classic", ""),
+    "nameko_classic_c64": ("Nameko ClusterRpcProxy", "Nameko service", "classic",
+                           "`call_async`: 64 pipelined on one proxy, collected oldest first"),
+    "perftest_classic_c64": ("PerfTest producer", "PerfTest consumer", "classic",
+                             "one way, no reply: the broker's floor; at most 64 unconfirmed publishes"),
+}
+# The peers warren is compared with, by caller → responder (the bare loops and the SDK have their own targets).
+PEERS = ["java_rpc", "spring", "spring_async", "aiopika_rpc", "aiopika_json", "nameko", "tutorial"]
 
-def report(results_path, benchmarks_path):
+
+def json_rows(r):
+    """One object per row, as `--json FILE` writes them."""
+    rows = []
+    for name, (caller, responder, queue_type, note) in ROWS.items():
+        x = r.get(name)
+        if not x:
+            continue
+        rows.append({
+            "variant": name, "caller": caller, "responder": responder, "queue_type": queue_type,
+            "in_flight": x["concurrency"], "calls_per_s": x["calls_per_sec"], "p50_us": x["latency_us"]["p50"],
+            "p99_us": x["latency_us"]["p99"], "caller_cpu_us_per_call": x.get("client_cpu_us_per_call"),
+            "responder_cpu_us_per_call": x.get("responder_cpu_us_per_call"), "p90_us": x["latency_us"]["p90"],
+            "max_us": x["latency_us"]["max"], "errors": x.get("errors", 0), "note": note,
+            "rounds": x["rounds"],
+        })
+    return rows
+
+
+def report(results_path, benchmarks_path, json_path=None):
     r = json.load(open(results_path))
     bare1, bare64, shared64 = r["bare_c1"], r["bare_c64"], r["bare_shared_c64"]
     confirm1, confirm64 = r["bare_confirm_c1"], r["bare_confirm_shared_c64"]
@@ -193,14 +275,72 @@ def report(results_path, benchmarks_path):
     def lat(x):
         return x["latency_us"]
 
-    def row(name, x, note=""):
-        cpu = x.get("client_cpu_us_per_call")
-        cpu = f"{cpu:,.0f}" if cpu else "–"
-        responder_cpu = x.get("responder_cpu_us_per_call")
-        responder_cpu = f"{responder_cpu:,.0f}" if responder_cpu else "–"
-        return (f"| {name} | {x['concurrency']} | {x['calls_per_sec']:,.0f} | {lat(x)['p50']:,.0f} | "
-                f"{lat(x)['p90']:,.0f} | {lat(x)['p99']:,.0f} | {lat(x)['max']:,.0f} | {cpu} | {responder_cpu} | "
-                f"{note} |")
+    def num(value):
+        return f"{value:,.0f}" if value else "–"
+
+    def row(name):
+        x, (caller, responder, queue_type, note) = r[name], ROWS[name]
+        if name.startswith("perftest_") and x.get("confirm_p50_us"):
+            note += f"; confirm p50 {x['confirm_p50_us']:,.0f} µs"
+        return (f"| {caller} → {responder} | {queue_type} | {x['concurrency']} | {x['calls_per_sec']:,.0f} | "
+                f"{num(lat(x)['p50'])} | {num(lat(x)['p90'])} | {num(lat(x)['p99'])} | {num(lat(x)['max'])} | "
+                f"{num(x.get('client_cpu_us_per_call'))} | {num(x.get('responder_cpu_us_per_call'))} | {note} |")
+
+    def warren_for(queue_type, in_flight):
+        return r["warren_c1" if queue_type == "quorum" else "warren_classic_c1"] if in_flight == 1 else \
+            r["warren_c64" if queue_type == "quorum" else "warren_classic_c64"]
+
+    def rounds_median(f):
+        """The median over rounds of f(round), leaving out rounds where a side measured no call."""
+        values = []
+        for i in range(len(bare1["rounds"])):
+            try:
+                values.append(f(i))
+            except ZeroDivisionError:
+                pass
+        return statistics.median(values) if values else None
+
+    # warren against each peer, paired by round (both measured in the same round), like the targets below.
+    peer_lines, behind = [], []
+    for name, (caller, responder, queue_type, note) in ROWS.items():
+        base = name.rsplit("_c", 1)[0].replace("_quorum", "").replace("_classic", "")
+        if base not in PEERS or name not in r:
+            continue
+        x = r[name]
+        w = warren_for(queue_type, x["concurrency"])
+        ratio = rounds_median(lambda i: w["rounds"][i]["calls_per_sec"] / x["rounds"][i]["calls_per_sec"])
+        p50 = rounds_median(lambda i: w["rounds"][i]["p50"] - x["rounds"][i]["p50"] if x["rounds"][i]["p50"]
+                            else 1 / 0)
+        if ratio is None or p50 is None:
+            peer_lines.append(f"| {caller} → {responder} | {queue_type} | {x['concurrency']} | – | – | "
+                              "no call measured |")
+            continue
+        # The targets: calls/s at 64 in flight, p50 at 1 (the tutorial pair runs at 1 only: both count there).
+        checks = []
+        if x["concurrency"] > 1 or name.startswith("tutorial_"):
+            checks.append(ratio >= 1)
+        if x["concurrency"] == 1:
+            checks.append(p50 <= 0)
+        verdict = "ahead" if all(checks) else "**behind**"
+        if not all(checks):
+            behind.append(f"{caller} → {responder} ({queue_type}, {x['concurrency']} in flight)")
+        peer_lines.append(f"| {caller} → {responder} | {queue_type} | {x['concurrency']} | {ratio:.2f}× | "
+                          f"{p50:+,.0f} | {verdict} |")
+    floor_lines = []
+    for queue_type in ("quorum", "classic"):
+        f1, f64 = r.get(f"perftest_{queue_type}_c1"), r.get(f"perftest_{queue_type}_c64")
+        if not (f1 and f64):
+            continue
+        w1_, w64_ = warren_for(queue_type, 1), warren_for(queue_type, 64)
+        if not (f1["calls_per_sec"] and f64["calls_per_sec"]):
+            continue
+        floor_lines.append(
+            f"- {queue_type.capitalize()}: warren's round trips at {w64_['concurrency']} in flight are "
+            f"**{rounds_median(lambda i: w64_['rounds'][i]['calls_per_sec'] / f64['rounds'][i]['calls_per_sec']):.0%}"
+            f"** of PerfTest's one-way messages/s ({f64['calls_per_sec']:,.0f}/s; each call is two messages, a "
+            f"request and a reply); warren's p50 round trip at 1 in flight is "
+            f"{rounds_median(lambda i: w1_['rounds'][i]['p50'] / f1['rounds'][i]['p50']):.1f}× PerfTest's one-way "
+            f"p50 ({num(lat(f1)['p50'])} µs; confirm p50 {num(f1.get('confirm_p50_us'))} µs).")
 
     # Paired by round: both sides of a ratio ran back to back, so drift on a shared machine cancels out; the
     # median over rounds then drops the rounds another process disturbed.
@@ -249,35 +389,22 @@ def report(results_path, benchmarks_path):
         "<!-- generated by scripts/bench-rpc: change the script, not this section -->",
         "",
         f"Measured by `scripts/bench-rpc` on {m['date']}: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, "
-        f"{m['kernel']}, RabbitMQ {m['rabbitmq']} on the same machine (127.0.0.1), {m['rustc']}; load average "
-        f"{m['load']} when the run ended. Every row comes from the same run against the same broker: {rounds} rounds, "
-        f"each variant once per round in rotated order, {r['duration']} measured after a {r['warmup']} warm-up; the "
+        f"{m['kernel']}, RabbitMQ {m['rabbitmq']} on the same machine (127.0.0.1), {m['rustc']}, Java "
+        f"{java_version()}, Python {python_version()}. Load (`/proc/loadavg`) before the measurements: "
+        f"`{m.get('loadavg_before', '?')}`, after: `{m.get('loadavg_after', '?')}`. Every row comes from the same run against the same broker: {rounds} rounds, "
+        f"each variant once per round in rotated order, {r['duration']} measured after a {r['warmup']} warm-up "
+        f"({r.get('jvm_warmup', r['warmup'])} for the JVM callers and PerfTest, which start cold); the "
         "table shows the median over the rounds (max: the largest), and each ratio below is the median of its "
         "per-round ratios (both sides measured back to back). The callers, the responders and RabbitMQ share "
         "the CPUs. Latency in µs, end to end (publish to reply received), closed loop: each of the N callers sends "
-        "its next call when its reply arrives. Every call echoes `[1,2]`; through a quorum queue (what warren "
-        "services use) unless the row says classic.",
+        "its next call when its reply arrives. Every call echoes `[1,2]` (aio-pika's patterns wrap it as the keyword "
+        "argument `args`, PerfTest sends its own 12-byte timestamped body); each peer on a quorum queue (what warren "
+        "services use) and on a classic one, except Nameko, which declares its queues itself and only as classic.",
         "",
-        "| caller → responder | in flight | calls/s | p50 | p90 | p99 | max | caller CPU µs/call | "
+        "| caller → responder | queue | in flight | calls/s | p50 | p90 | p99 | max | caller CPU µs/call | "
         "responder CPU µs/call | |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        row("bare lapin → bare lapin", bare1),
-        row("warren-client → bare lapin", wb1),
-        row("warren-client → warren-worker", w1),
-        row("bare lapin → bare lapin", bare64, "a channel per caller"),
-        row("bare lapin, one shared channel → bare lapin", shared64, "multiplexed like warren-client"),
-        row("bare lapin → bare lapin, reply confirmed before the ack", confirm1, "warren-worker's guarantee"),
-        row("bare lapin, one shared channel → bare lapin, reply confirmed before the ack", confirm64,
-            "warren-worker's guarantee"),
-        row("warren-client → bare lapin", wb64),
-        row("warren-client → warren-worker", w64),
-        row("tutorial pika → tutorial pika", py, "cannot pipeline: one call at a time"),
-        row("warren-client → warren-worker, classic queue", wc1),
-        row("warren-client → warren-worker, classic queue", wc64),
-        row("tutorial pika → tutorial pika, classic queue", py_classic, "as in the tutorial"),
-        row("Python SDK AsyncClient → Python SDK responder", sdk1),
-        row("Python SDK blocking Client → Python SDK responder", sdk_blocking1, "`warren.call` from one thread"),
-        row("Python SDK AsyncClient → Python SDK responder", sdk64, "one connection, calls multiplexed"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[row(name) for name in ROWS if name in r],
         "",
         "*Caller CPU µs/call* is the CPU time (user + system, every thread, lapin's I/O thread included) the caller "
         "process spent per call in the measured window: what the client itself costs, which moves far less with "
@@ -287,6 +414,27 @@ def report(results_path, benchmarks_path):
         "",
         *[f"**Warning:** {name} had {x['errors']} failed calls in this run; its numbers are suspect."
           for name, x in r.items() if isinstance(x, dict) and x.get("errors")],
+        *[f"**Warning:** {name} measured no call in at least one round (its caller did not get going within the "
+          "warm-up, or every call failed); its numbers are suspect."
+          for name, x in r.items() if isinstance(x, dict) and any(not y["calls_per_sec"] for y in x.get("rounds", []))],
+        "Warren against each peer, on the same queue type and at the same number of calls in flight (warren-client "
+        "→ warren-worker; each figure the median of its per-round comparisons, both sides measured in the same "
+        "round). The issue's targets: warren's calls/s ≥ every peer's at 64 in flight, and its p50 ≤ every peer's "
+        "at 1 in flight.",
+        "",
+        "| peer | queue | in flight | warren calls/s ÷ peer's | warren p50 − peer's (µs) | warren |",
+        "|---|---|---:|---:|---:|---|",
+        *peer_lines,
+        "",
+        ("Warren is behind: " + "; ".join(behind) + "." if behind else "Warren is ahead of every peer here."),
+        "",
+        "RabbitMQ PerfTest, the broker's own floor (one producer and one consumer in one JVM, publisher confirms "
+        "bounding the messages in flight, consumer prefetch 64 like every responder; its latency is one way, publish to delivery, "
+        "and its rate the consumer's; the median over the rounds of each round's per-second figures after the "
+        "warm-up):",
+        "",
+        *floor_lines,
+        "",
         "Against the design's targets:",
         "",
         f"- Throughput at {w64['concurrency']} in flight: warren (client + worker) = **{throughput_ratio:.0%}** of the "
@@ -350,7 +498,27 @@ def report(results_path, benchmarks_path):
         "(run in its thread pool) with prefetch 64 on a quorum queue it declared, its caller either the AsyncClient "
         "(N concurrent calls on one connection) or the blocking `warren.Client` from one thread.",
         "",
-        "Reproduce with `scripts/bench-rpc` (about 10 minutes after the release build). On a small machine shared with "
+        "The peers (their code under `bench/`, written for this benchmark, each as its documentation shows it; "
+        "built and installed by the script, Maven's repository and the venvs cached under `~/.cache/warren`): "
+        "*Java RpcClient / RpcServer* are the RabbitMQ Java client's (`com.rabbitmq:amqp-client`) own RPC classes "
+        "(`bench/java/.../JavaRpcPeer.java`): an `RpcServer` subclass echoing in `handleCall`, prefetch 64, acking "
+        "after the reply; one `RpcClient` on direct reply-to (its default) shared by the calling threads. *Spring* "
+        "is Spring AMQP without Spring Boot (`spring-rabbit`, `SpringPeer.java`): a "
+        "`DirectMessageListenerContainer` (prefetch 64) with a `MessageListenerAdapter` around a POJO's "
+        "`handleMessage(byte[])`, the callers `RabbitTemplate.convertSendAndReceive` from N threads (the "
+        "connection factory's channel cache raised to N) or `AsyncRabbitTemplate` with N calls in flight, both on "
+        "direct reply-to (their default). *aio-pika RPC / JsonRPC* are `aio_pika.patterns` (`bench/python/"
+        "aiopika_rpc.py`): `RPC.create(channel)`, `register` (prefetch 64) and `rpc.proxy.METHOD(args=[1,2])`, on "
+        "channels with publisher confirms (aio-pika's default) and a reply queue of the pattern's own. *Nameko* "
+        "(`bench/python/nameko_rpc.py`, Nameko on eventlet, Python 3.11) is a service with an `@rpc echo` run by a "
+        "`ServiceRunner` with `max_workers` 64 and a standalone `ClusterRpcProxy` as caller; Nameko declares its "
+        "queue itself as a durable classic queue and cannot use a quorum one (a quorum queue declared in advance "
+        "makes its declare fail), and its standalone proxy reads replies in the calling green thread, so its 64 "
+        "in flight are pipelined `call_async` calls collected oldest first. *PerfTest* is `com.rabbitmq:perf-test` "
+        "(`bench/perftest.py` runs it and reads its per-second lines): `-x 1 -y 1 -c N -q 64` (`-qq` for quorum) on a "
+        "fresh queue each run.",
+        "",
+        "Reproduce with `scripts/bench-rpc [--json FILE]` (about 16 to 20 minutes after the builds with 3 rounds). On a small machine shared with "
         "other work the numbers move from run to run: compare rows of one run, not runs.",
         "",
     ]
@@ -366,6 +534,22 @@ def report(results_path, benchmarks_path):
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     open(benchmarks_path, "w").write(text)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(json_rows(r), out, indent=1)
+            out.write("\n")
+
+
+def java_version():
+    try:
+        out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30).stderr
+        return re.search(r'version "([^"]+)"', out).group(1)
+    except (OSError, AttributeError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def python_version():
+    return ".".join(map(str, sys.version_info[:3]))
 
 
 def main(argv):
@@ -382,7 +566,7 @@ def main(argv):
     elif command == "delete-queues":
         delete_queues(args)
     elif command == "report":
-        report(args[0], args[1])
+        report(*args[:3])
     else:
         sys.exit(__doc__)
 
