@@ -98,13 +98,14 @@ node-test: build
 	$(call step,Node.js interop tests (tests/node))
 	$(WITH_ENV) WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug tests/node/run $(NODE_TEST_FLAGS)
 
-# The user's path on a real node (tests/tests/node.rs): the node, the images from the Dockerfile loaded into it,
-# helm, then the ignored node tests.
+# The user's path on a real node (tests/tests/node.rs): the node, the images from the Dockerfile and the Python SDK's
+# example responder (sdk/python/Dockerfile) loaded into it, helm, then the ignored node tests.
 test-node: build
 	$(call step,the user's path on a real node (scripts/env up --node, scripts/build-images, helm install))
 	eval "$$(scripts/env up --node)"; \
 	chart_set=$$(scripts/build-images | tr '\n' ' '); \
-	WARREN_CHART_SET="$$chart_set" WARREN_HELM=$$(scripts/build-helm) \
+	python_image=$$(scripts/build-images --python-only --no-import); \
+	WARREN_CHART_SET="$$chart_set" WARREN_PYTHON_EXAMPLE_IMAGE="$$python_image" WARREN_HELM=$$(scripts/build-helm) \
 	  $(CARGO) test $(CARGO_FLAGS) -p warren-tests --test node -- --ignored --test-threads=1 --nocapture
 
 # helm lint + template, the rendered manifests validated by the real API server (server-side dry run), the RBAC

@@ -7,7 +7,8 @@
 //! - `WARREN_CHART_SET`: the `--set` flags `scripts/build-images` printed (the images it loaded into the node);
 //! - `WARREN_HELM`: the helm binary (`scripts/build-helm`);
 //! - `WARREN_POD_BROKER_URI`, `WARREN_POD_MANAGEMENT_URI`: the broker as pods reach it (`scripts/env up --node`);
-//! - `CONTAINERD_ADDRESS`: the node's containerd socket, to kill a container the way a crash would.
+//! - `CONTAINERD_ADDRESS`: the node's containerd socket, to kill a container the way a crash would;
+//! - `WARREN_PYTHON_EXAMPLE_IMAGE`: the Python SDK's example responder (`scripts/build-images --python-only`).
 //!
 //! Every namespace enforces the `restricted` Pod Security Standard, so the operator's pod and every worker pod it
 //! creates is admitted under it, or the test fails.
@@ -43,7 +44,8 @@ fn repo_root() -> PathBuf {
 }
 
 fn required_env(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set: run these tests with `make test-node`"))
+    let value = std::env::var(name).ok().filter(|v| !v.is_empty());
+    value.with_context(|| format!("{name} is not set: run these tests with `make test-node`"))
 }
 
 /// Runs a command, failing with its output when it fails; returns stdout.
@@ -265,11 +267,26 @@ async fn record_pods(client: Client, namespace: String, deployment: String, log:
     }
 }
 
+/// `warren bench` of `sleep` for SLEEP_MS at a fixed rate.
 fn bench(queue: &str, rate: f64, duration: Duration, concurrency: usize) -> tokio::process::Command {
+    bench_calls(queue, "sleep", &format!("{{\"ms\":{SLEEP_MS}}}"), Some(rate), duration, concurrency)
+}
+
+/// `warren bench` of any method; without a rate, as fast as `concurrency` calls in flight allow.
+fn bench_calls(
+    queue: &str,
+    method: &str,
+    params: &str,
+    rate: Option<f64>,
+    duration: Duration,
+    concurrency: usize,
+) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(warren_tests::bin_path("warren"));
-    cmd.args(["bench", queue, "sleep", &format!("{{\"ms\":{SLEEP_MS}}}")])
-        .args(["--concurrency", &concurrency.to_string(), "--rate", &rate.to_string()])
-        .args(["--duration", &format!("{}ms", duration.as_millis()), "--timeout", "90s", "--json"])
+    cmd.args(["bench", queue, method, params]).args(["--concurrency", &concurrency.to_string()]);
+    if let Some(rate) = rate {
+        cmd.args(["--rate", &rate.to_string()]);
+    }
+    cmd.args(["--duration", &format!("{}ms", duration.as_millis()), "--timeout", "90s", "--json"])
         .env("WARREN_BROKER_URI", warren_tests::broker_uri())
         .kill_on_drop(true);
     cmd
@@ -308,6 +325,37 @@ async fn rpcservice_runs_scales_and_survives_on_real_pods() -> anyhow::Result<()
     ns.cleanup().await
 }
 
+fn kubectl_apply(manifest: &str) -> anyhow::Result<()> {
+    let mut cmd = cluster::kubectl();
+    cmd.args(["apply", "-f", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, manifest.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "kubectl apply failed");
+    Ok(())
+}
+
+/// The containerd id of a pod's container, as `ctr` names it.
+fn container_id(pod: &Pod, container: &str) -> anyhow::Result<String> {
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == container))
+        .and_then(|c| c.container_id.clone())
+        .with_context(|| format!("the id of container {container} of pod {}", pod.name_any()))?;
+    Ok(id.trim_start_matches("containerd://").to_owned())
+}
+
+/// Kills a container through the runtime, the way a crash would.
+fn sigkill(container_id: &str) -> anyhow::Result<()> {
+    let mut ctr = Command::new("ctr");
+    ctr.args(["-a", &required_env("CONTAINERD_ADDRESS")?, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL"])
+        .arg(container_id);
+    run(ctr)?;
+    Ok(())
+}
+
 async fn real_pods(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow::Result<()> {
     let release = Release::install("warren-rpc", ns.name())?;
     assert_operator_identity(client, &release).await?;
@@ -330,12 +378,7 @@ spec:
         ns = ns.name()
     );
     let applied = Instant::now();
-    let mut cmd = cluster::kubectl();
-    cmd.args(["apply", "-f", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
-    let mut child = cmd.spawn()?;
-    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, manifest.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "kubectl apply failed");
+    kubectl_apply(&manifest)?;
 
     let services: Api<RpcService> = ns.api();
     let pods: Api<Pod> = ns.api();
@@ -457,24 +500,14 @@ spec:
     })
     .await?;
     let victim = pods.list(&workers).await?.items.into_iter().find(pod_ready).context("a worker pod")?;
-    let container_id = victim
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == "worker"))
-        .and_then(|c| c.container_id.clone())
-        .context("worker container id")?;
-    let container_id = container_id.trim_start_matches("containerd://").to_owned();
+    let container_id = container_id(&victim, "worker")?;
     let restarts_before = restarts(&victim);
     let kill_load = Duration::from_secs(20);
     let mut kill_cmd = bench(queue, 40.0, kill_load, 500);
     let kill_run = tokio::spawn(async move { finish_bench(&mut kill_cmd, kill_load + WAIT).await });
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before_kill = broker::queue("/", queue).await?.context("queue")?;
-    let mut ctr = Command::new("ctr");
-    ctr.args(["-a", &required_env("CONTAINERD_ADDRESS")?, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL"])
-        .arg(&container_id);
-    run(ctr)?;
+    sigkill(&container_id)?;
     let killed_at = Instant::now();
     eprintln!("killed container {} of pod {} with SIGKILL", &container_id[..12], victim.name_any());
     let (k_calls, k_ok, k_errors, k_report) = kill_run.await??;
@@ -538,4 +571,281 @@ fn print_pod_timeline(step: Instant, log: &PodLog) {
         };
         eprintln!("  {name:<40} {:>7} {:>7} {:>7} {:>7}  {start}", t(*seen), t(*running), t(*ready), t(*gone));
     }
+}
+
+// --- a responder written with the Python SDK, in its own container ----------------------------------------------
+
+/// The name of the responder container in the Python service's pods (`handler.container.name`).
+const PY_CONTAINER: &str = "responder";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the node and the images: make test-node"]
+async fn python_sdk_responder_runs_scales_and_survives_on_real_pods() -> anyhow::Result<()> {
+    let _broker = broker::shared().await;
+    let image = required_env("WARREN_PYTHON_EXAMPLE_IMAGE")?;
+    let client = cluster::client().await?;
+    let ns = restricted_namespace(&client, "node-py").await?;
+    let queue = format!("{}.calculator", ns.name());
+    let result = python_responder_pods(&client, &ns, &queue, &image).await;
+    broker::delete_queue("/", &queue).await?;
+    broker::delete_queue("/", &format!("{queue}.dead")).await?;
+    result?;
+    ns.cleanup().await
+}
+
+/// GET of one of the responder's own endpoints on a pod's IP (the host reaches the pod network, as the kubelet's
+/// probes do); returns (status, body).
+async fn responder_endpoint(pod: &Pod, path: &str) -> anyhow::Result<(u16, String)> {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).context("pod IP")?;
+    let response = reqwest::Client::new()
+        .get(format!("http://{ip}:9090{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("GET {path} on pod {} ({ip})", pod.name_any()))?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+async fn python_responder_pods(client: &Client, ns: &TestNamespace, queue: &str, image: &str) -> anyhow::Result<()> {
+    let release = Release::install("warren-py", ns.name())?;
+
+    // --- an RpcService whose pods run the Python responder image itself (handler.container) --------------------
+    let manifest = format!(
+        r#"apiVersion: warren.dev/v1alpha1
+kind: RpcService
+metadata: {{ name: calculator, namespace: {ns} }}
+spec:
+  broker: {{ secretRef: {{ name: rabbitmq }} }}
+  worker:
+    handler: {{ container: {{ name: {PY_CONTAINER}, image: "{image}" }} }}
+    prefetch: {PREFETCH}
+    terminationGracePeriodSeconds: 30
+  scaling:
+    minReplicas: 1
+    maxReplicas: {MAX_REPLICAS}
+    targetQueueDelaySeconds: 2
+    scaleDownDelaySeconds: {SCALE_DOWN_DELAY_S}
+    perReplicaThroughputHint: 30
+"#,
+        ns = ns.name()
+    );
+    let applied = Instant::now();
+    kubectl_apply(&manifest)?;
+    let services: Api<RpcService> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let responders = ListParams::default().labels("app.kubernetes.io/managed-by=warren-operator");
+    let first = wait_for("a Ready responder pod", WAIT, || async {
+        Ok(pods.list(&responders).await?.items.into_iter().find(pod_ready))
+    })
+    .await?;
+    eprintln!("kubectl apply → first Python responder pod Ready: {:.1}s", applied.elapsed().as_secs_f64());
+    wait_for("the RpcService Ready", WAIT, || async {
+        let status = services.get("calculator").await?.status.unwrap_or_default();
+        Ok(status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(()))
+    })
+    .await?;
+    wait_for("the responder's consumer on the queue", WAIT, || async {
+        Ok(broker::queue("/", queue).await?.filter(|q| q["consumers"].as_u64() == Some(1)).map(|_| ()))
+    })
+    .await?;
+    println!("{}", kubectl(&["get", "pods", "-n", ns.name(), "-o", "wide"])?);
+
+    // The pod is the user's image alone, under the operator's restricted security context, and its readiness is the
+    // SDK's /readyz: the probe points there, and the endpoint answers 200 while the responder consumes.
+    let spec = first.spec.clone().context("pod spec")?;
+    ensure!(spec.containers.len() == 1, "{} containers in the responder pod", spec.containers.len());
+    let container = &spec.containers[0];
+    ensure!(container.name == PY_CONTAINER && container.image.as_deref() == Some(image), "container {container:?}");
+    let readiness = container.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).context("readiness probe")?;
+    ensure!(readiness.path.as_deref() == Some("/readyz"), "readiness probe {readiness:?}");
+    let security = container.security_context.clone().unwrap_or_default();
+    ensure!(
+        security.read_only_root_filesystem == Some(true) && security.run_as_user == Some(65532),
+        "security context {security:?}"
+    );
+    let (ready_status, ready_body) = responder_endpoint(&first, "/readyz").await?;
+    eprintln!("pod {}: GET /readyz → {ready_status} {}", first.name_any(), ready_body.trim());
+    ensure!(ready_status == 200, "/readyz answered {ready_status}");
+    let logs = kubectl(&["logs", "-n", ns.name(), &first.name_any(), "-c", PY_CONTAINER])?;
+    eprintln!("responder log (first lines):\n{}", logs.lines().take(4).collect::<Vec<_>>().join("\n"));
+
+    // --- calls: `warren call` and the Rust client get the Python responder's answers ----------------------------
+    let mut call = Command::new(warren_tests::bin_path("warren"));
+    call.args(["call", queue, "add", "[1, 2]", "--timeout", "30s"])
+        .env("WARREN_BROKER_URI", warren_tests::broker_uri());
+    let answer = run(call)?;
+    eprintln!("warren call {queue} add [1, 2] → {}", answer.trim());
+    ensure!(answer.trim() == "3", "add(1, 2) answered {answer:?}");
+
+    let caller = warren_client::Client::connect(&warren_tests::broker_uri()).await?;
+    let timeout = Duration::from_secs(30);
+    let remote_code = |result: Result<Value, warren_client::CallError>| match result {
+        Err(warren_client::CallError::Remote { code, .. }) => Ok(code),
+        other => Err(anyhow::anyhow!("expected an error reply, got {other:?}")),
+    };
+    let named = caller.call(queue, Some("add"), json!({ "a": 1.5, "b": 2 }), timeout).await?;
+    ensure!(named == json!(3.5), "add(a=1.5, b=2) answered {named}");
+    let codes = [
+        remote_code(caller.call(queue, Some("divide"), json!([1, 0]), timeout).await)?,
+        remote_code(caller.call(queue, Some("add"), json!([1, 2, 3]), timeout).await)?,
+        remote_code(caller.call(queue, Some("no_such_method"), json!([]), timeout).await)?,
+    ];
+    eprintln!("error replies: divide(1, 0), add(1, 2, 3), no_such_method() → {codes:?}");
+    ensure!(codes == ["handler_error", "bad_request", "unknown_method"], "error codes {codes:?}");
+
+    // A burst on one connection: every answer is the right sum.
+    let burst = 1000;
+    let started = Instant::now();
+    let answers =
+        futures::future::join_all((0..burst).map(|i| caller.call(queue, Some("add"), json!([i, i]), timeout))).await;
+    let wrong = answers.iter().enumerate().filter(|(i, a)| a.as_ref().ok() != Some(&json!(2 * i))).count();
+    eprintln!(
+        "burst: {burst} concurrent add(i, i) calls, {} right answers, {wrong} wrong or failed, in {:.2}s",
+        burst - wrong,
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(wrong == 0, "{wrong} of {burst} calls in the burst were not answered 2i");
+    let (calls, ok, errors, report) =
+        finish_bench(&mut bench_calls(queue, "add", "[1, 2]", None, Duration::from_secs(5), 64), WAIT).await?;
+    eprintln!(
+        "warren bench add, 64 in flight for 5 s: {calls} calls, {ok} answered, {errors} errors, {} calls/s",
+        report["calls_per_sec"]
+    );
+    ensure!(errors == 0 && ok == calls, "calls failed in the bench: {report}");
+
+    let deployment_name = kubectl(&[
+        "get",
+        "deployments",
+        "-n",
+        ns.name(),
+        "-l",
+        "app.kubernetes.io/managed-by=warren-operator",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let log: Arc<Mutex<PodLog>> = Arc::default();
+    let recorder =
+        tokio::spawn(record_pods(client.clone(), ns.name().to_owned(), deployment_name.clone(), log.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // --- a load step: the operator scales the Python pods from the queue, as for warren-worker -----------------
+    let rate = 100.0;
+    let load = Duration::from_secs(30);
+    let step = Instant::now();
+    let (calls, ok, errors, report) = finish_bench(&mut bench(queue, rate, load, 1000), load + WAIT).await?;
+    eprintln!("step load (sleep {SLEEP_MS} ms at {rate}/s): {calls} calls, {ok} answered, {errors} errors: {report}");
+    ensure!(errors == 0 && ok == calls, "calls were lost or failed under the step: {report}");
+    let peak = log.lock().unwrap().desired.iter().filter(|(at, _)| *at >= step).map(|(_, r)| *r).max().unwrap_or(0);
+    eprintln!("peak replicas under the step: {peak}");
+    ensure!((2..=MAX_REPLICAS).contains(&peak), "peak replicas {peak}");
+
+    // --- scale-in under a trickle: the kubelet's SIGTERM drains the Python responders, every call answered ------
+    let trickle = Duration::from_secs(SCALE_DOWN_DELAY_S as u64 + 40);
+    let trickle_start = Instant::now();
+    let mut trickle_cmd = bench(queue, 10.0, trickle, 100);
+    let trickle_run = tokio::spawn(async move { finish_bench(&mut trickle_cmd, trickle + WAIT).await });
+    wait_for("scale-in to one responder pod", WAIT, || async {
+        let running =
+            pods.list(&responders).await?.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count();
+        Ok((running == 1).then_some(()))
+    })
+    .await?;
+    let (t_calls, t_ok, t_errors, t_report) = trickle_run.await??;
+    let terminated = {
+        let log = log.lock().unwrap();
+        log.pods.values().filter(|t| t[3].is_some_and(|at| at >= trickle_start)).count()
+    };
+    eprintln!(
+        "scale-in under a trickle: {terminated} pods terminated (SIGTERM); {t_calls} calls, {t_ok} answered, \
+         {t_errors} errors"
+    );
+    ensure!(t_errors == 0 && t_ok == t_calls, "calls were lost or failed during scale-in: {t_report}");
+    ensure!(terminated > 0, "no pod was terminated during the scale-in");
+
+    // --- two responders: both answer; one SIGKILLed under load, restarted, its requests answered by the other ---
+    services
+        .patch(
+            "calculator",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "scaling": { "minReplicas": 2 } } })),
+        )
+        .await?;
+    let ready: Vec<Pod> = wait_for("two Ready responder pods", WAIT, || async {
+        let ready: Vec<Pod> = pods
+            .list(&responders)
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| pod_ready(p) && p.metadata.deletion_timestamp.is_none())
+            .collect();
+        Ok((ready.len() == 2).then_some(ready))
+    })
+    .await?;
+    let mut answered_by: BTreeMap<String, usize> = BTreeMap::new();
+    let hostnames =
+        futures::future::join_all((0..200).map(|_| caller.call(queue, Some("hostname"), json!([]), timeout)));
+    for name in hostnames.await {
+        *answered_by.entry(name?.as_str().unwrap_or_default().to_owned()).or_default() += 1;
+    }
+    eprintln!("200 hostname() calls answered by: {answered_by:?}");
+    let ready_names: Vec<String> = ready.iter().map(|p| p.name_any()).collect();
+    ensure!(
+        answered_by.keys().all(|name| ready_names.contains(name)) && answered_by.len() == 2,
+        "answers came from {answered_by:?}, the Ready pods are {ready_names:?}"
+    );
+
+    let victim = ready[0].clone();
+    let id = container_id(&victim, PY_CONTAINER)?;
+    let restarts_before = restarts(&victim);
+    let kill_load = Duration::from_secs(20);
+    let mut kill_cmd = bench(queue, 40.0, kill_load, 500);
+    let kill_run = tokio::spawn(async move { finish_bench(&mut kill_cmd, kill_load + WAIT).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before_kill = broker::queue("/", queue).await?.context("queue")?;
+    sigkill(&id)?;
+    let killed_at = Instant::now();
+    eprintln!("killed container {} of pod {} with SIGKILL", &id[..12], victim.name_any());
+    let (k_calls, k_ok, k_errors, k_report) = kill_run.await??;
+    eprintln!("SIGKILL under load: {k_calls} calls, {k_ok} answered, {k_errors} errors");
+    ensure!(k_errors == 0 && k_ok == k_calls, "calls were lost or failed when a responder was killed: {k_report}");
+    let restarted = wait_for("the killed responder restarted and Ready", WAIT, || async {
+        let pod = pods.get(&victim.name_any()).await?;
+        Ok((restarts(&pod) > restarts_before && pod_ready(&pod)).then_some(pod))
+    })
+    .await?;
+    eprintln!(
+        "the kubelet restarted the killed Python responder; Ready again {:.1}s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let (status, metrics) = responder_endpoint(&restarted, "/metrics").await?;
+    let consuming = metrics.lines().find(|l| l.starts_with("warren_worker_consuming ")).unwrap_or("-");
+    eprintln!("restarted pod: GET /metrics → {status}, {consuming}");
+    let after = wait_for("the queue drained", WAIT, || async {
+        let q = broker::queue("/", queue).await?.context("queue")?;
+        let drained = q["messages_ready"].as_u64() == Some(0) && q["messages_unacknowledged"].as_u64() == Some(0);
+        Ok(drained.then_some(q))
+    })
+    .await?;
+    eprintln!(
+        "queue across the kill: redelivered {} (requests the killed responder held), dead-lettered {}",
+        stat(&after, "redeliver") - stat(&before_kill, "redeliver"),
+        broker::queue("/", &format!("{queue}.dead")).await?.map_or(0, |q| q["messages"].as_u64().unwrap_or(0))
+    );
+
+    recorder.abort();
+    print_pod_timeline(step, &log.lock().unwrap());
+
+    // --- deleting the RpcService: its Deployment and pods are garbage-collected ---------------------------------
+    kubectl(&["delete", "rpcservice", "calculator", "-n", ns.name(), "--timeout=60s"])?;
+    let deployments: Api<Deployment> = ns.api();
+    wait_for("the responder Deployment garbage-collected", WAIT, || async {
+        Ok(deployments.get_opt(&deployment_name).await?.is_none().then_some(()))
+    })
+    .await?;
+    wait_for("the responder pods gone", WAIT, || async {
+        Ok(pods.list(&responders).await?.items.is_empty().then_some(()))
+    })
+    .await?;
+    release.uninstall()?;
+    Ok(())
 }
