@@ -268,6 +268,28 @@ async fn record_pods(client: Client, namespace: String, deployment: String, log:
 }
 
 /// `warren bench` of `sleep` for SLEEP_MS at a fixed rate.
+/// The worker Deployment the operator made in `ns`, and a recorder of its desired replicas and pods (abort it when done).
+async fn record_worker_pods(
+    client: &Client,
+    ns: &TestNamespace,
+) -> anyhow::Result<(String, Arc<Mutex<PodLog>>, tokio::task::JoinHandle<()>)> {
+    let deployment_name = kubectl(&[
+        "get",
+        "deployments",
+        "-n",
+        ns.name(),
+        "-l",
+        "app.kubernetes.io/managed-by=warren-operator",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let log: Arc<Mutex<PodLog>> = Arc::default();
+    let recorder =
+        tokio::spawn(record_pods(client.clone(), ns.name().to_owned(), deployment_name.clone(), log.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok((deployment_name, log, recorder))
+}
+
 fn bench(queue: &str, rate: f64, duration: Duration, concurrency: usize) -> tokio::process::Command {
     bench_calls(queue, "sleep", &format!("{{\"ms\":{SLEEP_MS}}}"), Some(rate), duration, concurrency)
 }
@@ -407,20 +429,7 @@ spec:
     eprintln!("warren call {queue} add [1, 2] → {}", answer.trim());
     ensure!(answer.trim() == "3", "add(1, 2) answered {answer:?}");
 
-    let deployment_name = kubectl(&[
-        "get",
-        "deployments",
-        "-n",
-        ns.name(),
-        "-l",
-        "app.kubernetes.io/managed-by=warren-operator",
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])?;
-    let log: Arc<Mutex<PodLog>> = Arc::default();
-    let recorder =
-        tokio::spawn(record_pods(client.clone(), ns.name().to_owned(), deployment_name.clone(), log.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (deployment_name, log, recorder) = record_worker_pods(client, ns).await?;
 
     // --- a load step: the operator scales up, the kubelet starts real containers ----------------------------------
     // 2.5× one worker's capacity for 30 s: the pool must grow to about 3 (at most MAX_REPLICAS).
@@ -713,20 +722,7 @@ spec:
     );
     ensure!(errors == 0 && ok == calls, "calls failed in the bench: {report}");
 
-    let deployment_name = kubectl(&[
-        "get",
-        "deployments",
-        "-n",
-        ns.name(),
-        "-l",
-        "app.kubernetes.io/managed-by=warren-operator",
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])?;
-    let log: Arc<Mutex<PodLog>> = Arc::default();
-    let recorder =
-        tokio::spawn(record_pods(client.clone(), ns.name().to_owned(), deployment_name.clone(), log.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (deployment_name, log, recorder) = record_worker_pods(client, ns).await?;
 
     // --- a load step: the operator scales the Python pods from the queue, as for warren-worker -----------------
     let rate = 100.0;
