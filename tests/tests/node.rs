@@ -96,6 +96,75 @@ async fn restricted_namespace(client: &Client, prefix: &str) -> anyhow::Result<T
     Ok(ns)
 }
 
+/// What the node shows when a release does not become Ready: the namespace's pods and events, the node, and the
+/// tails of the kubelet's and containerd's logs (CI keeps only the test output).
+fn node_diagnostics(namespace: &str) -> String {
+    let mut report = format!("helm install in {namespace} did not become Ready; what the node shows:");
+    let commands: [&[&str]; 3] = [
+        &["get", "nodes,pods,events", "-n", namespace, "-o", "wide"],
+        &["describe", "pods", "-n", namespace],
+        &["get", "pods", "-A", "-o", "wide"],
+    ];
+    for args in commands {
+        let shown = match kubectl(args) {
+            Ok(out) => out,
+            Err(error) => format!("{error:#}"),
+        };
+        report.push_str(&format!("\n--- kubectl {}\n{shown}", args.join(" ")));
+    }
+    let state = PathBuf::from(cluster::kubeconfig_path()).parent().map(PathBuf::from).unwrap_or_default();
+    for (log, lines) in [("kubelet.log", 80), ("containerd.log", 40)] {
+        let path = state.join(log);
+        let tail = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(error) => format!("cannot read: {error}"),
+        };
+        report.push_str(&format!("\n--- last {lines} lines of {}\n{tail}", path.display()));
+    }
+    report
+}
+
+/// Deletes what killed runs left: the chart's cluster-scoped RBAC whose release namespace is gone, and test
+/// namespaces older than an hour (no node test runs that long), with any operator still running in them.
+fn sweep_leftover_releases() -> anyhow::Result<()> {
+    let stale_after = chrono::Duration::hours(1);
+    let template = r#"{range .items[*]}{.metadata.name} {.metadata.creationTimestamp}{"\n"}{end}"#;
+    let listed = kubectl(&["get", "namespaces", "-l", cluster::TEST_LABEL, "-o", &format!("jsonpath={template}")])?;
+    let mut removed = Vec::new();
+    for line in listed.lines() {
+        let Some((name, created)) = line.split_once(' ') else { continue };
+        let Ok(created) = chrono::DateTime::parse_from_rfc3339(created) else { continue };
+        let age = chrono::Utc::now().signed_duration_since(created);
+        if name.starts_with("node-") && age > stale_after {
+            eprintln!("removing test namespace {name}, left by a killed run {} min ago", age.num_minutes());
+            kubectl(&["delete", "namespace", name, "--wait=false", "--ignore-not-found"])?;
+            removed.push(name.to_string());
+        }
+    }
+    let live: Vec<String> = kubectl(&["get", "namespaces", "-o", "jsonpath={.items[*].metadata.name}"])?
+        .split_whitespace()
+        .filter(|name| !removed.iter().any(|r| r == name))
+        .map(String::from)
+        .collect();
+    let template = r#"{range .items[*]}{.metadata.name} {.metadata.annotations.meta\.helm\.sh/release-namespace}{"\n"}{end}"#;
+    for kind in ["clusterrole", "clusterrolebinding"] {
+        let listed = kubectl(&["get", kind, "-l", "app.kubernetes.io/name=warren", "-o", &format!("jsonpath={template}")])?;
+        for line in listed.lines() {
+            if let Some((name, namespace)) = line.split_once(' ')
+                && namespace.starts_with("node-")
+                && !live.iter().any(|n| n == namespace)
+            {
+                eprintln!("removing {kind} {name}, left by a killed run (namespace {namespace} is gone)");
+                kubectl(&["delete", kind, name, "--ignore-not-found"])?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A helm release of the chart in `charts/warren`, watching its own namespace only, with the images the node has.
 /// Dropped without [`Release::uninstall`] (a failed test), it is uninstalled so no operator is left behind.
 struct Release {
@@ -105,18 +174,26 @@ struct Release {
 }
 
 impl Release {
-    fn install(name: &str, namespace: &str) -> anyhow::Result<Self> {
+    /// Installs `<prefix>-<the namespace's random suffix>`: the chart's ClusterRole and ClusterRoleBinding are named
+    /// after the release, so a run that was killed before its cleanup cannot collide with the next one.
+    fn install(prefix: &str, namespace: &str) -> anyhow::Result<Self> {
+        sweep_leftover_releases()?;
+        let suffix = namespace.rsplit('-').next().unwrap_or(namespace);
+        let name = format!("{prefix}-{suffix}");
         let chart = repo_root().join("charts/warren");
         let set = required_env("WARREN_CHART_SET")?;
-        let mut args: Vec<String> = vec!["install".into(), name.into(), chart.display().to_string()];
+        let mut args: Vec<String> = vec!["install".into(), name.clone(), chart.display().to_string()];
         args.extend(["--namespace", namespace, "--wait", "--timeout", "180s"].map(String::from));
         args.extend(set.split_whitespace().map(String::from));
         args.extend(["--set", &format!("watchNamespace={namespace}")].map(String::from));
         args.extend(["--set", "extraArgs={--poll-interval=1s}"].map(String::from));
+        // Made before installing, so a release that never became Ready is uninstalled too (its cluster-scoped RBAC).
+        let release = Self { name: name.clone(), namespace: namespace.into(), uninstalled: false };
         let started = Instant::now();
-        helm(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .map_err(|error| error.context(node_diagnostics(namespace)))?;
         eprintln!("helm install {name}: deployed and Ready in {:.1}s", started.elapsed().as_secs_f64());
-        Ok(Self { name: name.into(), namespace: namespace.into(), uninstalled: false })
+        Ok(release)
     }
 
     fn selector(&self) -> String {
