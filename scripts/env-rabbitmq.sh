@@ -50,8 +50,8 @@ tree_mounts_up() {
 tree_mounts_down() {
   local tree=$1
   [[ -n $tree && $tree != - ]] || return 0
-  mountpoint -q "$tree/dev" && { as_root umount -R "$tree/dev" || as_root umount -lR "$tree/dev"; }
-  mountpoint -q "$tree/proc" && { as_root umount "$tree/proc" || as_root umount -l "$tree/proc"; }
+  mountpoint -q "$tree/dev" && { as_root umount -R "$tree/dev" 2>/dev/null || as_root umount -lR "$tree/dev"; }
+  mountpoint -q "$tree/proc" && { as_root umount "$tree/proc" 2>/dev/null || as_root umount -l "$tree/proc"; }
   return 0
 }
 
