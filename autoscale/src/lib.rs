@@ -46,6 +46,8 @@ pub struct Autoscaler {
     rates: RateTracker,
     state: PolicyState,
     window_started: bool,
+    /// The last poll's figures and rates: what a probe between polls updates the backlog of.
+    last_polled: Option<ObservedQueue>,
 }
 
 impl Autoscaler {
@@ -58,6 +60,7 @@ impl Autoscaler {
                 ..PolicyState::default()
             },
             window_started: false,
+            last_polled: None,
         }
     }
 
@@ -69,10 +72,32 @@ impl Autoscaler {
 
     /// One poll's sample (`None`: management API down or queue missing) → what the policy decides on.
     pub fn observe(&mut self, sample: Option<QueueSample>, now: f64) -> Observation {
-        match sample {
-            Some(sample) => Observation { at: now, queue: Some(self.rates.push(sample)) },
-            None => Observation::unavailable(now),
+        let queue = sample.map(|sample| self.rates.push(sample));
+        self.last_polled = queue;
+        Observation { at: now, queue }
+    }
+
+    /// Between polls, a fresher look at the queue (a passive `queue.declare`: requests ready and consumers, no
+    /// counters) with the last poll's rates. Decides on it like a poll, except that μ and the recurrence learn only
+    /// from polls. `None` until a poll has given figures (and while the last one failed): no decision on half a view.
+    pub fn probe(
+        &mut self,
+        ready: u64,
+        consumers: u64,
+        replicas: ReplicaCounts,
+        spec: &PolicySpec,
+        now: f64,
+    ) -> Option<ScaleDecision> {
+        let polled = self.last_polled?;
+        if !self.window_started {
+            return None;
         }
+        let obs = Observation { at: now, queue: Some(ObservedQueue { backlog: ready, consumers, ..polled }) };
+        let decision = decide(&self.state, &obs, replicas, spec, now);
+        if decision.reason != ScaleReason::Anticipated {
+            self.state.recommendations.record(now, decision.recommendation, spec.scale_down_delay_seconds);
+        }
+        Some(decision)
     }
 
     /// Decides the replicas for an observation and remembers what is needed for the next decisions.
@@ -156,6 +181,31 @@ mod tests {
         }
         let obs = scaler.observe(Some(sample(65.0, 0, 0, 8, 130, 130)), 65.0);
         assert_eq!(scaler.decide(&obs, counts, &spec, 65.0).desired, 1);
+    }
+
+    #[test]
+    fn a_probe_between_polls_acts_on_a_fresh_backlog_with_the_polled_rates() {
+        let spec = PolicySpec { prefetch: 4, per_replica_throughput_hint: Some(20.0), ..PolicySpec::default() };
+        let mut scaler = Autoscaler::new(None);
+        let counts = ReplicaCounts { current: 2, ready: 2 };
+        // Nothing to decide on before a poll has given figures.
+        assert_eq!(scaler.probe(500, 2, counts, &spec, 0.5), None);
+        // 20 req/s, no backlog: two workers are enough.
+        for i in 0..=2u64 {
+            let at = 5.0 * i as f64;
+            let obs = scaler.observe(Some(sample(at, 0, 2, 2, 100 * i, 100 * i)), at);
+            assert_eq!(scaler.decide(&obs, counts, &spec, at).desired, 2);
+        }
+        // A second later 320 requests wait: draining them within T = 2 s at 16 req/s a worker takes 10 more.
+        let d = scaler.probe(320, 2, counts, &spec, 11.0).expect("a poll gave figures");
+        assert_eq!((d.inputs.backlog, d.inputs.arrival_rate), (320, 20.0));
+        assert_eq!((d.desired, d.reason), (10, ScaleReason::MaxReplicas));
+        // The probe's recommendation is remembered: an idle poll right after does not shrink the pool.
+        let obs = scaler.observe(Some(sample(15.0, 0, 2, 2, 300, 300)), 15.0);
+        assert_eq!(scaler.decide(&obs, ReplicaCounts { current: 10, ready: 2 }, &spec, 15.0).desired, 10);
+        // A failed poll leaves the probe nothing to decide on.
+        let _ = scaler.observe(None, 20.0);
+        assert_eq!(scaler.probe(320, 2, counts, &spec, 21.0), None);
     }
 
     #[test]

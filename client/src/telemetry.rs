@@ -82,3 +82,18 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>, tracestat
     let parent = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(parent);
 }
+
+/// The W3C trace context headers (`traceparent`, `tracestate`) that make `span` the parent of a downstream call
+/// (the HTTP handler's request to its backend); `None` when `span` is not exported (no OTLP), so a caller's own
+/// headers can be passed on unchanged instead.
+pub fn trace_headers(span: &tracing::Span) -> Option<(String, Option<String>)> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    let traceparent = carrier.remove("traceparent")?;
+    Some((traceparent, carrier.remove("tracestate").filter(|s| !s.is_empty())))
+}

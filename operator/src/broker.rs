@@ -81,7 +81,17 @@ pub struct Broker {
     /// The node the next connection attempt goes to.
     rotation: Rotation,
     connection: tokio::sync::Mutex<ConnectionSlot>,
+    /// The channel the observer's probes use, kept open between rounds (re-opened after a probe of a missing
+    /// queue closed it).
+    probe_channel: tokio::sync::Mutex<Option<lapin::Channel>>,
     management: Management,
+}
+
+/// A queue as a passive `queue.declare` shows it: fresher than the management API's figures, no counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueProbe {
+    pub ready: u64,
+    pub consumers: u64,
 }
 
 #[derive(Default)]
@@ -98,7 +108,8 @@ impl Broker {
             .map_err(|e| BrokerError::InvalidUri(format!("uri: {}", e.reason())))?;
         let management = Management::new(&endpoint.management_uri)?;
         let rotation = Rotation::random(addresses.len());
-        Ok(Self { addresses, rotation, endpoint, connection: Default::default(), management })
+        let (connection, probe_channel) = Default::default();
+        Ok(Self { addresses, rotation, endpoint, connection, probe_channel, management })
     }
 
     pub fn vhost(&self) -> &str {
@@ -187,6 +198,19 @@ impl Broker {
             self.management.delete_queue(self.vhost(), &name).await?;
         }
         Ok(())
+    }
+
+    /// The queue's ready requests and consumers right now, by a passive `queue.declare` on the shared connection.
+    pub async fn probe_queue(&self, queue: &str) -> Result<QueueProbe, BrokerError> {
+        let mut slot = self.probe_channel.lock().await;
+        let channel = match slot.as_ref().filter(|c| c.status().connected()) {
+            Some(channel) => channel.clone(),
+            None => slot.insert(self.channel().await?).clone(),
+        };
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let declared = channel.queue_declare(queue.into(), options, Default::default()).await;
+        let declared = declared.map_err(|e| classify(queue, e))?;
+        Ok(QueueProbe { ready: u64::from(declared.message_count()), consumers: u64::from(declared.consumer_count()) })
     }
 
     /// Every queue of this broker's vhost, with the figures the autoscaler needs (or why they are unknown), in one

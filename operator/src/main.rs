@@ -36,6 +36,10 @@ struct RunArgs {
     /// How often queue figures are read from the management API.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// How often each autoscaled service's backlog is read between polls with a passive `queue.declare` on the
+    /// operator's AMQP connection (one per service per round); 0 turns the probes off.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_interval: Duration,
     /// How long deleting an RpcService with `deletionPolicy: Delete` retries on a broker that does not answer
     /// or refuses, before it lets the object go and reports the queues it left behind.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
@@ -104,6 +108,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cleanup_timeout: args.cleanup_timeout,
     };
     let polls = tokio::spawn(observer.clone().run(config.poll_interval));
+    let probes =
+        (!args.probe_interval.is_zero()).then(|| tokio::spawn(observer.clone().run_probes(args.probe_interval)));
     let ctx = Arc::new(Context::new(client, config, observer, metrics));
     let lost = leadership.as_ref().map(|l| l.lost());
     let shutdown = async move {
@@ -115,6 +121,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     controller::run(ctx, args.namespace, args.concurrency, cache_writer, triggers, shutdown).await;
     polls.abort();
+    if let Some(probes) = probes {
+        probes.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

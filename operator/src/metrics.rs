@@ -204,6 +204,7 @@ pub struct Metrics {
     pub duration: Histogram,
     pub scale_events: Family<DirectionLabel, Counter>,
     pub observer_polls: Counter,
+    pub observer_probes: Counter,
     pub observer_failures: Counter,
     pub services: Gauge,
     pub leader: Gauge,
@@ -218,6 +219,7 @@ impl Default for Metrics {
         let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let scale_events = Family::<DirectionLabel, Counter>::default();
         let observer_polls = Counter::default();
+        let observer_probes = Counter::default();
         let observer_failures = Counter::default();
         let services = Gauge::default();
         let leader = Gauge::default();
@@ -226,6 +228,7 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
         registry.register("scale_events", "Replica changes decided by the autoscaler", scale_events.clone());
         registry.register("observer_polls", "Management API polls", observer_polls.clone());
+        registry.register("observer_probes", "Passive queue.declare probes of a backlog", observer_probes.clone());
         registry.register("observer_failures", "Management API polls that failed", observer_failures.clone());
         registry.register("services", "RpcServices known to the observer", services.clone());
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
@@ -238,6 +241,7 @@ impl Default for Metrics {
             duration,
             scale_events,
             observer_polls,
+            observer_probes,
             observer_failures,
             services,
             leader,

@@ -23,7 +23,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use warren_autoscale::{Autoscaler, PolicySpec, QueueSample, ReplicaCounts, ScaleDecision};
 use warren_client::management;
 
-use crate::broker::{Broker, BrokerError, QueueFigures, QueueReading};
+use crate::broker::{Broker, BrokerError, QueueFigures, QueueProbe, QueueReading};
 use crate::crd::{RpcService, RpcServiceSpec};
 use crate::metrics::{DirectionLabel, Metrics, ServiceLabels};
 use crate::ownership::Claim;
@@ -296,6 +296,67 @@ impl Observer {
         }
     }
 
+    /// One probe round: every autoscaled service's queue read with a passive `queue.declare` (a broker at a time,
+    /// all brokers at once, each cut off after `timeout`), and a reconcile triggered for each new decision. Only
+    /// services that a poll has given figures to are probed: the probe refreshes the backlog, the poll the rates.
+    pub async fn probe_within(&self, timeout: Duration) {
+        let mut by_broker: Vec<(Arc<Broker>, Vec<(ObjectRef<RpcService>, String)>)> = Vec::new();
+        {
+            let services = self.services.lock().expect("observer lock");
+            for (key, state) in services.iter().filter(|(_, s)| s.registration.enabled && s.figures.is_some()) {
+                let target = (key.clone(), state.registration.queue.clone());
+                match by_broker.iter_mut().find(|(b, _)| Arc::ptr_eq(b, &state.registration.broker)) {
+                    Some((_, queues)) => queues.push(target),
+                    None => by_broker.push((state.registration.broker.clone(), vec![target])),
+                }
+            }
+        }
+        let rounds = by_broker.into_iter().map(|(broker, queues)| async move {
+            let round = async {
+                for (key, queue) in queues {
+                    self.metrics.observer_probes.inc();
+                    match broker.probe_queue(&queue).await {
+                        Ok(probe) => self.record_probe(&key, probe, self.started.elapsed().as_secs_f64()),
+                        // The poll reports an unreachable broker or a missing queue; a probe only adds freshness.
+                        Err(error) => {
+                            tracing::debug!(%queue, %error, "probe failed");
+                            if matches!(error, BrokerError::Unavailable(_)) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(timeout, round).await;
+        });
+        futures::future::join_all(rounds).await;
+    }
+
+    /// Decides for one service on a probe's backlog (taken at `now`) and triggers its reconcile if that is new.
+    pub fn record_probe(&self, key: &ObjectRef<RpcService>, probe: QueueProbe, now: f64) {
+        let triggered = {
+            let mut services = self.services.lock().expect("observer lock");
+            let Some(state) = services.get_mut(key) else { return };
+            let service = labels(key);
+            let triggered = state.probe(&service, probe, now, &self.metrics);
+            self.metrics.service.observe(&service, &state.view(), state.registration.policy.target_queue_delay_seconds);
+            triggered
+        };
+        if triggered {
+            let _ = self.trigger.unbounded_send(key.clone());
+        }
+    }
+
+    /// Probes every `interval` until the task is dropped (see [`Observer::probe_within`]).
+    pub async fn run_probes(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.probe_within(interval).await;
+        }
+    }
+
     /// Polls every `interval` until the task is dropped; no broker's poll outlasts the interval (nor the
     /// management client's own timeout), so the round keeps its cadence.
     pub async fn run(self: Arc<Self>, interval: Duration) {
@@ -361,6 +422,21 @@ impl ServiceState {
         let reg = &self.registration;
         let observation = self.scaler.observe(sample, now);
         let decision = self.scaler.decide(&observation, reg.replicas, &reg.policy, now);
+        self.settle(service, decision, metrics) || figures_changed || availability_changed
+    }
+
+    /// Feeds a probe's backlog to the scaler; returns whether the service's reconcile should run (a new decision).
+    fn probe(&mut self, service: &ServiceLabels, probe: QueueProbe, now: f64, metrics: &Metrics) -> bool {
+        let reg = &self.registration;
+        let Some(decision) = self.scaler.probe(probe.ready, probe.consumers, reg.replicas, &reg.policy, now) else {
+            return false;
+        };
+        self.settle(service, decision, metrics)
+    }
+
+    /// Keeps a decision and announces it if it is new; returns whether it changes the replicas applied.
+    fn settle(&mut self, service: &ServiceLabels, decision: ScaleDecision, metrics: &Metrics) -> bool {
+        let reg = &self.registration;
         let previous = self.applied.or(reg.deployed);
         let changed = reg.enabled && previous != Some(decision.desired);
         // Announce a decision once, not on every poll until the reconcile has applied it.
@@ -375,7 +451,7 @@ impl ServiceState {
             metrics.service.scaled(service, decision.reason);
         }
         self.decision = Some(decision);
-        changed || figures_changed || availability_changed
+        changed
     }
 
     /// What the reconcile applies and reports; reading it changes nothing.
@@ -538,6 +614,27 @@ mod tests {
         assert!(view.announcements.scaled.as_deref().is_some_and(|s| s.starts_with("1 → 10 replicas")), "{view:?}");
         f.poll(Ok(vec![queue(160, 160)]), 15.0);
         assert_eq!(f.triggered(), 0, "the decision is applied and the figures did not move");
+        assert_eq!(f.reconcile(10).announcements, Announcements::default(), "the Scaled event was published once");
+    }
+
+    #[test]
+    fn a_probe_between_polls_triggers_one_reconcile_for_a_backlog() {
+        let mut f = fixture();
+        f.reconcile(1);
+        f.observer.record_probe(&f.key, QueueProbe { ready: 160, consumers: 1 }, 0.5);
+        assert_eq!(f.triggered(), 0, "no decision on a probe before a poll has given figures");
+        f.poll(Ok(vec![queue(0, 0)]), 0.0);
+        f.reconcile(1);
+        f.triggered();
+
+        // 160 waiting a second after an idle poll: (160 / 2 s) / 8 req/s per worker = 10 workers, now.
+        f.observer.record_probe(&f.key, QueueProbe { ready: 160, consumers: 1 }, 1.0);
+        assert_eq!(f.triggered(), 1, "one reconcile for the new decision");
+        let view = f.reconcile(1);
+        assert_eq!(view.desired_replicas, 10);
+        assert!(view.announcements.scaled.as_deref().is_some_and(|s| s.starts_with("1 → 10 replicas")), "{view:?}");
+        f.observer.record_probe(&f.key, QueueProbe { ready: 160, consumers: 1 }, 2.0);
+        assert_eq!(f.triggered(), 0, "the same decision, already applied");
         assert_eq!(f.reconcile(10).announcements, Announcements::default(), "the Scaled event was published once");
     }
 

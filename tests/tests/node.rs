@@ -100,8 +100,14 @@ async fn restricted_namespace(client: &Client, prefix: &str) -> anyhow::Result<T
 /// tails of the kubelet's and containerd's logs (CI keeps only the test output).
 fn node_diagnostics(namespace: &str) -> String {
     let mut report = format!("helm install in {namespace} did not become Ready; what the node shows:");
-    let commands: [&[&str]; 3] = [
-        &["get", "nodes,pods,events", "-n", namespace, "-o", "wide"],
+    let commands: [&[&str]; 4] = [
+        &[
+            "get",
+            "nodes",
+            "-o",
+            "custom-columns=NODE:.metadata.name,TAINTS:.spec.taints[*].key,TRUE:.status.conditions[?(@.status==\"True\")].type",
+        ],
+        &["get", "pods,events", "-n", namespace, "-o", "wide"],
         &["describe", "pods", "-n", namespace],
         &["get", "pods", "-A", "-o", "wide"],
     ];
@@ -149,9 +155,11 @@ fn sweep_leftover_releases() -> anyhow::Result<()> {
         .filter(|name| !removed.iter().any(|r| r == name))
         .map(String::from)
         .collect();
-    let template = r#"{range .items[*]}{.metadata.name} {.metadata.annotations.meta\.helm\.sh/release-namespace}{"\n"}{end}"#;
+    let template =
+        r#"{range .items[*]}{.metadata.name} {.metadata.annotations.meta\.helm\.sh/release-namespace}{"\n"}{end}"#;
     for kind in ["clusterrole", "clusterrolebinding"] {
-        let listed = kubectl(&["get", kind, "-l", "app.kubernetes.io/name=warren", "-o", &format!("jsonpath={template}")])?;
+        let listed =
+            kubectl(&["get", kind, "-l", "app.kubernetes.io/name=warren", "-o", &format!("jsonpath={template}")])?;
         for line in listed.lines() {
             if let Some((name, namespace)) = line.split_once(' ')
                 && namespace.starts_with("node-")
@@ -513,9 +521,25 @@ spec:
     let rate = 100.0;
     let load = Duration::from_secs(30);
     let step = Instant::now();
+    // The queueing delay as status reports it (the operator's estimate: backlog ÷ the ready pods' drain rate).
+    let delays = tokio::spawn({
+        let services = services.clone();
+        async move {
+            let mut seen = Vec::new();
+            while step.elapsed() < load + Duration::from_secs(15) {
+                if let Ok(svc) = services.get("sleepy").await {
+                    let delay = svc.status.and_then(|s| s.queue).and_then(|q| q.queueing_delay_seconds);
+                    seen.push((step.elapsed().as_secs_f64(), delay));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            seen
+        }
+    });
     let (calls, ok, errors, report) = finish_bench(&mut bench(queue, rate, load, 1000), load + WAIT).await?;
     eprintln!("step load: {calls} calls, {ok} answered, {errors} errors: {report}");
     ensure!(errors == 0 && ok == calls, "calls were lost or failed under the step: {report}");
+    let delays = delays.await?;
 
     let (first_up, peak) = {
         let log = log.lock().unwrap();
@@ -530,6 +554,22 @@ spec:
         secs(step, first_up_at) / POLL.as_secs_f64()
     );
     ensure!((2..=MAX_REPLICAS).contains(&peak), "peak replicas {peak}");
+    // Reaction on real pods (docs/autoscaling.md): when the delay went over T, its peak, when it was back under.
+    let target = 2.0;
+    let over = delays.iter().find(|(_, d)| d.is_some_and(|d| d > target)).map(|(t, _)| *t);
+    let (peak_at, peak_delay) =
+        delays.iter().filter_map(|(t, d)| Some((*t, (*d)?))).fold((0.0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    let under =
+        over.and_then(|o| delays.iter().find(|(t, d)| *t > o && d.is_some_and(|d| d <= target)).map(|(t, _)| *t));
+    let show = |t: Option<f64>| t.map_or("never".to_owned(), |t| format!("+{t:.1}s"));
+    eprintln!(
+        "queueing delay (status, sampled every 0.5 s): over T={target}s at {}, peak {peak_delay:.1}s at +{peak_at:.1}s, \
+         back under T at {} (load ends at +{:.0}s)",
+        show(over),
+        show(under),
+        load.as_secs_f64()
+    );
+    ensure!(over.is_none() || under.is_some(), "the queueing delay never came back under T: {delays:?}");
 
     // Pod start as the worker itself saw it: from the pod's first appearance to its "consuming" log line (read now,
     // before the scale-in deletes these pods).

@@ -141,3 +141,68 @@ async fn the_workers_delivery_span_continues_the_callers_trace_over_otlp() {
     assert_ne!(hex(&root.trace_id), trace_id);
     assert!(root.parent_span_id.is_empty(), "no traceparent: a root span");
 }
+
+/// With traces exported, the HTTP handler's backend is called as a child of the worker's delivery span (so the
+/// backend's own span nests under it, not beside it), in the caller's trace.
+#[tokio::test]
+async fn the_http_backend_is_called_as_a_child_of_the_delivery_span() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("otlp-http");
+    let _cleanup = QueueCleanup::service(&queue);
+    let (collector, received) = start_receiver().await;
+    let seen = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
+    let store = seen.clone();
+    let backend = axum::Router::new()
+        .route(
+            "/rpc/{method}",
+            post(move |headers: axum::http::HeaderMap, body: Bytes| {
+                let store = store.clone();
+                async move {
+                    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(String::from);
+                    store.lock().unwrap().push(traceparent);
+                    body
+                }
+            }),
+        )
+        .route("/rpc", axum::routing::get(|| async { "up" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/rpc", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, backend).await });
+    let _worker = WorkerCommand::new(&queue)
+        .handler(&url)
+        .arg("--declare")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{collector}"))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&broker_uri()).await.unwrap();
+
+    let (trace_id, parent_id) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let traced = CallOptions {
+        timeout: Duration::from_secs(10),
+        trace: Some(TraceContext { traceparent: format!("00-{trace_id}-{parent_id}-01"), tracestate: None }),
+    };
+    assert_eq!(client.call_with(&queue, Some("echo"), &json!([5]), &traced).await.unwrap(), json!([5]));
+
+    let mut waited = Duration::ZERO;
+    let delivery = loop {
+        let found = received.spans().into_iter().map(|(_, s)| s).find(|s| s.name == "delivery");
+        if let Some(span) = found {
+            break span;
+        }
+        assert!(waited < Duration::from_secs(30), "no delivery span exported within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    };
+    let forwarded = seen.lock().unwrap().clone();
+    eprintln!(
+        "delivery span {} (parent {}); the backend saw {forwarded:?}",
+        hex(&delivery.span_id),
+        hex(&delivery.parent_span_id)
+    );
+    assert_eq!(hex(&delivery.trace_id), trace_id);
+    assert_eq!(hex(&delivery.parent_span_id), parent_id, "the caller's span is the delivery's parent");
+    let expected = format!("00-{trace_id}-{}-01", hex(&delivery.span_id));
+    assert_eq!(forwarded, vec![Some(expected)], "the backend's parent is the delivery span, in the caller's trace");
+}

@@ -1,7 +1,8 @@
 //! Forwarding each request to a user container over HTTP (`--handler http://127.0.0.1:8080/rpc`).
 //!
-//! `POST <url>/<method>` with the params as the JSON body and headers `X-Warren-Method`, `traceparent`,
-//! `tracestate` and `X-Warren-Deadline` (unix ms, when the caller set one). A 2xx answer's JSON body is the result
+//! `POST <url>/<method>` with the params as the JSON body and headers `X-Warren-Method`, `traceparent` and
+//! `tracestate` (naming the worker's delivery span when traces are exported, else the caller's as they came) and
+//! `X-Warren-Deadline` (unix ms, when the caller set one). A 2xx answer's JSON body is the result
 //! (an empty body is `null`); any other status is a `handler_error` whose details carry the status and the body.
 //!
 //! Limits: each request is cut off after the handler timeout (or at the caller's deadline, if sooner) with a
@@ -123,10 +124,15 @@ impl HttpHandler {
             .header(CONTENT_TYPE, CONTENT_TYPE_JSON)
             .header(HEADER_METHOD, &call.method)
             .body(body);
-        if let Some(traceparent) = &call.trace.traceparent {
+        // The backend's span is a child of this delivery's span when it is exported, else of the caller's.
+        let (traceparent, tracestate) = match warren_client::telemetry::trace_headers(&tracing::Span::current()) {
+            Some((traceparent, tracestate)) => (Some(traceparent), tracestate),
+            None => (call.trace.traceparent.clone(), call.trace.tracestate.clone()),
+        };
+        if let Some(traceparent) = traceparent {
             request = request.header("traceparent", traceparent);
         }
-        if let Some(tracestate) = &call.trace.tracestate {
+        if let Some(tracestate) = tracestate {
             request = request.header("tracestate", tracestate);
         }
         let mut timeout = self.limits.timeout;

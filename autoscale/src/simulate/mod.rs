@@ -36,6 +36,8 @@ pub struct SimConfig {
     pub pod_start_delay: f64,
     /// warren's observation period: the operator's management API poll.
     pub poll_interval: f64,
+    /// warren's look at the backlog between polls (the operator's passive `queue.declare`); 0: none.
+    pub probe_interval: f64,
     /// targetQueueDelaySeconds, also the wait `over_target_fraction` counts against.
     pub target_queue_delay: f64,
     pub scale_down_delay: i32,
@@ -52,6 +54,7 @@ impl Default for SimConfig {
             service: ServiceTime { mean_seconds: 0.2, sigma: 0.5 },
             pod_start_delay: 10.0,
             poll_interval: 5.0,
+            probe_interval: 1.0,
             target_queue_delay: DEFAULT_TARGET_QUEUE_DELAY_SECONDS,
             scale_down_delay: DEFAULT_SCALE_DOWN_DELAY_SECONDS,
             target_utilization: DEFAULT_TARGET_UTILIZATION,
@@ -102,27 +105,41 @@ impl SimConfig {
     }
 }
 
-/// The operator's autoscaler, polled like the operator polls the management API.
+/// The operator's autoscaler, polled like the operator polls the management API, and probed in between like
+/// the operator reads the backlog with a passive `queue.declare`.
 pub struct WarrenPolicy {
     scaler: Autoscaler,
     spec: PolicySpec,
     poll_interval: f64,
-    next: f64,
+    probe_interval: f64,
+    next_poll: f64,
+    next_probe: f64,
 }
 
 impl WarrenPolicy {
-    pub fn new(spec: PolicySpec, poll_interval: f64, first_poll: f64) -> Self {
-        Self { scaler: Autoscaler::new(None), spec, poll_interval, next: first_poll }
+    /// `probe_interval` 0: polls only.
+    pub fn new(spec: PolicySpec, poll_interval: f64, probe_interval: f64, first_poll: f64) -> Self {
+        let next_probe = if probe_interval > 0.0 { first_poll + probe_interval } else { f64::INFINITY };
+        Self { scaler: Autoscaler::new(None), spec, poll_interval, probe_interval, next_poll: first_poll, next_probe }
     }
 }
 
 impl ScalingPolicy for WarrenPolicy {
     fn next_tick(&self) -> f64 {
-        self.next
+        self.next_poll.min(self.next_probe)
     }
 
     fn tick(&mut self, now: f64, sample: QueueSample, replicas: ReplicaCounts) -> Option<i32> {
-        self.next += self.poll_interval;
+        // A probe due within the clock's microsecond of the poll gives way to it (else the poll would never move).
+        if self.next_probe < self.next_poll - 1e-6 {
+            self.next_probe += self.probe_interval;
+            return self.scaler.probe(sample.ready, sample.consumers, replicas, &self.spec, now).map(|d| d.desired);
+        }
+        self.next_poll += self.poll_interval;
+        if self.probe_interval > 0.0 {
+            // The probe's cadence restarts after each poll, so no probe lands just before or on a poll.
+            self.next_probe = now + self.probe_interval;
+        }
         let observation = self.scaler.observe(Some(sample), now);
         Some(self.scaler.decide(&observation, replicas, &self.spec, now).desired)
     }
@@ -162,6 +179,7 @@ fn policy_for(name: &str, config: &SimConfig, trace: &Trace) -> Box<dyn ScalingP
         "warren" => Box::new(WarrenPolicy::new(
             config.warren_spec(trace),
             config.poll_interval,
+            config.probe_interval,
             config.phase(1) * config.poll_interval,
         )),
         "keda" => Box::new(KedaHpa::new(
@@ -316,7 +334,7 @@ pub fn table(results: &[RunResult], config: &SimConfig) -> String {
     let _ = writeln!(
         s,
         "\nseed {}, μ {:.1} req/s per replica (prefetch {}, service {:.0} ms mean, lognormal σ {}), pod start {} s, \
-         poll {} s, T {} s, scale-down delay {} s, u {}, warren hint {}",
+         poll {} s, probe {} s, T {} s, scale-down delay {} s, u {}, warren hint {}",
         config.seed,
         config.per_replica_throughput(),
         config.prefetch,
@@ -324,6 +342,7 @@ pub fn table(results: &[RunResult], config: &SimConfig) -> String {
         config.service.sigma,
         config.pod_start_delay,
         config.poll_interval,
+        config.probe_interval,
         config.target_queue_delay,
         config.scale_down_delay,
         config.target_utilization,
@@ -357,17 +376,22 @@ pub struct SimulateArgs {
     /// Seconds between warren's polls of the queue.
     #[arg(long, default_value_t = 5.0)]
     pub poll_interval: f64,
+    /// Seconds between warren's passive `queue.declare` probes of the backlog between polls; 0: none.
+    #[arg(long, default_value_t = 1.0)]
+    pub probe_interval: f64,
 }
 
 /// Runs the command and returns what it prints.
 pub fn execute(args: &SimulateArgs) -> anyhow::Result<String> {
     anyhow::ensure!(args.pod_start_delay >= 0.0, "--pod-start-delay must not be negative");
     anyhow::ensure!(args.poll_interval > 0.0, "--poll-interval must be positive");
+    anyhow::ensure!(args.probe_interval >= 0.0, "--probe-interval must not be negative");
     let config = SimConfig {
         seed: args.seed,
         warren_hint: !args.no_hint,
         pod_start_delay: args.pod_start_delay,
         poll_interval: args.poll_interval,
+        probe_interval: args.probe_interval,
         ..SimConfig::default()
     };
     if args.timeline_json {
