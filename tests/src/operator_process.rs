@@ -25,6 +25,15 @@ impl OperatorProcess {
 
     /// [`OperatorProcess::start`] against the API server `kubeconfig` names.
     pub fn start_against(kubeconfig: &str, namespace: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn(kubeconfig, namespace, extra, &[])
+    }
+
+    /// [`OperatorProcess::start`] with extra environment variables (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn start_with_env(namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn(&crate::cluster::kubeconfig_path(), namespace, extra, env)
+    }
+
+    fn spawn(kubeconfig: &str, namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let metrics_port = free_port();
         let mut cmd = Command::new(crate::bin_path("warren-operator"));
         cmd.args(["run", "--namespace", namespace, "--poll-interval", "1s", "--worker-image", "warren-worker:test"])
@@ -36,6 +45,7 @@ impl OperatorProcess {
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", namespace)
             .env("RUST_LOG", std::env::var("WARREN_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null());
         if std::env::var_os("WARREN_TEST_QUIET").is_some() {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());

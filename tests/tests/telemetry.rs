@@ -1,8 +1,10 @@
 //! Traces: the worker's span for each delivery, exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
-//! continues the caller's W3C `traceparent` and names the queue, the method and the correlation id. The collector
+//! continues the caller's W3C `traceparent` and names the queue, the method and the correlation id; the operator's
+//! span for each reconcile names the RpcService and its namespace. The collector
 //! here is an OTLP/HTTP receiver of the test's own that decodes the protobuf the exporter sends (no OpenTelemetry
 //! Collector build is available on this machine); the worker is the real binary on the real broker.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +17,10 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::json;
 use warren_client::{CallOptions, Client, TraceContext};
+use warren_operator::RpcService;
 use warren_tests::broker::{self, QueueCleanup};
+use warren_tests::cluster::{self, TestNamespace};
+use warren_tests::operator_process::OperatorProcess;
 use warren_tests::worker_process::WorkerCommand;
 use warren_tests::{broker_uri, unique_name};
 
@@ -205,4 +210,56 @@ async fn the_http_backend_is_called_as_a_child_of_the_delivery_span() {
     assert_eq!(hex(&delivery.parent_span_id), parent_id, "the caller's span is the delivery's parent");
     let expected = format!("00-{trace_id}-{}-01", hex(&delivery.span_id));
     assert_eq!(forwarded, vec![Some(expected)], "the backend's parent is the delivery span, in the caller's trace");
+}
+
+/// The operator exports a span per reconcile, named for the RpcService and its namespace, with no credentials in it.
+#[tokio::test]
+async fn the_operators_reconcile_spans_name_the_service_over_otlp() {
+    let _broker = broker::shared().await;
+    let client = cluster::client().await.unwrap();
+    cluster::install_crd(&client).await.unwrap();
+    let ns = TestNamespace::create(&client, "otlp-op").await.unwrap();
+    ns.create_broker_secret("rabbitmq").await.unwrap();
+    let _cleanup = QueueCleanup::service(&format!("{}.calc", ns.name()));
+    let (collector, received) = start_receiver().await;
+    let endpoint = format!("http://{collector}");
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let _operator = OperatorProcess::start_with_env(ns.name(), &[], &env).unwrap();
+    let svc: RpcService = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "RpcService",
+        "metadata": { "name": "calc" },
+        "spec": { "broker": { "secretRef": { "name": "rabbitmq" } } },
+    }))
+    .unwrap();
+    ns.api::<RpcService>().create(&Default::default(), &svc).await.unwrap();
+
+    let ours = |span: &Span| {
+        span.name == "reconcile"
+            && attribute(span, "name").as_deref() == Some("calc")
+            && attribute(span, "namespace").as_deref() == Some(ns.name())
+    };
+    let mut waited = Duration::ZERO;
+    while !received.spans().iter().any(|(_, s)| ours(s)) && waited < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        waited += Duration::from_millis(200);
+    }
+    let spans = received.spans();
+    let names: BTreeSet<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    eprintln!("{} OTLP spans from the operator, named {names:?}", spans.len());
+    let reconciles: Vec<&Span> = spans.iter().map(|(_, s)| s).filter(|s| ours(s)).collect();
+    assert!(!reconciles.is_empty(), "a reconcile span for {}/calc within 60 s: {names:?}", ns.name());
+    assert!(spans.iter().all(|(service, _)| service == "warren-operator"), "service.name");
+    assert!(reconciles.iter().all(|s| s.end_time_unix_nano >= s.start_time_unix_nano && s.parent_span_id.is_empty()));
+    // The Secret's URI carries the broker's password: no span attribute may.
+    let uri = warren_tests::broker_uri();
+    let userinfo = uri.split("://").nth(1).and_then(|rest| rest.split_once('@')).map(|(u, _)| u.to_owned());
+    let password = userinfo.and_then(|u| u.split_once(':').map(|(_, p)| p.to_owned())).unwrap_or_default();
+    let leaked =
+        spans.iter().flat_map(|(_, s)| &s.attributes).filter_map(|a| string_value(a.value.as_ref()?.value.as_ref()?));
+    assert!(
+        password.is_empty() || leaked.clone().all(|v| !v.contains(&format!(":{password}@"))),
+        "a credential in a span"
+    );
+    ns.cleanup().await.unwrap();
 }
