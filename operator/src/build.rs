@@ -119,6 +119,7 @@ fn worker_policy_env(spec: &WorkerSpec) -> Vec<EnvVar> {
     let mut env = vec![
         value_env("WARREN_HANDLER_TIMEOUT", format!("{}s", spec.handler_timeout_seconds)),
         value_env("WARREN_MAX_REPLY_BYTES", spec.max_reply_bytes.to_string()),
+        value_env("WARREN_MAX_REQUEST_BYTES", spec.max_request_bytes.to_string()),
     ];
     if !spec.allow_reply_to.is_empty() {
         env.push(value_env("WARREN_ALLOW_REPLY_TO", spec.allow_reply_to.join(",")));
@@ -480,6 +481,7 @@ worker:
         let value = |env: &[EnvVar], name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
         assert_eq!(value(&defaults, "WARREN_HANDLER_TIMEOUT").as_deref(), Some("30s"));
         assert_eq!(value(&defaults, "WARREN_MAX_REPLY_BYTES").as_deref(), Some("16777216"));
+        assert_eq!(value(&defaults, "WARREN_MAX_REQUEST_BYTES").as_deref(), Some("16777216"));
         assert_eq!(value(&defaults, "WARREN_ALLOW_REPLY_TO"), None, "only reply addresses by default");
 
         let svc = fixture(
@@ -487,12 +489,14 @@ worker:
 worker:
   handlerTimeoutSeconds: 120
   maxReplyBytes: 1048576
+  maxRequestBytes: 65536
   allowReplyTo: ["billing.replies.*", "audit"]
   env: [{ name: WARREN_HANDLER_TIMEOUT, value: 5s }]
 "#,
         );
         let env = env_of(&svc);
         assert_eq!(value(&env, "WARREN_MAX_REPLY_BYTES").as_deref(), Some("1048576"));
+        assert_eq!(value(&env, "WARREN_MAX_REQUEST_BYTES").as_deref(), Some("65536"));
         assert_eq!(value(&env, "WARREN_ALLOW_REPLY_TO").as_deref(), Some("billing.replies.*,audit"));
         let timeouts: Vec<_> = env.iter().filter(|e| e.name == "WARREN_HANDLER_TIMEOUT").collect();
         assert_eq!(timeouts.len(), 2);

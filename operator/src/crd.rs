@@ -265,6 +265,12 @@ pub struct WorkerSpec {
     #[schemars(range(min = 1024, max = 536870912))]
     pub max_reply_bytes: i64,
 
+    /// The largest request body a worker runs, in bytes; a larger request is answered with a `bad_request` error
+    /// (`details.reason: request_too_large`) without running. (`WARREN_MAX_REQUEST_BYTES` of warren-worker.)
+    #[serde(default = "default_max_request_bytes")]
+    #[schemars(range(min = 1024, max = 536870912))]
+    pub max_request_bytes: i64,
+
     /// Queues the workers may publish replies to besides reply addresses (direct reply-to and server-named
     /// `amq.gen-` queues, always allowed): a queue name, a prefix ending in `*` (`replies.*`), or `*` alone
     /// (any queue: lets a caller make the workers publish into another service's queue; not recommended).
@@ -288,6 +294,7 @@ impl Default for WorkerSpec {
             termination_grace_period_seconds: default_grace_period(),
             handler_timeout_seconds: default_handler_timeout(),
             max_reply_bytes: default_max_reply_bytes(),
+            max_request_bytes: default_max_request_bytes(),
             allow_reply_to: Vec::new(),
         }
     }
@@ -311,6 +318,11 @@ fn default_handler_timeout() -> i64 {
 pub const DEFAULT_MAX_REPLY_BYTES: i64 = 16 * 1024 * 1024;
 fn default_max_reply_bytes() -> i64 {
     DEFAULT_MAX_REPLY_BYTES
+}
+/// warren-worker's own default (`--max-request-bytes`).
+pub const DEFAULT_MAX_REQUEST_BYTES: i64 = 16 * 1024 * 1024;
+fn default_max_request_bytes() -> i64 {
+    DEFAULT_MAX_REQUEST_BYTES
 }
 
 /// Exactly one of `builtin`, `http` or `container`.

@@ -439,6 +439,44 @@ async fn replies_and_http_responses_over_the_size_limit_become_errors_and_run_on
     assert!(backend.log.runs().values().all(|n| *n == 1), "{counts:?}");
 }
 
+#[tokio::test]
+async fn requests_over_the_size_limit_are_answered_with_bad_request_and_never_run() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-requestlimit");
+    let _cleanup = QueueCleanup::service(&queue);
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .handler(&backend.url())
+        .arg("--declare")
+        .env("WARREN_MAX_REQUEST_BYTES", "65536")
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&broker_uri()).await.unwrap();
+    let mut counts = Counts::default();
+    let mut results = Vec::new();
+    for (id, bytes) in [("small", 1 << 10), ("over", 64 << 10), ("large", 4 << 20), ("after", 1 << 10)] {
+        let params = json!({"id": id, "padding": "x".repeat(bytes)});
+        let result = client.call(&queue, Some("echo"), params, Duration::from_secs(60)).await;
+        counts.sent += 1;
+        counts.record(&result);
+        results.push(result);
+    }
+    worker.wait_metric_at_most("warren_worker_requests_in_flight", 0.0, Duration::from_secs(30)).await.unwrap();
+    counts.runs_from(backend.log.runs().values().copied());
+    counts.print("request over the worker's limit");
+
+    assert!(results[0].is_ok() && results[3].is_ok(), "{counts:?}");
+    for result in &results[1..3] {
+        let Err(CallError::Remote { code, details, .. }) = result else { panic!("{result:?}") };
+        assert_eq!(code, "bad_request");
+        let details = details.as_ref().expect("details");
+        assert_eq!((details["reason"].as_str(), details["limit"].as_u64()), (Some("request_too_large"), Some(65536)));
+    }
+    assert_eq!(backend.log.runs_of("over") + backend.log.runs_of("large"), 0, "{counts:?}");
+    assert_eq!((backend.log.runs_of("small"), backend.log.runs_of("after")), (1, 1), "{counts:?}");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 4. Caller-chosen method names must not create unbounded metric series
 

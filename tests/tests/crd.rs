@@ -251,6 +251,7 @@ async fn the_http_handler_container_may_not_loosen_the_pod_security() {
 fn worker_policy_defaults_are_the_workers_own() {
     let spec = warren_operator::crd::WorkerSpec::default();
     assert_eq!(spec.max_reply_bytes as usize, warren_worker::worker::DEFAULT_MAX_REPLY_BYTES);
+    assert_eq!(spec.max_request_bytes as usize, warren_worker::worker::DEFAULT_MAX_REQUEST_BYTES);
     assert_eq!(Duration::from_secs(spec.handler_timeout_seconds as u64), warren_worker::http_handler::DEFAULT_TIMEOUT);
     assert!(spec.allow_reply_to.is_empty());
 }
@@ -262,6 +263,7 @@ async fn worker_policies_have_the_workers_defaults_and_bounds() {
     let worker = &created.data["spec"]["worker"];
     assert_eq!(worker["handlerTimeoutSeconds"], 30);
     assert_eq!(worker["maxReplyBytes"], 16 * 1024 * 1024);
+    assert_eq!(worker["maxRequestBytes"], 16 * 1024 * 1024);
     assert!(worker.get("allowReplyTo").is_none(), "only reply addresses by default: {worker}");
 
     let with = |worker: Value| {
@@ -272,10 +274,11 @@ async fn worker_policies_have_the_workers_defaults_and_bounds() {
     assert_create_rejected(&ns, with(json!({ "handlerTimeoutSeconds": 0 })), &["spec.worker.handlerTimeoutSeconds"])
         .await;
     assert_create_rejected(&ns, with(json!({ "maxReplyBytes": 10 })), &["spec.worker.maxReplyBytes"]).await;
+    assert_create_rejected(&ns, with(json!({ "maxRequestBytes": 10 })), &["spec.worker.maxRequestBytes"]).await;
     for pattern in ["a*b", "a,b", ""] {
         assert_create_rejected(&ns, with(json!({ "allowReplyTo": [pattern] })), &["allowReplyTo entries"]).await;
     }
-    let policies = json!({ "handlerTimeoutSeconds": 120, "maxReplyBytes": 1048576, "allowReplyTo": ["billing.replies.*", "audit", "*"] });
+    let policies = json!({ "handlerTimeoutSeconds": 120, "maxReplyBytes": 1048576, "maxRequestBytes": 65536, "allowReplyTo": ["billing.replies.*", "audit", "*"] });
     raw_api(&ns)
         .create(&PostParams::default(), &rpcservice("tuned", with(policies)))
         .await

@@ -12,7 +12,7 @@ use crate::handler::Handlers;
 use crate::http_handler::{HttpHandler, HttpHandlerError, HttpLimits};
 use crate::metrics::DEFAULT_MAX_METHOD_LABELS;
 use crate::reply_to::{InvalidPattern, ReplyToPolicy};
-use crate::worker::{DEFAULT_MAX_REPLY_BYTES, DEFAULT_PREFETCH, Worker, WorkerBuilder};
+use crate::worker::{DEFAULT_MAX_REPLY_BYTES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREFETCH, Worker, WorkerBuilder};
 
 /// Serves RPC requests from a RabbitMQ queue: runs the handler, replies, acks.
 #[derive(Debug, Clone, Parser)]
@@ -71,6 +71,11 @@ pub struct Args {
     #[arg(long, env = "WARREN_MAX_REPLY_BYTES", default_value_t = DEFAULT_MAX_REPLY_BYTES)]
     pub max_reply_bytes: usize,
 
+    /// The largest request body run, in bytes; a larger request is answered with `bad_request` (details.reason
+    /// `request_too_large`) without running.
+    #[arg(long, env = "WARREN_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+
     /// How long the HTTP handler may take per request when the caller's deadline is later or absent (e.g. 30s).
     #[arg(long, env = "WARREN_HANDLER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub handler_timeout: Duration,
@@ -117,7 +122,8 @@ impl Args {
             .prefetch(self.prefetch)
             .handlers(handlers)
             .reply_to_policy(self.reply_to_policy()?)
-            .max_reply_bytes(self.max_reply_bytes);
+            .max_reply_bytes(self.max_reply_bytes)
+            .max_request_bytes(self.max_request_bytes);
         if let Some(method) = &self.default_method {
             builder = builder.default_method(method);
         }
@@ -161,6 +167,7 @@ mod tests {
     fn reliability_limits_have_safe_defaults_and_flags() {
         let args = parse(&["--queue", "q"]);
         assert_eq!(args.max_reply_bytes, DEFAULT_MAX_REPLY_BYTES);
+        assert_eq!(args.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
         assert_eq!(args.handler_timeout, crate::http_handler::DEFAULT_TIMEOUT);
         assert_eq!(args.reply_to_policy().unwrap(), ReplyToPolicy::default());
         let args = parse(&["--queue", "q", "--allow-reply-to", "replies.*,cb", "--handler-timeout", "2s"]);

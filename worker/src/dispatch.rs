@@ -52,11 +52,18 @@ pub struct Dispatcher {
     handlers: Arc<Handlers>,
     default_method: Option<String>,
     metrics: Arc<Metrics>,
+    max_request_bytes: usize,
 }
 
 impl Dispatcher {
     pub fn new(handlers: Handlers, default_method: Option<String>, metrics: Arc<Metrics>) -> Self {
-        Self { handlers: Arc::new(handlers), default_method, metrics }
+        Self { handlers: Arc::new(handlers), default_method, metrics, max_request_bytes: usize::MAX }
+    }
+
+    /// Requests with a larger body are answered with `bad_request` without running (default: no limit).
+    pub fn max_request_bytes(mut self, max: usize) -> Self {
+        self.max_request_bytes = max;
+        self
     }
 
     /// Every deterministic failure (expired, unknown method, malformed body, handler error, handler panic)
@@ -116,6 +123,15 @@ impl Dispatcher {
                 ErrorCode::UnknownMethod,
                 format!("unknown method {method:?}; this service serves {}", self.handlers.names().join(", ")),
             ));
+        }
+        if body.len() > self.max_request_bytes {
+            let message = format!(
+                "the request body has {} bytes; this service takes at most {}",
+                body.len(),
+                self.max_request_bytes
+            );
+            let details = serde_json::json!({"reason": "request_too_large", "bytes": body.len(), "limit": self.max_request_bytes});
+            return Ok(Outcome::Error { code: ErrorCode::BadRequest, message, details: Some(details) });
         }
         let params = request.params(body)?;
         let call = Call {

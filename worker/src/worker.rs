@@ -55,6 +55,8 @@ pub const DEFAULT_PREFETCH: u16 = 32;
 /// The largest reply published, by default (RabbitMQ 4's default `max_message_size`); a larger one is replaced
 /// by a small `internal` error.
 pub const DEFAULT_MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
+/// RabbitMQ 4's default `max_message_size` too: a request a default 4.x broker takes is run.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// The AMQP frame size the worker asks for unless the URI sets `frame_max`. lapin keeps two zero-filled I/O
 /// buffers of 32 frames each, so RabbitMQ's default 128 KiB would cost 8 MiB of resident memory; RPC messages are
@@ -119,6 +121,7 @@ pub struct WorkerBuilder {
     metrics: Option<Arc<Metrics>>,
     reply_to: ReplyToPolicy,
     max_reply_bytes: usize,
+    max_request_bytes: usize,
 }
 
 impl Worker {
@@ -136,6 +139,7 @@ impl Worker {
             metrics: None,
             reply_to: ReplyToPolicy::default(),
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 
@@ -257,12 +261,20 @@ impl WorkerBuilder {
         self
     }
 
+    /// The largest request body run; a larger request is answered with `bad_request` (reason
+    /// `request_too_large`) without running (default 16 MiB).
+    pub fn max_request_bytes(mut self, max: usize) -> Self {
+        self.max_request_bytes = max;
+        self
+    }
+
     pub fn build(self) -> Worker {
         let metrics = self.metrics.unwrap_or_default();
         let own_queues = [self.queue.clone(), dead_letter_queue_name(&self.queue)];
         let availability = Availability::new(!self.handlers.has_probe(), metrics.clone());
         let context = Arc::new(RequestContext {
-            dispatcher: Dispatcher::new(self.handlers, self.default_method, metrics.clone()),
+            dispatcher: Dispatcher::new(self.handlers, self.default_method, metrics.clone())
+                .max_request_bytes(self.max_request_bytes),
             reply_to: self.reply_to.excluding(own_queues),
             availability,
             max_reply_bytes: self.max_reply_bytes,
