@@ -9,6 +9,8 @@ use anyhow::Context;
 pub struct OperatorProcess {
     child: Child,
     pub metrics_port: u16,
+    /// Where stdout and stderr go, for a test that reads the logs.
+    log: Option<std::path::PathBuf>,
 }
 
 /// A loopback port nothing listens on right now.
@@ -33,7 +35,31 @@ impl OperatorProcess {
         Self::spawn(&crate::cluster::kubeconfig_path(), namespace, extra, env)
     }
 
+    /// [`OperatorProcess::start_with_env`] with its stdout and stderr written to a file [`OperatorProcess::logs`]
+    /// reads (and not shown in the test's output).
+    pub fn start_logged(namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("warren-operator-{namespace}-{}.log", free_port()));
+        let mut operator = Self::spawn_to(&crate::cluster::kubeconfig_path(), namespace, extra, env, Some(&path))?;
+        operator.log = Some(path);
+        Ok(operator)
+    }
+
+    /// Everything the operator has logged so far (empty unless started with [`OperatorProcess::start_logged`]).
+    pub fn logs(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+
     fn spawn(kubeconfig: &str, namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_to(kubeconfig, namespace, extra, env, None)
+    }
+
+    fn spawn_to(
+        kubeconfig: &str,
+        namespace: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
         let metrics_port = free_port();
         let mut cmd = Command::new(crate::bin_path("warren-operator"));
         cmd.args(["run", "--namespace", namespace, "--poll-interval", "1s", "--worker-image", "warren-worker:test"])
@@ -47,11 +73,14 @@ impl OperatorProcess {
             .env("RUST_LOG", std::env::var("WARREN_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .envs(env.iter().copied())
             .stdin(Stdio::null());
-        if std::env::var_os("WARREN_TEST_QUIET").is_some() {
+        if let Some(path) = log {
+            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            cmd.stdout(file.try_clone()?).stderr(file);
+        } else if std::env::var_os("WARREN_TEST_QUIET").is_some() {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
         let child = cmd.spawn().context("starting warren-operator")?;
-        Ok(Self { child, metrics_port })
+        Ok(Self { child, metrics_port, log: None })
     }
 
     /// The operator's /metrics text, or None while it is not serving yet.
@@ -96,5 +125,8 @@ impl OperatorProcess {
 impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.stop();
+        if let Some(path) = &self.log {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }

@@ -608,7 +608,9 @@ async fn a_malformed_secret_uri_is_reported_without_its_password() -> anyhow::Re
         format!("amqp:user:{password}@127.0.0.1"),
         format!("amqp://user:{password}@127.0.0.1:5672,,127.0.0.1:5673/%2f"),
     ];
-    let _operator = OperatorProcess::start(ns.name(), &[])?;
+    // Debug logs of warren's crates and of lapin: a user who turns them on must not get the password either.
+    let log_levels = [("RUST_LOG", "info,warren_operator=debug,warren_client=debug,lapin=debug,kube=warn")];
+    let operator = OperatorProcess::start_logged(ns.name(), &[], &log_levels)?;
     for (i, uri) in malformed.iter().enumerate() {
         let name = format!("bad-{i}");
         let secret = Secret {
@@ -625,9 +627,29 @@ async fn a_malformed_secret_uri_is_reported_without_its_password() -> anyhow::Re
         eprintln!("BADSECRET {uri:?} -> {}", condition(&svc, "QueueReady").unwrap().message);
         assert!(!status.contains(password), "{status}");
     }
+    // A well-formed URI whose password the broker refuses: reported as unavailable, the password nowhere either.
+    let refused = format!("amqp://guest:{password}@127.0.0.1:5672/%2f");
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("refused".into()), ..Default::default() },
+        string_data: Some(
+            [("uri".into(), refused.clone()), ("managementUri".into(), warren_tests::management_uri())].into(),
+        ),
+        ..Secret::default()
+    };
+    ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    create_service(&ns, "refused", json!({ "broker": { "secretRef": { "name": "refused" } } })).await?;
+    let svc = wait_condition(&ns, "refused", "QueueReady", "False", "BrokerUnavailable").await?;
+    eprintln!("BADSECRET {refused:?} -> {}", condition(&svc, "QueueReady").unwrap().message);
+    assert!(!serde_json::to_string(&svc.status)?.contains(password));
+
     let events = ns.api::<Event>().list(&Default::default()).await?;
     let notes: Vec<String> = events.items.iter().filter_map(|e| e.note.clone()).collect();
     assert!(notes.iter().all(|n| !n.contains(password)), "{notes:?}");
+    let logs = operator.logs();
+    eprintln!("BADSECRET the operator logged {} lines at debug level", logs.lines().count());
+    assert!(logs.lines().count() > 3, "the operator's logs were captured: {logs}");
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(password)).collect();
+    assert!(leaks.is_empty(), "the password in the operator's logs: {leaks:?}");
     ns.cleanup().await
 }
 
