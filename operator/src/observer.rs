@@ -419,19 +419,25 @@ impl ServiceState {
         if found.is_some() {
             self.figures = found;
         }
-        let reg = &self.registration;
         let observation = self.scaler.observe(sample, now);
-        let decision = self.scaler.decide(&observation, reg.replicas, &reg.policy, now);
+        let decision = self.scaler.decide(&observation, self.counts(), &self.registration.policy, now);
         self.settle(service, decision, metrics) || figures_changed || availability_changed
     }
 
     /// Feeds a probe's backlog to the scaler; returns whether the service's reconcile should run (a new decision).
     fn probe(&mut self, service: &ServiceLabels, probe: QueueProbe, now: f64, metrics: &Metrics) -> bool {
-        let reg = &self.registration;
-        let Some(decision) = self.scaler.probe(probe.ready, probe.consumers, reg.replicas, &reg.policy, now) else {
+        let (counts, policy) = (self.counts(), &self.registration.policy);
+        let Some(decision) = self.scaler.probe(probe.ready, probe.consumers, counts, policy, now) else {
             return false;
         };
         self.settle(service, decision, metrics)
+    }
+
+    /// The replicas a decision steps from: what the last reconcile applied, not what it read before applying (a
+    /// poll right after a probe's scale-up would take that for the pool and undo the scale-up).
+    fn counts(&self) -> ReplicaCounts {
+        let reg = &self.registration;
+        ReplicaCounts { current: self.applied.unwrap_or(reg.replicas.current), ready: reg.replicas.ready }
     }
 
     /// Keeps a decision and announces it if it is new; returns whether it changes the replicas applied.
@@ -633,6 +639,11 @@ mod tests {
         let view = f.reconcile(1);
         assert_eq!(view.desired_replicas, 10);
         assert!(view.announcements.scaled.as_deref().is_some_and(|s| s.starts_with("1 → 10 replicas")), "{view:?}");
+        // A poll right after, before the Deployment's change has come back as a reconcile: its figures (the
+        // management API's, seconds old) show no backlog yet; the scale-up stands.
+        f.poll(Ok(vec![queue(0, 0)]), 1.3);
+        assert_eq!(f.triggered(), 0, "a poll of older figures does not undo the probe's scale-up");
+        assert_eq!(f.reconcile(10).desired_replicas, 10);
         f.observer.record_probe(&f.key, QueueProbe { ready: 160, consumers: 1 }, 2.0);
         assert_eq!(f.triggered(), 0, "the same decision, already applied");
         assert_eq!(f.reconcile(10).announcements, Announcements::default(), "the Scaled event was published once");

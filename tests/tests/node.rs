@@ -287,7 +287,7 @@ async fn helm_install_upgrade_and_uninstall_the_operator() -> anyhow::Result<()>
 
     // helm upgrade rolls the operator to a new pod with the new values.
     let set = required_env("WARREN_CHART_SET")?;
-    let mut args = vec!["upgrade", "warren-helm", "--namespace", ns.name(), "--reuse-values", "--wait"];
+    let mut args = vec!["upgrade", &release.name, "--namespace", ns.name(), "--reuse-values", "--wait"];
     let chart = repo_root().join("charts/warren").display().to_string();
     args.insert(2, &chart);
     args.extend(set.split_whitespace());
@@ -302,10 +302,11 @@ async fn helm_install_upgrade_and_uninstall_the_operator() -> anyhow::Result<()>
     .await?;
     eprintln!("helm upgrade: operator pod {} with RUST_LOG=debug is Ready", upgraded.name_any());
 
+    let selector = release.selector();
     release.uninstall()?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
     ensure!(deployments.list(&ListParams::default()).await?.items.is_empty(), "helm uninstall left a Deployment");
-    let crb = kubectl(&["get", "clusterrolebinding", "-l", "app.kubernetes.io/instance=warren-helm", "-o", "name"])?;
+    let crb = kubectl(&["get", "clusterrolebinding", "-l", &selector, "-o", "name"])?;
     ensure!(crb.trim().is_empty(), "helm uninstall left {crb}");
     ns.cleanup().await
 }
@@ -662,6 +663,8 @@ spec:
 
     recorder.abort();
     print_pod_timeline(step, &log.lock().unwrap());
+    let early = decreases_within_the_delay(&log.lock().unwrap().desired, SCALE_DOWN_DELAY_S as f64);
+    ensure!(early.is_empty(), "spec.replicas decreased sooner than the scale-down delay after an increase: {early:?}");
 
     // --- deleting the RpcService: the garbage collector removes its Deployment and pods --------------------------
     let deleted = Instant::now();
@@ -680,6 +683,22 @@ spec:
 
     release.uninstall()?;
     Ok(())
+}
+
+/// Each decrease of spec.replicas that came less than `delay` seconds after an increase, as (seconds between, from,
+/// to): a flap the scale-down delay exists to prevent.
+fn decreases_within_the_delay(desired: &[(Instant, i32)], delay: f64) -> Vec<(f64, i32, i32)> {
+    let mut last_increase = None;
+    let mut early = Vec::new();
+    for pair in desired.windows(2) {
+        let ((_, from), (at, to)) = (pair[0], pair[1]);
+        if to > from {
+            last_increase = Some(at);
+        } else if let Some(up) = last_increase.filter(|up: &Instant| to < from && secs(*up, at) < delay) {
+            early.push((secs(up, at), from, to));
+        }
+    }
+    early
 }
 
 fn print_pod_timeline(step: Instant, log: &PodLog) {
@@ -947,6 +966,8 @@ spec:
 
     recorder.abort();
     print_pod_timeline(step, &log.lock().unwrap());
+    let early = decreases_within_the_delay(&log.lock().unwrap().desired, SCALE_DOWN_DELAY_S as f64);
+    ensure!(early.is_empty(), "spec.replicas decreased sooner than the scale-down delay after an increase: {early:?}");
 
     // --- deleting the RpcService: its Deployment and pods are garbage-collected ---------------------------------
     kubectl(&["delete", "rpcservice", "calculator", "-n", ns.name(), "--timeout=60s"])?;
