@@ -421,7 +421,7 @@ impl ServiceState {
         }
         let observation = self.scaler.observe(sample, now);
         let decision = self.scaler.decide(&observation, self.counts(), &self.registration.policy, now);
-        self.settle(service, decision, metrics) || figures_changed || availability_changed
+        self.settle(service, decision, "poll", metrics) || figures_changed || availability_changed
     }
 
     /// Feeds a probe's backlog to the scaler; returns whether the service's reconcile should run (a new decision).
@@ -430,7 +430,7 @@ impl ServiceState {
         let Some(decision) = self.scaler.probe(probe.ready, probe.consumers, counts, policy, now) else {
             return false;
         };
-        self.settle(service, decision, metrics)
+        self.settle(service, decision, "probe", metrics)
     }
 
     /// The replicas a decision steps from: what the last reconcile applied, not what it read before applying (a
@@ -440,8 +440,9 @@ impl ServiceState {
         ReplicaCounts { current: self.applied.unwrap_or(reg.replicas.current), ready: reg.replicas.ready }
     }
 
-    /// Keeps a decision and announces it if it is new; returns whether it changes the replicas applied.
-    fn settle(&mut self, service: &ServiceLabels, decision: ScaleDecision, metrics: &Metrics) -> bool {
+    /// Keeps a decision and announces it if it is new; returns whether it changes the replicas applied. `source`:
+    /// what it was decided on (`poll` or `probe`), for the log.
+    fn settle(&mut self, service: &ServiceLabels, decision: ScaleDecision, source: &str, metrics: &Metrics) -> bool {
         let reg = &self.registration;
         let previous = self.applied.or(reg.deployed);
         let changed = reg.enabled && previous != Some(decision.desired);
@@ -450,6 +451,7 @@ impl ServiceState {
         if changed && new_decision {
             let from = previous.unwrap_or(0);
             let message = format!("{} → {} replicas: {}", from, decision.desired, decision.message);
+            tracing::info!(namespace = %service.namespace, name = %service.service, source, "{message}");
             self.announcements.scaled = Some(message);
             self.last_scale = Some((Timestamp::now(), format!("{}: {}", decision.reason, decision.message)));
             let direction = if decision.desired > from { "up" } else { "down" };

@@ -555,6 +555,12 @@ spec:
         secs(step, first_up_at) / POLL.as_secs_f64()
     );
     ensure!((2..=MAX_REPLICAS).contains(&peak), "peak replicas {peak}");
+    // The operator's decisions as it logged them (from a poll or a probe of the backlog), for the reader.
+    let operator = operator_pod(&client, &release).await?.name_any();
+    let logs = kubectl(&["logs", "-n", ns.name(), &operator, "--since=120s"]).unwrap_or_default();
+    for line in logs.lines().filter(|l| l.contains(" replicas: ")) {
+        eprintln!("operator: {}", line.chars().take(240).collect::<String>());
+    }
     // Reaction on real pods (docs/autoscaling.md): when the delay went over T, its peak, when it was back under.
     let target = 2.0;
     let over = delays.iter().find(|(_, d)| d.is_some_and(|d| d > target)).map(|(t, _)| *t);
@@ -867,8 +873,14 @@ spec:
     let (calls, ok, errors, report) = finish_bench(&mut bench(queue, rate, load, 1000), load + WAIT).await?;
     eprintln!("step load (sleep {SLEEP_MS} ms at {rate}/s): {calls} calls, {ok} answered, {errors} errors: {report}");
     ensure!(errors == 0 && ok == calls, "calls were lost or failed under the step: {report}");
-    let peak = log.lock().unwrap().desired.iter().filter(|(at, _)| *at >= step).map(|(_, r)| *r).max().unwrap_or(0);
-    eprintln!("peak replicas under the step: {peak}");
+    // The burst and the bench above may have scaled the pool already: the replicas in effect at the step count.
+    let (at_step, peak) = {
+        let desired = &log.lock().unwrap().desired;
+        let at_step = desired.iter().filter(|(at, _)| *at < step).map(|(_, r)| *r).next_back().unwrap_or(0);
+        let after = desired.iter().filter(|(at, _)| *at >= step).map(|(_, r)| *r).max().unwrap_or(0);
+        (at_step, after.max(at_step))
+    };
+    eprintln!("replicas at the step: {at_step}; peak under the step: {peak}");
     ensure!((2..=MAX_REPLICAS).contains(&peak), "peak replicas {peak}");
 
     // --- scale-in under a trickle: the kubelet's SIGTERM drains the Python responders, every call answered ------
