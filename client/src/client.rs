@@ -603,3 +603,18 @@ const _: () = {
     const fn shareable<T: Clone + Send + Sync + 'static>() {}
     shareable::<Client>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_ack_keeps_the_call_waiting_and_a_nack_or_a_lost_channel_ends_it() {
+        let calls = PendingCalls::default();
+        assert!(settle_confirm(&calls, Ok(Confirmation::Ack(None))).is_none());
+        assert!(settle_confirm(&calls, Ok(Confirmation::NotRequested)).is_none());
+        assert!(matches!(settle_confirm(&calls, Ok(Confirmation::Nack(None))), Some(Outcome::Nacked)));
+        let closed = lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed));
+        assert!(matches!(settle_confirm(&calls, Err(closed)), Some(Outcome::Lost(_))));
+    }
+}
