@@ -1,9 +1,19 @@
 //! The caller: one connection, one channel, many concurrent calls multiplexed over direct reply-to.
 //!
-//! Why no publisher confirms on calls: the reply itself proves the request arrived, and `mandatory` makes the broker
-//! return a request no queue takes. lapin 4 keeps such returns on the channel (without confirms it has no callback
-//! for them), so while calls wait a background task collects them every [`RETURN_POLL_INTERVAL`] and fails their
-//! calls with `NoSuchService`. One-way calls have no reply, so `notify` uses a second channel, in confirm mode.
+//! Calls are published `mandatory` on a channel in confirm mode. The reply itself proves the request arrived; the
+//! confirm is there for the requests that never will be answered: lapin 4 hands a returned request (`basic.return`,
+//! no queue of that name) only to a publisher confirm, as `Confirmation::Ack(Some(returned))`, and a nack means the
+//! queue refused the request (full, `reject-publish`). Each call awaits its own confirm alongside its reply, inside
+//! its own future (no task, no timer: nothing runs while calls wait), and keeps waiting on a plain ack.
+//!
+//! lapin pairs a return with whichever confirm the next ack completes (a `multiple` ack completes several in no
+//! set order), so a returned request is routed by its `correlation_id`, not to the call whose confirm carried it.
+//! A call that ends before its confirm (reply first, timeout, cancelled) hands the confirm to the session's
+//! [`settle_orphan_confirms`] task, which routes any return it carries and otherwise just lets it go; lapin would
+//! keep a dropped, unresolved confirm until the next `wait_for_confirms`, which this client never calls.
+//!
+//! One-way calls (`notify`) use a second confirmed channel: their requests carry no `correlation_id`, so a return
+//! of theirs that lapin paired with a call's confirm could not be routed back.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,14 +21,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use lapin::message::BasicReturnMessage;
 use lapin::message::{Delivery, DeliveryResult};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ConsumerDelegate};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ConsumerDelegate, PublisherConfirm};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -37,8 +48,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long [`Client::notify`] waits for the broker to take the request.
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often returned requests are collected while calls wait: a call to a missing queue fails within about this.
-pub const RETURN_POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Per-call settings beyond the method and params.
 #[derive(Clone, Debug)]
@@ -132,9 +141,6 @@ impl Client {
         let outcome = tokio::time::timeout_at(deadline, async {
             let session = self.live_session().await?;
             let mut waiter = session.calls.register()?;
-            if waiter.first {
-                session.returns_wakeup.notify_one();
-            }
             let props = envelope::request_properties(RequestMeta {
                 method,
                 correlation_id: Some(waiter.seq.to_string().into()),
@@ -145,15 +151,27 @@ impl Client {
                 trace: options.trace.as_ref(),
             })?;
             let mandatory = BasicPublishOptions { mandatory: true, ..Default::default() };
-            // Not confirmed: the reply is the confirmation, and a return is collected by `watch_returns`.
-            drop(session.channel.basic_publish("".into(), routing_key, mandatory, &body, props).await?);
-            Ok::<_, CallError>(waiter.outcome().await)
+            let confirm = session.channel.basic_publish("".into(), routing_key, mandatory, &body, props).await?;
+            let mut confirm = ConfirmGuard { confirm: Some(confirm), orphans: &session.orphan_confirms };
+            // The reply first: once it is there the confirm no longer matters (the guard hands it on).
+            loop {
+                tokio::select! {
+                    biased;
+                    outcome = waiter.outcome() => break Ok::<_, CallError>(outcome),
+                    confirmation = confirm.wait(), if confirm.is_pending() => {
+                        if let Some(outcome) = settle_confirm(&session.calls, confirmation) {
+                            break Ok(outcome);
+                        }
+                    }
+                }
+            }
         })
         .await
         .map_err(|_| CallError::Timeout)??;
         match outcome {
             Outcome::Reply(delivery) => envelope::decode_reply(&delivery.properties, &delivery.data),
             Outcome::Unroutable => Err(CallError::NoSuchService { queue: queue.to_owned() }),
+            Outcome::Nacked => Err(CallError::Rejected { queue: queue.to_owned() }),
             Outcome::Lost(error) => Err(CallError::Connection(error)),
         }
     }
@@ -287,9 +305,9 @@ struct Session {
     connection: Connection,
     channel: Channel,
     calls: Arc<PendingCalls>,
-    /// Wakes `watch_returns` when calls start waiting.
-    returns_wakeup: Arc<Notify>,
-    returns_watch: JoinHandle<()>,
+    /// Where a call that ends before its confirm leaves the confirm, for [`settle_orphan_confirms`].
+    orphan_confirms: mpsc::UnboundedSender<PublisherConfirm>,
+    orphans_watch: JoinHandle<()>,
     end_watch: JoinHandle<()>,
     /// The channel of one-way calls, in confirm mode; opened on the first `notify`.
     confirmed: OnceCell<Channel>,
@@ -357,6 +375,8 @@ impl Session {
             ConnectionProperties::default().with_connection_name(format!("warren-client {instance}").into());
         let connection = Connection::connect_uri(uri.clone(), properties).await?;
         let channel = connection.create_channel().await?;
+        // Confirms bring back the requests no queue takes (see the module doc).
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         // Direct reply-to must be consumed, with no-ack, on the channel that publishes the requests.
         let replies: Consumer = channel
             .basic_consume(
@@ -370,14 +390,14 @@ impl Session {
         let router = ReplyRouter { calls: calls.clone(), unmatched: unmatched_replies };
         replies.set_delegate(router.clone());
         let end_watch = tokio::spawn(watch_reply_consumer_end(replies.clone(), router));
-        let returns_wakeup = Arc::new(Notify::new());
-        let returns_watch = tokio::spawn(watch_returns(channel.clone(), calls.clone(), returns_wakeup.clone()));
+        let (orphan_confirms, orphans) = mpsc::unbounded_channel();
+        let orphans_watch = tokio::spawn(settle_orphan_confirms(orphans, calls.clone()));
         Ok(Session {
             connection,
             channel,
             calls,
-            returns_wakeup,
-            returns_watch,
+            orphan_confirms,
+            orphans_watch,
             end_watch,
             confirmed: OnceCell::new(),
             instance,
@@ -429,7 +449,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         // The watchers hold channel and consumer handles; stopping them lets the connection close.
-        self.returns_watch.abort();
+        self.orphans_watch.abort();
         self.end_watch.abort();
     }
 }
@@ -499,21 +519,80 @@ async fn watch_reply_consumer_end(mut replies: Consumer, router: ReplyRouter) {
     )));
 }
 
-/// Fails the calls whose request the broker returned (`mandatory`, no queue of that name), polling only while
-/// calls wait.
-async fn watch_returns(channel: Channel, calls: Arc<PendingCalls>, wakeup: Arc<Notify>) {
-    while !calls.is_closed() {
-        if calls.len() == 0 {
-            wakeup.notified().await;
-            continue;
+/// A call's publisher confirm until it resolves. Dropped unresolved (the reply came first, the call timed out or was
+/// cancelled), it goes to the session's [`settle_orphan_confirms`] rather than to lapin's store of dropped confirms.
+struct ConfirmGuard<'a> {
+    confirm: Option<PublisherConfirm>,
+    orphans: &'a mpsc::UnboundedSender<PublisherConfirm>,
+}
+
+impl ConfirmGuard<'_> {
+    fn is_pending(&self) -> bool {
+        self.confirm.is_some()
+    }
+
+    /// The confirmation; only while [`is_pending`](Self::is_pending). Cancel-safe: the confirm stays until it resolves.
+    async fn wait(&mut self) -> lapin::Result<Confirmation> {
+        let confirm = self.confirm.as_mut().expect("a pending confirm");
+        let confirmation = confirm.await;
+        self.confirm = None;
+        confirmation
+    }
+}
+
+impl Drop for ConfirmGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(confirm) = self.confirm.take() {
+            // Fails only once the session is torn down; lapin then drops its pending confirms with the channel.
+            let _ = self.orphans.send(confirm);
         }
-        tokio::time::sleep(RETURN_POLL_INTERVAL).await;
-        // Without confirm mode this only takes the returns lapin has stored; it never waits.
-        let Ok(returned) = channel.wait_for_confirms().await else { return };
-        for message in returned {
-            let id = message.delivery.properties.correlation_id().as_ref().map(ShortString::as_str);
-            if let Some(seq) = id.and_then(|id| id.parse::<u64>().ok()) {
-                calls.resolve(seq, Outcome::Unroutable);
+    }
+}
+
+/// What a call's own confirm means for it: `None` to keep waiting for the reply (a plain ack), or the outcome that
+/// ends it. A returned request it carries (maybe another call's) goes to the call it belongs to.
+fn settle_confirm(calls: &PendingCalls, confirmation: lapin::Result<Confirmation>) -> Option<Outcome> {
+    match confirmation {
+        Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => None,
+        Ok(Confirmation::Ack(Some(returned))) => {
+            // Its own return reaches the call through the waiter like any other.
+            route_return(calls, returned);
+            None
+        }
+        Ok(Confirmation::Nack(returned)) => {
+            if let Some(returned) = returned {
+                route_return(calls, returned);
+            }
+            Some(Outcome::Nacked)
+        }
+        Err(error) => Some(Outcome::Lost(error)),
+    }
+}
+
+/// Fails the call whose request the broker returned (`mandatory`, no queue of that name).
+fn route_return(calls: &PendingCalls, returned: BasicReturnMessage) {
+    let id = returned.delivery.properties.correlation_id().as_ref().map(ShortString::as_str);
+    if let Some(seq) = id.and_then(|id| id.parse::<u64>().ok()) {
+        calls.resolve(seq, Outcome::Unroutable);
+    }
+}
+
+/// Waits for the confirms of calls that ended before them and routes the returns they carry. It sleeps until one
+/// arrives: in the usual order (confirm, then reply) it never wakes.
+async fn settle_orphan_confirms(mut orphans: mpsc::UnboundedReceiver<PublisherConfirm>, calls: Arc<PendingCalls>) {
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            orphan = orphans.recv() => match orphan {
+                Some(confirm) => pending.push(confirm),
+                None => return,
+            },
+            Some(confirmation) = pending.next(), if !pending.is_empty() => {
+                if let Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) = confirmation {
+                    route_return(&calls, returned);
+                }
             }
         }
     }
@@ -524,3 +603,18 @@ const _: () = {
     const fn shareable<T: Clone + Send + Sync + 'static>() {}
     shareable::<Client>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_ack_keeps_the_call_waiting_and_a_nack_or_a_lost_channel_ends_it() {
+        let calls = PendingCalls::default();
+        assert!(settle_confirm(&calls, Ok(Confirmation::Ack(None))).is_none());
+        assert!(settle_confirm(&calls, Ok(Confirmation::NotRequested)).is_none());
+        assert!(matches!(settle_confirm(&calls, Ok(Confirmation::Nack(None))), Some(Outcome::Nacked)));
+        let closed = lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed));
+        assert!(matches!(settle_confirm(&calls, Err(closed)), Some(Outcome::Lost(_))));
+    }
+}

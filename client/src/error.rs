@@ -11,9 +11,9 @@ pub enum CallError {
     /// The broker could not route the request: no queue of that name exists.
     #[error("no service queue named {queue:?}")]
     NoSuchService { queue: String },
-    /// The broker refused a one-way request (the queue is full and rejects publishes). Calls are not confirmed, so a
-    /// call to a full queue ends in [`CallError::Timeout`] instead.
-    #[error("service queue {queue:?} refused the request (queue full)")]
+    /// The broker did not take the request: it nacked the publish (the queue is full and rejects publishes, or could
+    /// not store it). A call fails with this at once instead of waiting for its timeout.
+    #[error("service queue {queue:?} refused the request (the broker nacked it: queue full or unavailable)")]
     Rejected { queue: String },
     /// The responder replied with an error.
     #[error("{code}: {message}")]

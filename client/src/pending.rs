@@ -18,6 +18,8 @@ pub(crate) enum Outcome {
     Reply(Delivery),
     /// The broker returned the request: no queue of that name.
     Unroutable,
+    /// The broker nacked the request: the queue refused it (full, `reject-publish`) or could not take it.
+    Nacked,
     /// The channel closed before the reply came.
     Lost(lapin::Error),
 }
@@ -70,9 +72,8 @@ impl PendingCalls {
         }
         let seq = table.next_seq;
         table.next_seq += 1;
-        let first = table.waiting.is_empty();
         table.waiting.insert(seq, tx);
-        Ok(Waiter { calls: self, seq, first, rx, done: false })
+        Ok(Waiter { calls: self, seq, rx, done: false })
     }
 
     /// Hands `outcome` to the call waiting on `seq`; false when none is (a late, duplicate or foreign reply).
@@ -113,8 +114,6 @@ impl PendingCalls {
 pub(crate) struct Waiter<'a> {
     calls: &'a PendingCalls,
     pub(crate) seq: u64,
-    /// No other call was waiting when this one registered.
-    pub(crate) first: bool,
     rx: oneshot::Receiver<Outcome>,
     done: bool,
 }
@@ -155,7 +154,6 @@ mod tests {
         let mut a = calls.register().unwrap();
         let mut b = calls.register().unwrap();
         assert_ne!(a.seq, b.seq);
-        assert!(a.first && !b.first);
         assert!(calls.resolve(b.seq, Outcome::Unroutable));
         assert!(!calls.resolve(b.seq, Outcome::Unroutable), "a duplicate finds no one waiting");
         assert!(matches!(b.outcome().await, Outcome::Unroutable));

@@ -330,6 +330,59 @@ async fn a_call_to_a_missing_queue_fails_at_once_with_no_such_service() {
     assert!(started.elapsed() < timeout / 2, "took {:?}", started.elapsed());
 }
 
+#[tokio::test]
+async fn calls_to_a_missing_queue_fail_at_once_while_calls_on_the_same_client_are_answered() {
+    let _broker = broker::shared().await;
+    let served = unique_name("rpc-served");
+    let missing = unique_name("rpc-missing");
+    let _cleanup = QueueCleanup::service(&served);
+    let _worker = WorkerCommand::new(&served).arg("--declare").start().await.unwrap();
+    let client = client().await;
+    // Interleaved on one channel, so the broker's confirms cover returned and delivered requests alike (a `multiple`
+    // ack may hand a return to another call's confirm): every return must still reach its own call.
+    let started = Instant::now();
+    let calls = (0..200).map(|i| {
+        let client = client.clone();
+        let queue = if i % 2 == 0 { served.clone() } else { missing.clone() };
+        async move {
+            let result = client.call(&queue, Some("echo"), json!(i), CALL_TIMEOUT).await;
+            (i, queue, result, started.elapsed())
+        }
+    });
+    for (i, queue, result, elapsed) in futures::future::join_all(calls).await {
+        if queue == served {
+            assert_eq!(result.as_ref().ok(), Some(&json!(i)), "{result:?}");
+        } else {
+            assert!(matches!(&result, Err(CallError::NoSuchService { queue: q }) if *q == missing), "{result:?}");
+            assert!(elapsed < CALL_TIMEOUT / 2, "call {i} to the missing queue took {elapsed:?}");
+        }
+    }
+    assert_eq!(client.pending_calls(), 0);
+    assert_eq!(client.unmatched_replies(), 0);
+}
+
+#[tokio::test]
+async fn a_call_to_a_full_queue_is_rejected_at_once() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("rpc-full");
+    let options = QueueOptions { max_length: Some(1), ..QueueOptions::default() };
+    let _cleanup = declare(&queue, &options).await;
+    let client = client().await;
+    // Nobody consumes. A quorum queue turns publishes away once it is over its limit, so two requests fill it and
+    // the broker nacks the third.
+    let filler = |n| client.call(&queue, Some("add"), json!([n, n]), Duration::from_millis(3000));
+    let started = Instant::now();
+    let (first, second, third) = tokio::join!(filler(1), filler(2), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client.call(&queue, Some("add"), json!([3, 4]), CALL_TIMEOUT).await
+    });
+    assert!(matches!(first, Err(CallError::Timeout)), "{first:?}");
+    assert!(matches!(second, Err(CallError::Timeout)), "{second:?}");
+    assert!(matches!(&third, Err(CallError::Rejected { queue: q }) if *q == queue), "{third:?}");
+    assert!(started.elapsed() < CALL_TIMEOUT / 2, "took {:?}", started.elapsed());
+    assert_eq!(client.pending_calls(), 0);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Load
 
