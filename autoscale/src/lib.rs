@@ -34,7 +34,7 @@ pub use policy::{
 pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use recurrence::{
     ANTICIPATION_LEAD_SECONDS, ANTICIPATION_SLACK_SHARE, Anticipation, BASE_HISTORY_SECONDS, MAX_RECURRENCE_SECONDS,
-    MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
+    MAX_RECURRENCE_SPREAD, MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
 };
 pub use throughput::{
     PRIOR_PER_REPLICA_THROUGHPUT, SATURATED_IN_FLIGHT_SHARE, SMOOTHING_SECONDS, ThroughputEstimate, ThroughputSource,
