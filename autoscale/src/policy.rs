@@ -471,9 +471,8 @@ fn step_down(state: &PolicyState, need: &Need, current: i32, spec: &PolicySpec, 
     } else if ((current - target) as f64) < current as f64 * spec.tolerance - 1e-9 {
         within_tolerance(current, why, spec)
     } else if target > recommendation {
-        let message = format!(
-            "scaling from {current} to {target}, what the arrival rate over the last {delay:.0}s needs: {why}"
-        );
+        let message =
+            format!("scaling from {current} to {target}, what the arrival rate over the last {delay:.0}s needs: {why}");
         Step { desired: target, reason: ScaleReason::ScaleDownDelay, message }
     } else {
         Step {
