@@ -7,8 +7,9 @@
 //!
 //! λ arrival rate, B backlog, T target queueing delay, μ one worker's throughput, u target utilisation. Never
 //! below what the in-flight requests occupy (ceil(unacked / prefetch)); 1 as soon as anything waits. Up at once
-//! (bounded per decision), down only to the highest recommendation of the scale-down delay, with a tolerance band
-//! against flapping that a real backlog overrides.
+//! (bounded per decision), down only once no recommendation of the scale-down delay asks for the pool, and then
+//! to what the arrival rate averaged over the delay needs, with a tolerance band against flapping that a real
+//! backlog overrides.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -125,7 +126,8 @@ pub enum ScaleReason {
     ArrivalRate,
     /// The requests in flight occupy this many workers' prefetch.
     InFlight,
-    /// Load fell, but the pool only shrinks to the highest recommendation of the scale-down delay.
+    /// Load fell, but a recommendation of the scale-down delay still asks for the pool, or the arrival rate
+    /// averaged over the delay needs more than this observation.
     ScaleDownDelay,
     MinReplicas,
     MaxReplicas,
@@ -380,8 +382,9 @@ pub struct Step {
 }
 
 /// How far the pool steps toward what is needed: up at once but bounded per decision and past the tolerance
-/// band (unless a backlog is urgent), down only to the highest recommendation of the scale-down delay; a spec
-/// whose bounds changed under a running pool applies at once.
+/// band (unless a backlog is urgent), down only once no recommendation of the scale-down delay asks for the pool,
+/// to what the arrival rate averaged over the delay needs (within this observation's need and the delay's
+/// highest recommendation); a spec whose bounds changed under a running pool applies at once.
 pub fn step(
     state: &PolicyState,
     q: &ObservedQueue,
