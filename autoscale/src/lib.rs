@@ -34,7 +34,7 @@ pub use policy::{
 pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
 pub use recurrence::{
     ANTICIPATION_LEAD_SECONDS, ANTICIPATION_SLACK_SHARE, Anticipation, BASE_HISTORY_SECONDS, MAX_RECURRENCE_SECONDS,
-    MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
+    MAX_RECURRENCE_SPREAD, MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
 };
 pub use throughput::{
     PRIOR_PER_REPLICA_THROUGHPUT, SATURATED_IN_FLIGHT_SHARE, SMOOTHING_SECONDS, ThroughputEstimate, ThroughputSource,
@@ -93,6 +93,7 @@ impl Autoscaler {
             return None;
         }
         let obs = Observation { at: now, queue: Some(ObservedQueue { backlog: ready, consumers, ..polled }) };
+        let obs = self.with_sustained_rate(&obs, spec);
         let decision = decide(&self.state, &obs, replicas, spec, now);
         if decision.reason != ScaleReason::Anticipated {
             self.state.recommendations.record(now, decision.recommendation, spec.scale_down_delay_seconds);
@@ -109,6 +110,7 @@ impl Autoscaler {
             self.state.recommendations.record(now, running, spec.scale_down_delay_seconds);
             self.window_started = true;
         }
+        let obs = &self.with_sustained_rate(obs, spec);
         let decision = decide(&self.state, obs, replicas, spec, now);
         // A floor held for an expected surge ends with its window: it is not remembered for the scale-down delay.
         if decision.reason != ScaleReason::Anticipated {
@@ -120,6 +122,18 @@ impl Autoscaler {
             self.state.recurrence.observe(now, i.arrival_rate, rate_need.max(0.0) as i32);
         }
         decision
+    }
+
+    /// The observation with the arrival rate averaged over the scale-down delay, unless it has one already.
+    fn with_sustained_rate(&self, obs: &Observation, spec: &PolicySpec) -> Observation {
+        let mut obs = *obs;
+        if let Some(q) = obs.queue.as_mut()
+            && q.sustained_arrival_rate.is_none()
+            && q.arrival_rate.is_some()
+        {
+            q.sustained_arrival_rate = self.rates.arrival_rate_since(obs.at - spec.scale_down_delay_seconds);
+        }
+        obs
     }
 
     /// The per-replica throughput measured while saturated: what status.perReplicaThroughput should hold.

@@ -7,8 +7,9 @@
 //!
 //! λ arrival rate, B backlog, T target queueing delay, μ one worker's throughput, u target utilisation. Never
 //! below what the in-flight requests occupy (ceil(unacked / prefetch)); 1 as soon as anything waits. Up at once
-//! (bounded per decision), down only to the highest recommendation of the scale-down delay, with a tolerance band
-//! against flapping that a real backlog overrides.
+//! (bounded per decision), down only once no recommendation of the scale-down delay asks for the pool, and then
+//! to what the arrival rate averaged over the delay needs, with a tolerance band against flapping that a real
+//! backlog overrides.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -125,7 +126,8 @@ pub enum ScaleReason {
     ArrivalRate,
     /// The requests in flight occupy this many workers' prefetch.
     InFlight,
-    /// Load fell, but the pool only shrinks to the highest recommendation of the scale-down delay.
+    /// Load fell, but a recommendation of the scale-down delay still asks for the pool, or the arrival rate
+    /// averaged over the delay needs more than this observation.
     ScaleDownDelay,
     MinReplicas,
     MaxReplicas,
@@ -321,6 +323,9 @@ pub struct Need {
     pub busy: bool,
     /// The figures behind it, as a clause.
     pub why: String,
+    /// The replicas the arrival rate averaged over the scale-down delay needs, within the bounds: the least a
+    /// scale-down goes to. `None` when that rate is not known.
+    pub sustained: Option<i32>,
 }
 
 /// What the observation needs: enough workers to take the arrival rate and drain the backlog within T at the
@@ -361,7 +366,11 @@ pub fn need(q: &ObservedQueue, inputs: &DecisionInputs, spec: &PolicySpec) -> Ne
         reason = ScaleReason::MaxReplicas;
         why = format!("{why}; maxReplicas is {max}");
     }
-    Need { recommendation, reason, demand, busy, why }
+    let sustained = q
+        .sustained_arrival_rate
+        .filter(|_| inputs.rates_known)
+        .map(|rate| ceil_replicas(rate.max(0.0) / per_replica).clamp(min, max));
+    Need { recommendation, reason, demand, busy, why, sustained }
 }
 
 /// Where the pool goes this decision, and why in a sentence.
@@ -373,8 +382,9 @@ pub struct Step {
 }
 
 /// How far the pool steps toward what is needed: up at once but bounded per decision and past the tolerance
-/// band (unless a backlog is urgent), down only to the highest recommendation of the scale-down delay; a spec
-/// whose bounds changed under a running pool applies at once.
+/// band (unless a backlog is urgent), down only once no recommendation of the scale-down delay asks for the pool,
+/// to what the arrival rate averaged over the delay needs (within this observation's need and the delay's
+/// highest recommendation); a spec whose bounds changed under a running pool applies at once.
 pub fn step(
     state: &PolicyState,
     q: &ObservedQueue,
@@ -451,16 +461,22 @@ fn step_down(state: &PolicyState, need: &Need, current: i32, spec: &PolicySpec, 
     let (recommendation, why) = (need.recommendation, &need.why);
     let delay = spec.scale_down_delay_seconds;
     let highest = state.recommendations.highest_since(now - delay).unwrap_or(recommendation).max(recommendation);
+    // Once nothing of the delay asked for the current pool, it shrinks to what the arrival rate averaged over the
+    // delay needs (not the highest of the delay's noisy 10 s rates), never below this observation's need.
+    let target = match need.sustained {
+        Some(sustained) => highest.min(sustained.max(recommendation)),
+        None => highest,
+    };
     if highest >= current {
         let message =
             format!("keeping {}: {why}, but {highest} were recommended within the last {delay:.0}s", plural(current));
         Step { desired: current, reason: ScaleReason::ScaleDownDelay, message }
-    } else if ((current - highest) as f64) < current as f64 * spec.tolerance - 1e-9 {
+    } else if ((current - target) as f64) < current as f64 * spec.tolerance - 1e-9 {
         within_tolerance(current, why, spec)
-    } else if highest > recommendation {
+    } else if target > recommendation {
         let message =
-            format!("scaling from {current} to {highest}, the most recommended within the last {delay:.0}s: {why}");
-        Step { desired: highest, reason: ScaleReason::ScaleDownDelay, message }
+            format!("scaling from {current} to {target}, what the arrival rate over the last {delay:.0}s needs: {why}");
+        Step { desired: target, reason: ScaleReason::ScaleDownDelay, message }
     } else {
         Step {
             desired: recommendation,
@@ -541,6 +557,7 @@ mod tests {
                     max_consumers: 0,
                     steady_consumers: true,
                 }),
+                sustained_arrival_rate: Some(arrival),
             }),
         }
     }
@@ -682,10 +699,38 @@ mod tests {
         state.recommendations.record(30.0, 12, 60.0);
         let d = decide(&state, &obs(50.0, 0, 10, 50.0), counts(20), &spec, 50.0);
         assert_eq!((d.desired, d.reason), (20, ScaleReason::ScaleDownDelay));
-        let d = decide(&state, &obs(70.0, 0, 10, 50.0), counts(20), &spec, 70.0);
+        // The 10 s rate fell to 50 req/s; averaged over the delay it is still 190 req/s (12 replicas).
+        let mut o = obs(70.0, 0, 10, 50.0);
+        o.queue.as_mut().unwrap().sustained_arrival_rate = Some(190.0);
+        let d = decide(&state, &o, counts(20), &spec, 70.0);
         assert_eq!((d.desired, d.reason), (12, ScaleReason::ScaleDownDelay));
         let d = decide(&state, &obs(95.0, 0, 10, 50.0), counts(12), &spec, 95.0);
         assert_eq!((d.desired, d.reason), (4, ScaleReason::ArrivalRate));
+    }
+
+    #[test]
+    fn scale_down_goes_to_the_rate_averaged_over_the_delay_not_the_highest_noisy_one() {
+        let spec = spec();
+        let mut state = PolicyState::default();
+        state.recommendations.record(10.0, 14, 60.0); // a 10 s window that read high
+        state.recommendations.record(30.0, 13, 60.0);
+        let mut o = obs(65.0, 0, 10, 160.0); // 10 replicas now
+        o.queue.as_mut().unwrap().sustained_arrival_rate = Some(180.0); // 11.25 → 12 over the delay
+        let d = decide(&state, &o, counts(20), &spec, 65.0);
+        assert_eq!((d.desired, d.reason), (12, ScaleReason::ScaleDownDelay), "{}", d.message);
+        assert!(d.message.contains("arrival rate over the last 60s"), "{}", d.message);
+        // Never below this observation's own need, never above the highest of the delay.
+        o.queue.as_mut().unwrap().sustained_arrival_rate = Some(50.0);
+        assert_eq!(decide(&state, &o, counts(20), &spec, 65.0).desired, 10);
+        o.queue.as_mut().unwrap().sustained_arrival_rate = Some(400.0);
+        assert_eq!(decide(&state, &o, counts(20), &spec, 65.0).desired, 14);
+        // Unknown: the highest recommendation of the delay, as before.
+        o.queue.as_mut().unwrap().sustained_arrival_rate = None;
+        assert_eq!(decide(&state, &o, counts(20), &spec, 65.0).desired, 14);
+        // And no decrease at all while a recommendation of the delay asks for the current pool.
+        state.recommendations.record(40.0, 20, 60.0);
+        o.queue.as_mut().unwrap().sustained_arrival_rate = Some(180.0);
+        assert_eq!(decide(&state, &o, counts(20), &spec, 65.0).desired, 20);
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct ObservedQueue {
     pub completion_rate: Option<f64>,
     /// The window the rates cover; `None` when they are.
     pub window: Option<WindowFigures>,
+    /// Requests arriving per second averaged over the scale-down delay (or as much of it as the samples cover,
+    /// at least a rate window): what a scale-down sizes the arrival-rate need on. `None` when not known.
+    #[serde(default)]
+    pub sustained_arrival_rate: Option<f64>,
 }
 
 /// What the autoscaler knows of a queue at one instant.
@@ -75,7 +79,12 @@ impl Observation {
 pub struct RateTracker {
     samples: VecDeque<QueueSample>,
     window: f64,
+    /// (at, published_total) of the polls of the last [`MAX_HISTORY_SECONDS`], for rates over longer spans.
+    published: VecDeque<(f64, u64)>,
 }
+
+/// The longest span [`RateTracker::arrival_rate_since`] looks back (seconds).
+pub const MAX_HISTORY_SECONDS: f64 = 3600.0;
 
 /// The span rates are computed over by default: two 5 s polls, so a sample that lands just before the broker's
 /// stats emission (every 5 s by default) does not halve or double a rate.
@@ -90,7 +99,7 @@ impl Default for RateTracker {
 impl RateTracker {
     /// Rates are computed over at least `window` seconds of samples once that many are held.
     pub fn new(window: f64) -> Self {
-        Self { samples: VecDeque::new(), window: window.max(0.0) }
+        Self { samples: VecDeque::new(), window: window.max(0.0), published: VecDeque::new() }
     }
 
     /// The longest gap between two polls that still gives a rate; longer means the rate would be stale.
@@ -106,9 +115,14 @@ impl RateTracker {
             let in_order = gap > 0.0; // also false for a NaN time
             if reset || !in_order || gap > self.max_gap() {
                 self.samples.clear();
+                self.published.clear();
             }
         }
         self.samples.push_back(sample);
+        self.published.push_back((sample.at, sample.published_total));
+        while self.published.len() > 2 && self.published[1].0 <= sample.at - MAX_HISTORY_SECONDS {
+            self.published.pop_front();
+        }
         let cutoff = sample.at - self.window;
         while self.samples.len() > 2 && self.samples[1].at <= cutoff {
             self.samples.pop_front();
@@ -119,6 +133,17 @@ impl RateTracker {
     /// Forgets all samples (e.g. the queue was deleted): the next rate needs two new polls.
     pub fn clear(&mut self) {
         self.samples.clear();
+        self.published.clear();
+    }
+
+    /// The arrival rate from the last poll at or before `since` (or the oldest held, if none is that old) to the
+    /// newest: `None` when that spans less than the rate window.
+    pub fn arrival_rate_since(&self, since: f64) -> Option<f64> {
+        let &(newest_at, newest) = self.published.back()?;
+        let i = self.published.partition_point(|(at, _)| *at <= since);
+        let &(oldest_at, oldest) = self.published.get(i.saturating_sub(1))?;
+        let span = newest_at - oldest_at;
+        (span > 0.0 && span >= self.window).then(|| (newest - oldest) as f64 / span)
     }
 
     fn figures(&self) -> ObservedQueue {
@@ -131,6 +156,7 @@ impl RateTracker {
             arrival_rate: None,
             completion_rate: None,
             window: None,
+            sustained_arrival_rate: None,
         };
         let span = newest.at - oldest.at;
         if self.samples.len() < 2 || span <= 0.0 {
@@ -207,6 +233,23 @@ mod tests {
         assert_eq!(t.push(sample(500.0, 1000, 1000)).arrival_rate, None);
         assert_eq!(t.push(sample(400.0, 2000, 2000)).arrival_rate, None);
         assert_eq!(t.push(sample(405.0, 2500, 2500)).arrival_rate, Some(100.0));
+    }
+
+    #[test]
+    fn a_rate_over_a_longer_span_comes_from_the_same_counters() {
+        let mut t = RateTracker::new(10.0);
+        for i in 0..=12u64 {
+            // 100 req/s, except 300 req/s in the last 10 s.
+            let published = if i <= 10 { 500 * i } else { 5000 + 1500 * (i - 10) };
+            t.push(sample(5.0 * i as f64, published, published));
+        }
+        assert_eq!(t.arrival_rate_since(0.0), Some(8000.0 / 60.0));
+        assert_eq!(t.arrival_rate_since(-100.0), Some(8000.0 / 60.0), "as far back as the samples go");
+        assert_eq!(t.arrival_rate_since(50.0), Some(300.0));
+        assert_eq!(t.arrival_rate_since(52.0), Some(300.0), "from the last poll at or before the start");
+        assert_eq!(t.arrival_rate_since(57.0), None, "shorter than the rate window");
+        t.push(sample(65.0, 10, 10));
+        assert_eq!(t.arrival_rate_since(0.0), None, "a reset starts over");
     }
 
     #[test]

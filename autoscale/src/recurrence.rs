@@ -18,6 +18,10 @@ pub const BASE_HISTORY_SECONDS: f64 = 600.0;
 pub const MIN_SURGE_EXTRA_REPLICAS: i32 = 1;
 /// Surges further apart than this are not treated as recurring (seconds).
 pub const MAX_RECURRENCE_SECONDS: f64 = 1200.0;
+/// Surges recur only if the longest interval between their starts is at most this many times the shortest: a
+/// rate that crosses the surge threshold back and forth (a ramp, a slow swell) starts "surges" 10 s and 1000 s
+/// apart, which predict nothing.
+pub const MAX_RECURRENCE_SPREAD: f64 = 2.0;
 /// How many surge starts it takes to expect another.
 pub const MIN_SURGES: usize = 2;
 /// How long before the expected window the floor starts: a poll, a pod start and a margin (seconds).
@@ -81,7 +85,7 @@ impl Recurrence {
         let intervals: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
         let shortest = intervals.iter().copied().fold(f64::INFINITY, f64::min);
         let longest = intervals.iter().copied().fold(0.0, f64::max);
-        if longest > MAX_RECURRENCE_SECONDS || shortest <= 0.0 {
+        if longest > MAX_RECURRENCE_SECONDS || shortest <= 0.0 || longest > MAX_RECURRENCE_SPREAD * shortest {
             return None;
         }
         let last = *starts.last()?;
@@ -147,5 +151,23 @@ mod tests {
         run(&mut r, 120.0, 1500.0, 30.0, 2);
         run(&mut r, 1500.0, 1520.0, 300.0, 19);
         assert_eq!(r.anticipate(2800.0), None, "21 min apart is not recurring");
+    }
+
+    #[test]
+    fn a_rate_that_crosses_the_threshold_irregularly_predicts_nothing() {
+        // A ramp: the need wavers across twice the quiet level at 100 s and 110 s, and again 600 s later.
+        let mut r = Recurrence::default();
+        run(&mut r, 0.0, 100.0, 30.0, 2);
+        run(&mut r, 100.0, 105.0, 60.0, 4);
+        run(&mut r, 105.0, 110.0, 45.0, 3);
+        run(&mut r, 110.0, 710.0, 60.0, 4);
+        assert_eq!(r.surges.len(), 2);
+        run(&mut r, 710.0, 715.0, 45.0, 3);
+        run(&mut r, 715.0, 720.0, 90.0, 6);
+        run(&mut r, 720.0, 730.0, 30.0, 2);
+        assert_eq!(r.surges.len(), 3);
+        // Intervals 10 s and 605 s: the next start could be anywhere.
+        assert_eq!(r.anticipate(730.0), None);
+        assert_eq!(r.anticipate(1300.0), None);
     }
 }

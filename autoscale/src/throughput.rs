@@ -140,6 +140,7 @@ mod tests {
                     max_consumers: consumers,
                     steady_consumers: true,
                 }),
+                sustained_arrival_rate: None,
             }),
         }
     }
