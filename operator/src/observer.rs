@@ -123,7 +123,14 @@ struct ServiceState {
     last_scale: Option<(Timestamp, String)>,
     announcements: Announcements,
     metrics_unavailable: Option<String>,
+    /// The last probe of the backlog and when it was taken: newer than the management API's figures for a while.
+    last_probe: Option<(f64, QueueProbe)>,
 }
+
+/// How long a probe's backlog stays fresher than the management API's, which moves once per stats interval (5 s by
+/// default): a poll in that time decides on the probe's ready and consumer counts, so it cannot undo a probe's
+/// scale-up with figures seconds older.
+const PROBE_FRESHNESS_SECONDS: f64 = 2.5;
 
 /// Every service the operator reconciles, with its autoscaler state.
 pub struct Observer {
@@ -385,6 +392,7 @@ impl ServiceState {
             last_scale: None,
             announcements: Announcements::default(),
             metrics_unavailable: None,
+            last_probe: None,
         }
     }
 
@@ -397,11 +405,12 @@ impl ServiceState {
         now: f64,
         metrics: &Metrics,
     ) -> bool {
+        let fresh = self.last_probe.filter(|(at, _)| now - at <= PROBE_FRESHNESS_SECONDS).map(|(_, p)| p);
         let sample = found.as_ref().map(|f| QueueSample {
             at: now,
-            ready: f.ready,
+            ready: fresh.map_or(f.ready, |p| p.ready),
             unacked: f.unacked,
-            consumers: f.consumers,
+            consumers: fresh.map_or(f.consumers, |p| p.consumers),
             published_total: f.published_total,
             acked_total: f.acked_total,
         });
@@ -426,6 +435,7 @@ impl ServiceState {
 
     /// Feeds a probe's backlog to the scaler; returns whether the service's reconcile should run (a new decision).
     fn probe(&mut self, service: &ServiceLabels, probe: QueueProbe, now: f64, metrics: &Metrics) -> bool {
+        self.last_probe = Some((now, probe));
         let (counts, policy) = (self.counts(), &self.registration.policy);
         let Some(decision) = self.scaler.probe(probe.ready, probe.consumers, counts, policy, now) else {
             return false;
@@ -629,7 +639,7 @@ mod tests {
     fn a_probe_between_polls_triggers_one_reconcile_for_a_backlog() {
         let mut f = fixture();
         f.reconcile(1);
-        f.observer.record_probe(&f.key, QueueProbe { ready: 160, consumers: 1 }, 0.5);
+        f.observer.record_probe(&f.key, QueueProbe { ready: 160, consumers: 1 }, -5.0);
         assert_eq!(f.triggered(), 0, "no decision on a probe before a poll has given figures");
         f.poll(Ok(vec![queue(0, 0)]), 0.0);
         f.reconcile(1);
@@ -638,6 +648,10 @@ mod tests {
         // 160 waiting a second after an idle poll: (160 / 2 s) / 8 req/s per worker = 10 workers, now.
         f.observer.record_probe(&f.key, QueueProbe { ready: 160, consumers: 1 }, 1.0);
         assert_eq!(f.triggered(), 1, "one reconcile for the new decision");
+        // The poll of the same tick, before that reconcile runs, decides on the probe's backlog, not on the
+        // management API's older 0: the decision the reconcile reads is still the probe's.
+        f.poll(Ok(vec![queue(0, 0)]), 1.0);
+        f.triggered(); // it asks again: the decision is not applied yet (the controller runs one reconcile)
         let view = f.reconcile(1);
         assert_eq!(view.desired_replicas, 10);
         assert!(view.announcements.scaled.as_deref().is_some_and(|s| s.starts_with("1 → 10 replicas")), "{view:?}");
