@@ -538,6 +538,14 @@ spec:
         }
     });
     let (calls, ok, errors, report) = finish_bench(&mut bench(queue, rate, load, 1000), load + WAIT).await?;
+    // --- load stops → scale-in while a trickle of calls goes on (checked below): started at once, so the
+    // scale-in (a scale-down delay after the load) cannot come before it while the step's figures are read.
+    // The trickle keeps requests in flight on the pods the kubelet sends SIGTERM to.
+    let trickle_rate = 10.0;
+    let trickle = Duration::from_secs(SCALE_DOWN_DELAY_S as u64 + 40);
+    let trickle_start = Instant::now();
+    let mut trickle_cmd = bench(queue, trickle_rate, trickle, 100);
+    let trickle_run = tokio::spawn(async move { finish_bench(&mut trickle_cmd, trickle + WAIT).await });
     eprintln!("step load: {calls} calls, {ok} answered, {errors} errors: {report}");
     ensure!(errors == 0 && ok == calls, "calls were lost or failed under the step: {report}");
     let delays = delays.await?;
@@ -595,13 +603,7 @@ spec:
         }
     }
 
-    // --- load stops → scale-in while a trickle of calls goes on: every call answered ----------------------------
-    // The trickle keeps requests in flight on the pods the kubelet sends SIGTERM to.
-    let trickle_rate = 10.0;
-    let trickle = Duration::from_secs(SCALE_DOWN_DELAY_S as u64 + 40);
-    let trickle_start = Instant::now();
-    let mut trickle_cmd = bench(queue, trickle_rate, trickle, 100);
-    let trickle_run = tokio::spawn(async move { finish_bench(&mut trickle_cmd, trickle + WAIT).await });
+    // --- scale-in under the trickle started after the step: every call answered ---------------------------------
     let scaled_in = wait_for("scale-in to one worker pod", WAIT, || async {
         let running: Vec<Pod> =
             pods.list(&workers).await?.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
