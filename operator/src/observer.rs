@@ -666,6 +666,22 @@ mod tests {
     }
 
     #[test]
+    fn a_raised_min_replicas_is_applied_by_the_next_observation() {
+        let mut f = settled(1);
+        for (i, at) in [1.0, 2.0, 3.0].into_iter().enumerate() {
+            f.poll(Ok(vec![queue(0, 10 * i as u64)]), at);
+            f.reconcile(1);
+        }
+        f.triggered();
+        f.svc.spec.scaling.min_replicas = 2;
+        assert_eq!(f.reconcile(1).desired_replicas, 1, "the reconcile of the edit still reads the last decision");
+        f.observer.record_probe(&f.key, QueueProbe { ready: 0, consumers: 1 }, 3.5);
+        f.poll(Ok(vec![queue(0, 30)]), 4.0);
+        assert!(f.triggered() >= 1, "the next observation decides on the new minimum");
+        assert_eq!(f.reconcile(1).desired_replicas, 2);
+    }
+
+    #[test]
     fn the_view_changes_nothing_and_news_waits_until_published() {
         let f = fixture();
         f.reconcile(1);

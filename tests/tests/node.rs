@@ -633,7 +633,8 @@ spec:
         let ready = pods.list(&workers).await?.items.iter().filter(|p| pod_ready(p)).count();
         Ok((ready == 2).then_some(()))
     })
-    .await?;
+    .await
+    .map_err(|error| error.context(node_diagnostics(ns.name())))?;
     let victim = pods.list(&workers).await?.items.into_iter().find(pod_ready).context("a worker pod")?;
     let container_id = container_id(&victim, "worker")?;
     let restarts_before = restarts(&victim);
