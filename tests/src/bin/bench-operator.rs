@@ -733,10 +733,11 @@ impl Bench {
     }
 
     async fn start_operator(&mut self) -> anyhow::Result<()> {
-        let mut args: Vec<String> = ["run", "--namespace", self.ns.as_str(), "--leader-election", "false", "--metrics-addr"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> =
+            ["run", "--namespace", self.ns.as_str(), "--leader-election", "false", "--metrics-addr"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         args.push(format!("127.0.0.1:{}", self.metrics_port));
         args.extend(self.args.operator_arg.iter().cloned());
         let command = std::iter::once(self.binary.display().to_string())
@@ -745,7 +746,7 @@ impl Bench {
             .collect::<Vec<_>>()
             .join(" ");
         self.set("operator_command", &command);
-        self.set("operator_args", &self.args.operator_arg.clone());
+        self.set("operator_args", self.args.operator_arg.clone());
         say(format!("starting {command}"));
         let operator = OperatorProcess::spawn(
             &self.binary,
