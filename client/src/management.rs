@@ -257,6 +257,12 @@ impl Management {
         self.get(&["connections"], Some(("columns", "name,client_properties.connection_name"))).await
     }
 
+    /// Any GET of the API as JSON, e.g. `get_json(&["nodes"], Some(("columns", "name,mem_used")))`: for the tests
+    /// and the benchmarks, which read what the operator does not (nodes and their memory, connections with ports).
+    pub async fn get_json(&self, segments: &[&str], query: Option<(&str, &str)>) -> Result<Value, ManagementError> {
+        self.get(segments, query).await
+    }
+
     /// Closes the connection the broker calls `name` (one that is gone counts as closed).
     pub async fn close_connection(&self, name: &str) -> Result<(), ManagementError> {
         self.delete(&["connections", name], &format!("closing connection {name}")).await

@@ -141,7 +141,12 @@ pub struct TestNamespace {
 impl TestNamespace {
     /// Creates `<prefix>-<8 hex>`, labelled [`TEST_LABEL`].
     pub async fn create(client: &Client, prefix: &str) -> anyhow::Result<Self> {
-        let name = crate::unique_name(prefix);
+        Self::create_named(client, &crate::unique_name(prefix)).await
+    }
+
+    /// Creates the namespace `name` (it must not exist), labelled [`TEST_LABEL`].
+    pub async fn create_named(client: &Client, name: &str) -> anyhow::Result<Self> {
+        let name = name.to_owned();
         let namespace = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.clone()),

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod local_runtime;
 pub mod operator_process;
 pub mod private_cluster;
+pub mod prometheus;
 pub mod worker_process;
 
 use std::path::PathBuf;

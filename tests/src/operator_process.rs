@@ -83,6 +83,42 @@ impl OperatorProcess {
         Ok(Self { child, metrics_port, log: None })
     }
 
+    /// `binary run ARGS` as it is, without the tests' defaults (so the operator's own poll interval, log filter and
+    /// so on apply): `args` name the namespace and `--metrics-addr 127.0.0.1:<metrics_port>`. Its stdout and stderr
+    /// go to `log`; it runs in a process group of its own, so a Ctrl-C at the terminal reaches only the caller,
+    /// which can still use the operator while it cleans up (the benchmark deletes its RpcServices that way).
+    pub fn spawn(
+        binary: &std::path::Path,
+        kubeconfig: &str,
+        metrics_port: u16,
+        args: &[String],
+        log: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(binary)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self { child, metrics_port })
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub async fn ready(&self) -> bool {
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        matches!(reqwest::get(url).await, Ok(r) if r.status().is_success())
+    }
+
+    /// The exit status once the process has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The operator's /metrics text, or None while it is not serving yet.
     pub async fn metrics(&self) -> Option<String> {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
