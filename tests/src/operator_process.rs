@@ -87,7 +87,7 @@ impl OperatorProcess {
     /// so on apply): `args` name the namespace and `--metrics-addr 127.0.0.1:<metrics_port>`. Its stdout and stderr
     /// go to `log`; it runs in a process group of its own, so a Ctrl-C at the terminal reaches only the caller,
     /// which can still use the operator while it cleans up (the benchmark deletes its RpcServices that way).
-    pub fn spawn(
+    pub fn spawn_binary(
         binary: &std::path::Path,
         kubeconfig: &str,
         metrics_port: u16,
@@ -105,7 +105,7 @@ impl OperatorProcess {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self { child, metrics_port })
+        Ok(Self { child, metrics_port, log: None })
     }
 
     /// Whether `/readyz` answers 200.

@@ -748,7 +748,7 @@ impl Bench {
         self.set("operator_command", &command);
         self.set("operator_args", self.args.operator_arg.clone());
         say(format!("starting {command}"));
-        let operator = OperatorProcess::spawn(
+        let operator = OperatorProcess::spawn_binary(
             &self.binary,
             &cluster::kubeconfig_path(),
             self.metrics_port,
