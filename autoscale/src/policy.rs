@@ -289,10 +289,14 @@ pub fn decide(
     inputs.rates_known = q.arrival_rate.is_some();
     inputs.arrival_rate = q.arrival_rate.unwrap_or(0.0).max(0.0);
     inputs.completion_rate = q.completion_rate.unwrap_or(0.0).max(0.0);
-    // A delay computed from the prior would be a guess presented as a figure: none until μ is hinted or measured.
-    if source != ThroughputSource::Prior {
-        inputs.queueing_delay = queueing_delay(q.backlog, inputs.drain_rate());
-    }
+    // A delay computed from the prior would be a guess presented as a figure, and one from μ's lower bound (the
+    // workers were never seen saturated) only a bound, tens of times the truth at the start of a burst: none until
+    // μ is hinted or measured, unless nothing waits.
+    inputs.queueing_delay = match source {
+        ThroughputSource::Measured | ThroughputSource::Hint => queueing_delay(q.backlog, inputs.drain_rate()),
+        ThroughputSource::LowerBound if q.backlog == 0 => Some(0.0),
+        ThroughputSource::LowerBound | ThroughputSource::Prior => None,
+    };
     let mut need = need(q, &inputs, spec);
     if inputs.rates_known
         && source != ThroughputSource::Prior
@@ -612,6 +616,23 @@ mod tests {
         let starting = ReplicaCounts { current: 2, ready: 0 };
         let d = decide(&PolicyState::default(), &obs(0.0, 5, 0, 1.0), starting, &spec(), 0.0);
         assert_eq!(d.inputs.queueing_delay, None, "no ready worker");
+    }
+
+    #[test]
+    fn a_throughput_only_bounded_from_below_gives_no_delay_while_requests_wait() {
+        // One idle worker completed 2 req/s: μ ≥ 2 is all that is known, so 300 waiting would read as 30 s.
+        let mut state = PolicyState::default();
+        let mut idle = obs(0.0, 0, 1, 2.0);
+        if let Some(w) = idle.queue.as_mut().and_then(|q| q.window.as_mut()) {
+            w.max_consumers = 1;
+        }
+        state.throughput.update(&idle, 8);
+        let no_hint = PolicySpec { per_replica_throughput_hint: None, ..spec() };
+        let waiting = decide(&state, &obs(1.0, 300, 40, 150.0), counts(5), &no_hint, 1.0);
+        assert_eq!(waiting.inputs.throughput_source, ThroughputSource::LowerBound);
+        assert_eq!(waiting.inputs.queueing_delay, None);
+        let quiet = decide(&state, &obs(1.0, 0, 1, 2.0), counts(5), &no_hint, 1.0);
+        assert_eq!(quiet.inputs.queueing_delay, Some(0.0), "nothing waits: no delay, whatever μ is");
     }
 
     #[test]

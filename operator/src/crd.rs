@@ -593,8 +593,9 @@ pub struct RpcServiceStatus {
 pub struct QueueStatus {
     /// The queue's name on the broker.
     pub name: String,
-    /// Requests waiting to be delivered (the backlog). Absent until the management API reports it (a new queue
-    /// has no statistics for its first seconds).
+    /// Requests waiting to be delivered (the backlog), as of the latest look at the queue: the operator's probe
+    /// between polls, else the management API. Absent until the management API reports it (a new queue has no
+    /// statistics for its first seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<i64>,
     /// Requests delivered to a worker and not yet acknowledged (in flight). Absent until reported.
@@ -612,7 +613,8 @@ pub struct QueueStatus {
     /// The estimated queueing delay in seconds: how long a request arriving now waits before a worker takes it.
     /// By the latency model (docs/autoscaling.md): the backlog ÷ the rate the ready workers drain it, i.e. ready
     /// replicas × the per-replica throughput. 0 when nothing waits. Absent when it cannot be estimated: no figures
-    /// from the broker this round, no throughput measured or hinted yet, or requests wait and no worker is ready.
+    /// from the broker this round, no throughput measured or hinted yet (while requests wait, a throughput seen only
+    /// below saturation is a bound, not a measurement), or requests wait and no worker is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queueing_delay_seconds: Option<f64>,
     /// The queueing delay the pool is sized to stay under (`spec.scaling.targetQueueDelaySeconds`), beside the

@@ -120,7 +120,7 @@ impl ServiceMetrics {
     pub fn observe(&self, service: &ServiceLabels, view: &ServiceView, target_delay: f64) {
         let current = view.metrics_unavailable.is_none();
         let figures = view.figures.as_ref().filter(|_| current);
-        set_or_remove(&self.backlog, service, figures.map(|f| f.ready as f64));
+        set_or_remove(&self.backlog, service, figures.and(status::backlog(view)).map(|b| b as f64));
         set_or_remove(&self.in_flight, service, figures.map(|f| f.unacked as f64));
         set_or_remove(&self.arrival_rate, service, view.arrival_rate.filter(|_| current));
         set_or_remove(&self.completion_rate, service, view.completion_rate.filter(|_| current));

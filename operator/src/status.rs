@@ -172,7 +172,7 @@ pub fn next(
         let figures = match &view.figures {
             Some(f) => QueueStatus {
                 name: svc.queue_name(),
-                ready: Some(f.ready as i64),
+                ready: backlog(view).map(|b| b as i64),
                 unacked: Some(f.unacked as i64),
                 consumers: Some(f.consumers as i64),
                 publish_rate: view.arrival_rate.map(round2),
@@ -216,6 +216,14 @@ pub fn scaling_condition(view: &ServiceView) -> ConditionUpdate {
     } else {
         ConditionUpdate::new(SCALING, true, "Waiting", "waiting for the first observation of the queue")
     }
+}
+
+/// Requests waiting, from the same observation as the delay: the latest decision's (a probe between polls sees the
+/// backlog seconds before the management API does), else the last poll's.
+pub fn backlog(view: &ServiceView) -> Option<u64> {
+    let current = view.metrics_unavailable.is_none();
+    let decided = view.decision.as_ref().filter(|_| current).map(|d| d.inputs.backlog);
+    decided.or(view.figures.as_ref().map(|f| f.ready))
 }
 
 /// The estimated queueing delay of the latest decision, absent while the figures are unavailable.
@@ -388,6 +396,20 @@ mod tests {
         let (status, _) = next(&svc, &[], Some(&view(Some(figures), Some("no answer"))), Some(1), &at(3));
         let queue = status.queue.unwrap();
         assert_eq!((queue.ready, queue.queueing_delay_seconds), (Some(25), None));
+    }
+
+    #[test]
+    fn the_backlog_shown_is_the_one_the_delay_was_estimated_from() {
+        let mut svc = RpcService::new("calc", Default::default());
+        svc.metadata.namespace = Some("shop".into());
+        let figures = QueueFigures { name: "shop.calc".into(), ready: 253, consumers: 5, ..QueueFigures::default() };
+        // A probe after the poll found the queue empty: the delay is 0, so the backlog shown is 0, not the poll's 253.
+        let mut probed = view(Some(figures), None);
+        let decision = probed.decision.as_mut().unwrap();
+        (decision.inputs.backlog, decision.inputs.queueing_delay) = (0, Some(0.0));
+        let (status, _) = next(&svc, &[], Some(&probed), Some(1), &at(1));
+        let queue = status.queue.unwrap();
+        assert_eq!((queue.ready, queue.queueing_delay_seconds, queue.consumers), (Some(0), Some(0.0), Some(5)));
     }
 
     #[test]
