@@ -59,6 +59,7 @@ node_start() {
   local k=$1 host_dir inside amqp=$(( AMQP_PORT + $1 - 1 )) mgmt=$(( MGMT_PORT + $1 - 1 )) dist=$(( RABBITMQ_DIST_BASE + $1 - 1 ))
   host_dir=$(node_dir "$k"); inside=$(node_dir_inside "$k")
   port_in_use "$amqp" && die "port $amqp (AMQP of node $k) is taken by a process scripts/env did not start"
+  port_in_use "$dist" && die "port $dist (Erlang distribution of node $k) is taken: a node still runs there"
   as_root rm -rf "$host_dir"
   mkdir -p "$host_dir"/{mnesia,log}
   cat >"$host_dir/rabbitmq.conf" <<EOF
@@ -98,7 +99,9 @@ rabbitmq_resolve_tree() {
 
 rabbitmq_up() {
   rabbitmq_resolve_tree
-  if management_answers || port_in_use "$AMQP_PORT"; then
+  # A node whose app a test stopped answers neither the management API nor AMQP, yet its Erlang node (distribution
+  # port) runs: it is still a running broker, not one to start (and wipe the directory of) under it.
+  if management_answers || port_in_use "$AMQP_PORT" || port_in_use "$RABBITMQ_DIST_BASE"; then
     if [[ ! -f $RABBITMQ_STARTED ]]; then
       log "rabbitmq already running (not started by scripts/env; version and node count are not checked)"
       return 0

@@ -113,6 +113,9 @@ pub struct ServiceView {
     pub announcements: Announcements,
 }
 
+/// A service to probe and its queue's name.
+type ProbeTarget = (ObjectRef<RpcService>, String);
+
 struct ServiceState {
     registration: Registration,
     scaler: Autoscaler,
@@ -307,7 +310,7 @@ impl Observer {
     /// all brokers at once, each cut off after `timeout`), and a reconcile triggered for each new decision. Only
     /// services that a poll has given figures to are probed: the probe refreshes the backlog, the poll the rates.
     pub async fn probe_within(&self, timeout: Duration) {
-        let mut by_broker: Vec<(Arc<Broker>, Vec<(ObjectRef<RpcService>, String)>)> = Vec::new();
+        let mut by_broker: Vec<(Arc<Broker>, Vec<ProbeTarget>)> = Vec::new();
         {
             let services = self.services.lock().expect("observer lock");
             for (key, state) in services.iter().filter(|(_, s)| s.registration.enabled && s.figures.is_some()) {

@@ -64,7 +64,7 @@ impl OperatorProcess {
         let mut cmd = Command::new(crate::bin_path("warren-operator"));
         cmd.args(["run", "--namespace", namespace, "--poll-interval", "1s", "--worker-image", "warren-worker:test"])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]);
-        if !extra.iter().any(|a| *a == "--leader-election") {
+        if !extra.contains(&"--leader-election") {
             cmd.args(["--leader-election", "false"]);
         }
         cmd.args(extra)

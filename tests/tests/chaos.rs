@@ -1336,8 +1336,7 @@ impl ClusterRig {
             outcomes.extend(task.await.unwrap());
         }
 
-        let mut counts = Counts::default();
-        counts.sent = outcomes.len() as u64;
+        let mut counts = Counts { sent: outcomes.len() as u64, ..Counts::default() };
         for o in &outcomes {
             match &o.result {
                 Ok(()) => counts.answered += 1,
@@ -1386,9 +1385,8 @@ impl ClusterRig {
         let waiting = queue_depth(&node.uri(), &self.queue).await;
         let dead = queue_depth(&node.uri(), &dead_letter_queue_name(&self.queue)).await;
         let runs = self.backend.log.runs();
-        let mut counts = Counts::default();
-        counts.sent = outcomes.len() as u64;
-        counts.answered = outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
+        let answered = outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
+        let mut counts = Counts { sent: outcomes.len() as u64, answered, ..Counts::default() };
         counts.runs_from(runs.values().copied());
         counts.note("waiting", waiting);
         counts.note("dead_lettered", dead);

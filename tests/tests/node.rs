@@ -564,7 +564,7 @@ spec:
     );
     ensure!((2..=MAX_REPLICAS).contains(&peak), "peak replicas {peak}");
     // The operator's decisions as it logged them (from a poll or a probe of the backlog), for the reader.
-    let operator = operator_pod(&client, &release).await?.name_any();
+    let operator = operator_pod(client, &release).await?.name_any();
     let logs = kubectl(&["logs", "-n", ns.name(), &operator, "--since=120s"]).unwrap_or_default();
     for line in logs.lines().filter(|l| l.contains(" replicas: ")) {
         eprintln!("operator: {}", line.chars().take(240).collect::<String>());
