@@ -54,6 +54,7 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     replies_too_large: Counter,
     run_alone: Counter,
+    redeliveries_answered: Counter,
     handler_available: Gauge,
     publisher_blocked: Gauge,
     /// Forwarded method names that have a label of their own, at most `max_method_labels`.
@@ -124,6 +125,13 @@ impl Metrics {
             "Redelivered requests run with nothing else in flight (one of them may be what killed a worker)",
             run_alone.clone(),
         );
+        let redeliveries_answered = Counter::default();
+        registry.register(
+            "redeliveries_answered",
+            "Redelivered requests this worker had already answered (reply confirmed, ack lost with its session): \
+             acked without running the handler again",
+            redeliveries_answered.clone(),
+        );
         let handler_available = Gauge::default();
         handler_available.set(1);
         registry.register(
@@ -150,6 +158,7 @@ impl Metrics {
             refused,
             replies_too_large,
             run_alone,
+            redeliveries_answered,
             handler_available,
             publisher_blocked,
             method_labels: Mutex::new(HashSet::new()),
@@ -189,6 +198,10 @@ impl Metrics {
 
     pub fn request_run_alone(&self) {
         self.run_alone.inc();
+    }
+
+    pub fn redelivery_answered(&self) {
+        self.redeliveries_answered.inc();
     }
 
     pub fn set_handler_available(&self, available: bool) {

@@ -40,6 +40,7 @@ use warren_client::broker_uri::{BrokerAddresses, InvalidBrokerUri, Redacted};
 use warren_client::failover::Rotation;
 use warren_client::topology::{QueueOptions, dead_letter_queue_name, declare_service_queues};
 
+use crate::answered::Answered;
 use crate::backoff::Backoff;
 use crate::dispatch::{Dispatcher, Verdict};
 use crate::handler::Handlers;
@@ -282,6 +283,7 @@ impl WorkerBuilder {
             last_refusal_log: std::sync::Mutex::new(None),
             pauses: AtomicU32::new(0),
             own_requeues: std::sync::Mutex::new(HashSet::new()),
+            answered: Answered::for_prefetch(self.prefetch),
         });
         Worker {
             uri: self.uri,
@@ -316,6 +318,8 @@ struct RequestContext {
     /// Pauses for an unavailable handler since a request was last answered: a handler that passes its probe but
     /// fails every request is probed less and less often, so its requests are not requeued in a tight loop.
     pauses: AtomicU32,
+    /// Requests whose reply was confirmed here: their redeliveries (the ack lost with a session) are not run again.
+    answered: Answered,
 }
 
 /// Bounds the memory of [`RequestContext::own_requeues`].
@@ -644,6 +648,10 @@ impl Session {
                 }
                 event = self.intake.next(draining), if !intake_ended => match event {
                     IntakeEvent::Delivery(Some(Ok(delivery))) => match self.intake {
+                        // Its reply was confirmed before the session that held it died: ack it, do not run it again.
+                        Intake::Consuming { .. } if delivery.redelivered && worker.context.answered.take(&delivery.properties) => {
+                            self.ack_answered(delivery, worker);
+                        }
                         Intake::Consuming { .. } => {
                             let count = crate::request::delivery_count(&delivery.properties);
                             let redelivered = delivery.redelivered && !worker.context.returns_own(&delivery);
@@ -754,6 +762,20 @@ impl Session {
             metrics.request_requeued("handler_unavailable");
             let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
             let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
+            drop(in_flight);
+        });
+    }
+
+    /// A redelivered request whose reply this worker already had confirmed: acked without running the handler.
+    fn ack_answered(&self, delivery: Delivery, worker: &Worker) {
+        worker.metrics.redelivery_answered();
+        info!(
+            delivery_count = crate::request::delivery_count(&delivery.properties),
+            "a redelivered request was already answered here (its ack was lost with a session); acking it without running it again"
+        );
+        let in_flight = self.in_flight.clone();
+        tokio::spawn(async move {
+            ack(&delivery).await;
             drop(in_flight);
         });
     }
@@ -879,6 +901,8 @@ async fn handle_in_span(delivery: Delivery, request: Request, context: &RequestC
         }
         return;
     }
+    // Confirmed (or one-way and done): a redelivery after a lost ack need not run again.
+    context.answered.record(&delivery.properties);
     ack(&delivery).await;
 }
 
