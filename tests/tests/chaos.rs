@@ -20,6 +20,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use warren_client::topology::{QueueOptions, dead_letter_queue_name};
 use warren_client::{CallError, Client};
+use warren_tests::amqp_proxy::{AmqpProxy, Method};
 use warren_tests::backend::Backend;
 use warren_tests::broker::QueueCleanup;
 use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig, ChaosCluster};
@@ -1160,6 +1161,117 @@ async fn a_lost_node_moves_the_worker_and_the_caller_to_the_next_address() {
     assert!(unexpected.is_empty(), "{counts:?}");
     assert!(!worker.log().contains("guest:guest"), "the worker logged the password");
     assert!(worker.log().contains(&format!("@127.0.0.1:{}/", second.amqp_port)), "the log names the new node");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 13b. A session lost at an exact point: after the reply's confirm and before the ack reaches the broker (the
+// redelivery must not run again), or before the reply reaches the broker (the redelivery must run again). A proxy in
+// front of the broker cuts the worker's connection when it sends that frame (tests/src/amqp_proxy.rs).
+
+/// One request through a worker behind a proxy that cuts the connection carrying the first `cut`; the counts of
+/// what followed once everything settled: runs of the request, replies the caller got, and the worker's metrics.
+async fn one_request_through_a_cut(cut: Method, scenario: &str) -> Counts {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-cut");
+    let _cleanup = QueueCleanup::service(&queue);
+    let uri = broker_uri();
+    let node = warren_client::broker_uri::BrokerAddresses::parse(&uri).unwrap().node(0).clone();
+    let (host, port) = (node.authority.host.clone(), node.authority.port);
+    let upstream = tokio::net::lookup_host((host.as_str(), port)).await.unwrap().next().unwrap();
+    let proxy = AmqpProxy::start(upstream).await.unwrap();
+    let proxied = uri.replacen(&format!("@{host}:{port}/"), &format!("@127.0.0.1:{}/", proxy.port), 1);
+    assert_ne!(proxied, uri, "the broker URI names no host:port to replace: {uri}");
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .broker_uri(&proxied)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "4"])
+        .start()
+        .await
+        .unwrap();
+
+    // The caller talks to the broker directly, on a reply queue of its own, so every reply is counted.
+    let connection = connect(&uri).await;
+    let channel = confirm_channel(&connection).await;
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+    let mut replies = channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let id = unique_name("cut");
+    proxy.cut_on(cut);
+    let properties = BasicProperties::default()
+        .with_type("echo".into())
+        .with_content_type("application/json".into())
+        .with_message_id(format!("{id}-message").into())
+        .with_correlation_id(format!("{id}-correlation").into())
+        .with_reply_to(reply_queue.name().clone());
+    publish(&channel, &queue, properties, json!({ "id": id }).to_string().as_bytes()).await;
+
+    let (proxy, worker, uri, queue) = (&proxy, &worker, uri.as_str(), queue.as_str());
+    let cut_done =
+        wait_until(
+            "the proxy to cut the worker's connection",
+            Duration::from_secs(30),
+            || async move { proxy.cuts() == 1 },
+        )
+        .await;
+    assert!(cut_done, "the worker never sent the frame to cut at: {cut:?}\n{}", worker.log_tail());
+    // The worker reconnects, gets the request back and settles: nothing waits, nothing is in flight.
+    let settled = wait_until("the worker to reconnect and settle", Duration::from_secs(60), || async move {
+        worker.metric("warren_worker_reconnects_total").await >= 1.0
+            && worker.ready().await
+            && worker.metric("warren_worker_requests_in_flight").await == 0.0
+            && queue_depth(uri, queue).await == 0
+    })
+    .await;
+    // Late duplicates have time to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut got = 0;
+    while let Ok(Some(Ok(reply))) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await {
+        assert_eq!(
+            reply.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()),
+            Some(format!("{id}-correlation"))
+        );
+        got += 1;
+    }
+
+    let mut counts = Counts { sent: 1, answered: got, ..Counts::default() };
+    counts.runs_from([backend.log.runs_of(&id)]);
+    counts.note("cuts", proxy.cuts());
+    counts.note("proxied_connections", proxy.connections());
+    counts.note("worker_reconnects", worker.metric("warren_worker_reconnects_total").await);
+    counts.note("redeliveries_answered", worker.metric("warren_worker_redeliveries_answered_total").await);
+    counts.note("waiting", queue_depth(uri, queue).await);
+    counts.note("dead_lettered", queue_depth(uri, &dead_letter_queue_name(queue)).await);
+    counts.print(scenario);
+    assert!(settled, "the worker did not settle after the cut: {counts:?}\n{}", worker.log_tail());
+    let _ = connection.close(200, "done".into()).await;
+    counts
+}
+
+#[tokio::test]
+async fn a_request_whose_ack_is_lost_after_its_reply_was_confirmed_runs_once() {
+    let counts = one_request_through_a_cut(Method::BASIC_ACK, "ack lost after the reply's confirm").await;
+    assert_eq!(counts.answered, 1, "the caller must get exactly one reply: {counts:?}");
+    assert_eq!(counts.runs, BTreeMap::from([(1, 1)]), "the handler must run once: {counts:?}");
+    assert_eq!(counts.extra["redeliveries_answered"], "1", "{counts:?}");
+    assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+}
+
+#[tokio::test]
+async fn a_request_whose_reply_was_not_confirmed_runs_again_after_a_lost_session() {
+    let counts = one_request_through_a_cut(Method::BASIC_PUBLISH, "reply lost before the broker").await;
+    assert_eq!(counts.answered, 1, "the caller must get exactly one reply: {counts:?}");
+    assert_eq!(counts.runs, BTreeMap::from([(2, 1)]), "the request must run again (its reply was lost): {counts:?}");
+    assert_eq!(counts.extra["redeliveries_answered"], "0", "{counts:?}");
+    assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
