@@ -18,13 +18,27 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::BasicProperties;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+use lapin::{BasicProperties, ErrorKind};
 
 /// How long an answer is remembered: far longer than a worker takes to reconnect and get its requests back.
 pub const RETENTION: Duration = Duration::from_secs(5 * 60);
 
 /// The fewest answers remembered, whatever the prefetch.
 pub const MIN_CAPACITY: usize = 1024;
+
+/// Direct reply-to addresses: they name the caller's channel, which dies with its connection and never comes back.
+const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to.";
+
+/// Whether publishing a reply to `reply_to` failed because the broker can never deliver it: RabbitMQ 3.10 closes the
+/// publishing connection with 541 INTERNAL_ERROR (its channel crashes with `{case_clause,error}` in
+/// `rabbit_channel:deliver_reply/2`) when the reply goes to the direct reply-to address of a caller whose node is
+/// down; that caller's channel is gone for good. Only meaningful for a reply published alone on its connection, so
+/// that the connection's close is this reply's doing.
+pub fn reply_undeliverable(reply_to: &str, error: &lapin::Error) -> bool {
+    reply_to.starts_with(DIRECT_REPLY_TO_PREFIX)
+        && matches!(error.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR))
+}
 
 /// What identifies an answered request: the call, and where its reply went.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,7 +97,7 @@ impl Answered {
     }
 
     /// Records that the request with `properties` was answered: its reply confirmed by the broker, or, for a
-    /// one-way request, its handler finished.
+    /// one-way request, its handler finished; or that its reply can never be delivered ([`reply_undeliverable`]).
     pub fn record(&self, properties: &BasicProperties) {
         self.record_at(properties, Instant::now());
     }
@@ -222,6 +236,27 @@ mod tests {
         // The first entry of "a" is evicted, its second keeps it.
         assert!(answered.take(&request("a")));
         assert!(answered.take(&request("b")));
+    }
+
+    #[test]
+    fn only_a_broker_internal_error_on_a_direct_reply_to_reply_is_undeliverable() {
+        use lapin::protocol::{AMQPError, AMQPSoftError};
+        let internal = lapin::Error::from(ErrorKind::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR),
+            "INTERNAL_ERROR".into(),
+        )));
+        let refused = lapin::Error::from(ErrorKind::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            "PRECONDITION_FAILED".into(),
+        )));
+        let reset = lapin::Error::from(ErrorKind::IOError(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        ))));
+        let direct = "amq.rabbitmq.reply-to.g1h2AA9yZXBseUAxMzI4OTIyNjAAAAY+AAAAAGsRaBA=.RiZlVc8c0V7x/CAKYMztDQ==";
+        assert!(reply_undeliverable(direct, &internal));
+        assert!(!reply_undeliverable("amq.gen-JzTY20BRgKO", &internal), "a reply queue outlives its caller's node");
+        assert!(!reply_undeliverable(direct, &refused));
+        assert!(!reply_undeliverable(direct, &reset));
     }
 
     #[test]

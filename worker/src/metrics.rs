@@ -55,6 +55,7 @@ pub struct Metrics {
     replies_too_large: Counter,
     run_alone: Counter,
     redeliveries_answered: Counter,
+    replies_undeliverable: Counter,
     handler_available: Gauge,
     publisher_blocked: Gauge,
     /// Forwarded method names that have a label of their own, at most `max_method_labels`.
@@ -132,6 +133,13 @@ impl Metrics {
              acked without running the handler again",
             redeliveries_answered.clone(),
         );
+        let replies_undeliverable = Counter::default();
+        registry.register(
+            "replies_undeliverable",
+            "Replies the broker can never deliver (RabbitMQ 3.10 closes the connection on a reply to a caller whose \
+             node is down): the request's redelivery is acked without running again",
+            replies_undeliverable.clone(),
+        );
         let handler_available = Gauge::default();
         handler_available.set(1);
         registry.register(
@@ -159,6 +167,7 @@ impl Metrics {
             replies_too_large,
             run_alone,
             redeliveries_answered,
+            replies_undeliverable,
             handler_available,
             publisher_blocked,
             method_labels: Mutex::new(HashSet::new()),
@@ -202,6 +211,10 @@ impl Metrics {
 
     pub fn redelivery_answered(&self) {
         self.redeliveries_answered.inc();
+    }
+
+    pub fn reply_undeliverable(&self) {
+        self.replies_undeliverable.inc();
     }
 
     pub fn set_handler_available(&self, available: bool) {
