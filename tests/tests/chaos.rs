@@ -1448,8 +1448,7 @@ impl ClusterRig {
             outcomes.extend(task.await.unwrap());
         }
 
-        let mut counts = Counts::default();
-        counts.sent = outcomes.len() as u64;
+        let mut counts = Counts { sent: outcomes.len() as u64, ..Counts::default() };
         for o in &outcomes {
             match &o.result {
                 Ok(()) => counts.answered += 1,
@@ -1498,9 +1497,11 @@ impl ClusterRig {
         let waiting = queue_depth(&node.uri(), &self.queue).await;
         let dead = queue_depth(&node.uri(), &dead_letter_queue_name(&self.queue)).await;
         let runs = self.backend.log.runs();
-        let mut counts = Counts::default();
-        counts.sent = outcomes.len() as u64;
-        counts.answered = outcomes.iter().filter(|o| o.result.is_ok()).count() as u64;
+        let mut counts = Counts {
+            sent: outcomes.len() as u64,
+            answered: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64,
+            ..Counts::default()
+        };
         counts.runs_from(runs.values().copied());
         counts.note("waiting", waiting);
         counts.note("dead_lettered", dead);
@@ -1613,6 +1614,80 @@ async fn a_partitioned_node_pauses_under_pause_minority_and_loses_no_request() {
     let mut rig = ClusterRig::start(ChaosCluster::start_with(3, config).await.unwrap()).await;
     let outcomes = rig.lose_node(2, NodeFault::Partition).await;
     rig.check_nothing_lost(&outcomes, "cluster node partitioned (pause_minority: totals)").await;
+}
+
+/// RabbitMQ 3.10 closes a worker's reply connection (541 INTERNAL_ERROR) when a reply goes to the direct reply-to
+/// address of a caller whose node is down, so such a request killed session after session until the delivery limit
+/// dead-lettered it. It must run at most twice (once with other requests in flight, once alone) and never be
+/// dead-lettered. On 4.x the broker drops such a reply and each request runs once.
+#[tokio::test]
+async fn requests_of_callers_whose_node_is_down_do_not_kill_sessions_until_dead_lettered() {
+    let mut cluster = ChaosCluster::start(3).await.unwrap();
+    let queue = unique_name("chaos-gone-caller");
+    let uri = cluster.nodes[0].uri();
+    declare(&uri, &queue).await;
+    // A caller on node 2 sends requests that no worker takes yet, then its node goes away.
+    let caller = connect(&cluster.nodes[2].uri()).await;
+    let channel = caller.create_channel().await.unwrap();
+    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let _replies =
+        channel.basic_consume("amq.rabbitmq.reply-to".into(), "".into(), no_ack, FieldTable::default()).await.unwrap();
+    let ids: Vec<String> = (0..3).map(|i| format!("{queue}-{i}")).collect();
+    for id in &ids {
+        let properties = BasicProperties::default()
+            .with_type("echo".into())
+            .with_content_type("application/json".into())
+            .with_message_id(format!("{id}-message").into())
+            .with_correlation_id(format!("{id}-correlation").into())
+            .with_reply_to("amq.rabbitmq.reply-to".into());
+        let body = json!({ "id": id }).to_string();
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+    let queued = wait_until("the requests to be queued", Duration::from_secs(30), || {
+        let (uri, queue) = (uri.clone(), queue.clone());
+        async move { queue_depth(&uri, &queue).await == 3 }
+    })
+    .await;
+    assert!(queued, "the requests did not reach the queue");
+    cluster.nodes[2].stop().unwrap();
+
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .broker_uri(&uri)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "4"])
+        .start()
+        .await
+        .unwrap();
+    let settled =
+        wait_until("the requests to be done", Duration::from_secs(90), || {
+            let (uri, queue, worker) = (uri.clone(), queue.clone(), &worker);
+            async move {
+                queue_depth(&uri, &queue).await == 0 && worker.metric("warren_worker_requests_in_flight").await == 0.0
+            }
+        })
+        .await;
+    let mut counts = Counts { sent: ids.len() as u64, ..Counts::default() };
+    counts.runs_from(ids.iter().map(|id| backend.log.runs_of(id)));
+    counts.note("waiting", queue_depth(&uri, &queue).await);
+    counts.note("dead_lettered", queue_depth(&uri, &dead_letter_queue_name(&queue)).await);
+    counts.note("worker_reconnects", worker.metric("warren_worker_reconnects_total").await);
+    counts.note("replies_undeliverable", worker.metric("warren_worker_replies_undeliverable_total").await);
+    counts.note("redeliveries_answered", worker.metric("warren_worker_redeliveries_answered_total").await);
+    counts.print("replies to callers whose node is down");
+    assert!(settled, "the requests were not done: {counts:?}\n{}", worker.log_tail());
+    assert!(counts.runs.keys().all(|&n| (1..=2).contains(&n)), "a request ran more than twice: {counts:?}");
+    assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+    assert_eq!(counts.extra["waiting"], "0", "{counts:?}");
 }
 
 /// A uid no account on the machine uses.
