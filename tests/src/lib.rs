@@ -1,6 +1,7 @@
 //! Test support: the environment `scripts/env up` starts (a real RabbitMQ and a real kube-apiserver), reached
 //! through the variables it exports, with defaults that match it.
 
+pub mod amqp_proxy;
 pub mod backend;
 pub mod broker;
 pub mod chaos_broker;

@@ -20,6 +20,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use warren_client::topology::{QueueOptions, dead_letter_queue_name};
 use warren_client::{CallError, Client};
+use warren_tests::amqp_proxy::{AmqpProxy, Method};
 use warren_tests::backend::Backend;
 use warren_tests::broker::QueueCleanup;
 use warren_tests::chaos_broker::{ChaosBroker, ChaosBrokerConfig, ChaosCluster};
@@ -1163,6 +1164,117 @@ async fn a_lost_node_moves_the_worker_and_the_caller_to_the_next_address() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// 13b. A session lost at an exact point: after the reply's confirm and before the ack reaches the broker (the
+// redelivery must not run again), or before the reply reaches the broker (the redelivery must run again). A proxy in
+// front of the broker cuts the worker's connection when it sends that frame (tests/src/amqp_proxy.rs).
+
+/// One request through a worker behind a proxy that cuts the connection carrying the first `cut`; the counts of
+/// what followed once everything settled: runs of the request, replies the caller got, and the worker's metrics.
+async fn one_request_through_a_cut(cut: Method, scenario: &str) -> Counts {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-cut");
+    let _cleanup = QueueCleanup::service(&queue);
+    let uri = broker_uri();
+    let node = warren_client::broker_uri::BrokerAddresses::parse(&uri).unwrap().node(0).clone();
+    let (host, port) = (node.authority.host.clone(), node.authority.port);
+    let upstream = tokio::net::lookup_host((host.as_str(), port)).await.unwrap().next().unwrap();
+    let proxy = AmqpProxy::start(upstream).await.unwrap();
+    let proxied = uri.replacen(&format!("@{host}:{port}/"), &format!("@127.0.0.1:{}/", proxy.port), 1);
+    assert_ne!(proxied, uri, "the broker URI names no host:port to replace: {uri}");
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .broker_uri(&proxied)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "4"])
+        .start()
+        .await
+        .unwrap();
+
+    // The caller talks to the broker directly, on a reply queue of its own, so every reply is counted.
+    let connection = connect(&uri).await;
+    let channel = confirm_channel(&connection).await;
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+    let mut replies = channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let id = unique_name("cut");
+    proxy.cut_on(cut);
+    let properties = BasicProperties::default()
+        .with_type("echo".into())
+        .with_content_type("application/json".into())
+        .with_message_id(format!("{id}-message").into())
+        .with_correlation_id(format!("{id}-correlation").into())
+        .with_reply_to(reply_queue.name().clone());
+    publish(&channel, &queue, properties, json!({ "id": id }).to_string().as_bytes()).await;
+
+    let (proxy, worker, uri, queue) = (&proxy, &worker, uri.as_str(), queue.as_str());
+    let cut_done =
+        wait_until(
+            "the proxy to cut the worker's connection",
+            Duration::from_secs(30),
+            || async move { proxy.cuts() == 1 },
+        )
+        .await;
+    assert!(cut_done, "the worker never sent the frame to cut at: {cut:?}\n{}", worker.log_tail());
+    // The worker reconnects, gets the request back and settles: nothing waits, nothing is in flight.
+    let settled = wait_until("the worker to reconnect and settle", Duration::from_secs(60), || async move {
+        worker.metric("warren_worker_reconnects_total").await >= 1.0
+            && worker.ready().await
+            && worker.metric("warren_worker_requests_in_flight").await == 0.0
+            && queue_depth(uri, queue).await == 0
+    })
+    .await;
+    // Late duplicates have time to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut got = 0;
+    while let Ok(Some(Ok(reply))) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await {
+        assert_eq!(
+            reply.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()),
+            Some(format!("{id}-correlation"))
+        );
+        got += 1;
+    }
+
+    let mut counts = Counts { sent: 1, answered: got, ..Counts::default() };
+    counts.runs_from([backend.log.runs_of(&id)]);
+    counts.note("cuts", proxy.cuts());
+    counts.note("proxied_connections", proxy.connections());
+    counts.note("worker_reconnects", worker.metric("warren_worker_reconnects_total").await);
+    counts.note("redeliveries_answered", worker.metric("warren_worker_redeliveries_answered_total").await);
+    counts.note("waiting", queue_depth(uri, queue).await);
+    counts.note("dead_lettered", queue_depth(uri, &dead_letter_queue_name(queue)).await);
+    counts.print(scenario);
+    assert!(settled, "the worker did not settle after the cut: {counts:?}\n{}", worker.log_tail());
+    let _ = connection.close(200, "done".into()).await;
+    counts
+}
+
+#[tokio::test]
+async fn a_request_whose_ack_is_lost_after_its_reply_was_confirmed_runs_once() {
+    let counts = one_request_through_a_cut(Method::BASIC_ACK, "ack lost after the reply's confirm").await;
+    assert_eq!(counts.answered, 1, "the caller must get exactly one reply: {counts:?}");
+    assert_eq!(counts.runs, BTreeMap::from([(1, 1)]), "the handler must run once: {counts:?}");
+    assert_eq!(counts.extra["redeliveries_answered"], "1", "{counts:?}");
+    assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+}
+
+#[tokio::test]
+async fn a_request_whose_reply_was_not_confirmed_runs_again_after_a_lost_session() {
+    let counts = one_request_through_a_cut(Method::BASIC_PUBLISH, "reply lost before the broker").await;
+    assert_eq!(counts.answered, 1, "the caller must get exactly one reply: {counts:?}");
+    assert_eq!(counts.runs, BTreeMap::from([(2, 1)]), "the request must run again (its reply was lost): {counts:?}");
+    assert_eq!(counts.extra["redeliveries_answered"], "0", "{counts:?}");
+    assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // 14. A RabbitMQ cluster node lost under load (issue 11): a quorum queue replicated on three nodes, workers and
 // callers spread over the nodes by the multi-host URI; one node stopped cleanly, another killed with SIGKILL, and
 // (separately) one cut off from the others by a network partition with `pause_minority`.
@@ -1499,6 +1611,80 @@ async fn a_partitioned_node_pauses_under_pause_minority_and_loses_no_request() {
     let mut rig = ClusterRig::start(ChaosCluster::start_with(3, config).await.unwrap()).await;
     let outcomes = rig.lose_node(2, NodeFault::Partition).await;
     rig.check_nothing_lost(&outcomes, "cluster node partitioned (pause_minority: totals)").await;
+}
+
+/// RabbitMQ 3.10 closes a worker's reply connection (541 INTERNAL_ERROR) when a reply goes to the direct reply-to
+/// address of a caller whose node is down, so such a request killed session after session until the delivery limit
+/// dead-lettered it. It must run at most twice (once with other requests in flight, once alone) and never be
+/// dead-lettered. On 4.x the broker drops such a reply and each request runs once.
+#[tokio::test]
+async fn requests_of_callers_whose_node_is_down_do_not_kill_sessions_until_dead_lettered() {
+    let mut cluster = ChaosCluster::start(3).await.unwrap();
+    let queue = unique_name("chaos-gone-caller");
+    let uri = cluster.nodes[0].uri();
+    declare(&uri, &queue).await;
+    // A caller on node 2 sends requests that no worker takes yet, then its node goes away.
+    let caller = connect(&cluster.nodes[2].uri()).await;
+    let channel = caller.create_channel().await.unwrap();
+    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let _replies =
+        channel.basic_consume("amq.rabbitmq.reply-to".into(), "".into(), no_ack, FieldTable::default()).await.unwrap();
+    let ids: Vec<String> = (0..3).map(|i| format!("{queue}-{i}")).collect();
+    for id in &ids {
+        let properties = BasicProperties::default()
+            .with_type("echo".into())
+            .with_content_type("application/json".into())
+            .with_message_id(format!("{id}-message").into())
+            .with_correlation_id(format!("{id}-correlation").into())
+            .with_reply_to("amq.rabbitmq.reply-to".into());
+        let body = json!({ "id": id }).to_string();
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+    let queued = wait_until("the requests to be queued", Duration::from_secs(30), || {
+        let (uri, queue) = (uri.clone(), queue.clone());
+        async move { queue_depth(&uri, &queue).await == 3 }
+    })
+    .await;
+    assert!(queued, "the requests did not reach the queue");
+    cluster.nodes[2].stop().unwrap();
+
+    let backend = Backend::start_now().await;
+    let worker = WorkerCommand::new(&queue)
+        .broker_uri(&uri)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "4"])
+        .start()
+        .await
+        .unwrap();
+    let settled =
+        wait_until("the requests to be done", Duration::from_secs(90), || {
+            let (uri, queue, worker) = (uri.clone(), queue.clone(), &worker);
+            async move {
+                queue_depth(&uri, &queue).await == 0 && worker.metric("warren_worker_requests_in_flight").await == 0.0
+            }
+        })
+        .await;
+    let mut counts = Counts { sent: ids.len() as u64, ..Counts::default() };
+    counts.runs_from(ids.iter().map(|id| backend.log.runs_of(id)));
+    counts.note("waiting", queue_depth(&uri, &queue).await);
+    counts.note("dead_lettered", queue_depth(&uri, &dead_letter_queue_name(&queue)).await);
+    counts.note("worker_reconnects", worker.metric("warren_worker_reconnects_total").await);
+    counts.note("replies_undeliverable", worker.metric("warren_worker_replies_undeliverable_total").await);
+    counts.note("redeliveries_answered", worker.metric("warren_worker_redeliveries_answered_total").await);
+    counts.print("replies to callers whose node is down");
+    assert!(settled, "the requests were not done: {counts:?}\n{}", worker.log_tail());
+    assert!(counts.runs.keys().all(|&n| (1..=2).contains(&n)), "a request ran more than twice: {counts:?}");
+    assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+    assert_eq!(counts.extra["waiting"], "0", "{counts:?}");
 }
 
 /// A uid no account on the machine uses.

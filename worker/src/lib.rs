@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod answered;
 pub mod backoff;
 pub mod builtin;
 pub mod cli;

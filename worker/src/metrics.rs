@@ -54,6 +54,8 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     replies_too_large: Counter,
     run_alone: Counter,
+    redeliveries_answered: Counter,
+    replies_undeliverable: Counter,
     handler_available: Gauge,
     publisher_blocked: Gauge,
     /// Forwarded method names that have a label of their own, at most `max_method_labels`.
@@ -124,6 +126,20 @@ impl Metrics {
             "Redelivered requests run with nothing else in flight (one of them may be what killed a worker)",
             run_alone.clone(),
         );
+        let redeliveries_answered = Counter::default();
+        registry.register(
+            "redeliveries_answered",
+            "Redelivered requests this worker had already answered (reply confirmed, ack lost with its session): \
+             acked without running the handler again",
+            redeliveries_answered.clone(),
+        );
+        let replies_undeliverable = Counter::default();
+        registry.register(
+            "replies_undeliverable",
+            "Replies the broker can never deliver (RabbitMQ 3.10 closes the connection on a reply to a caller whose \
+             node is down): the request's redelivery is acked without running again",
+            replies_undeliverable.clone(),
+        );
         let handler_available = Gauge::default();
         handler_available.set(1);
         registry.register(
@@ -150,6 +166,8 @@ impl Metrics {
             refused,
             replies_too_large,
             run_alone,
+            redeliveries_answered,
+            replies_undeliverable,
             handler_available,
             publisher_blocked,
             method_labels: Mutex::new(HashSet::new()),
@@ -189,6 +207,14 @@ impl Metrics {
 
     pub fn request_run_alone(&self) {
         self.run_alone.inc();
+    }
+
+    pub fn redelivery_answered(&self) {
+        self.redeliveries_answered.inc();
+    }
+
+    pub fn reply_undeliverable(&self) {
+        self.replies_undeliverable.inc();
     }
 
     pub fn set_handler_available(&self, available: bool) {

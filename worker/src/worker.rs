@@ -40,6 +40,7 @@ use warren_client::broker_uri::{BrokerAddresses, InvalidBrokerUri, Redacted};
 use warren_client::failover::Rotation;
 use warren_client::topology::{QueueOptions, dead_letter_queue_name, declare_service_queues};
 
+use crate::answered::Answered;
 use crate::backoff::Backoff;
 use crate::dispatch::{Dispatcher, Verdict};
 use crate::handler::Handlers;
@@ -282,6 +283,7 @@ impl WorkerBuilder {
             last_refusal_log: std::sync::Mutex::new(None),
             pauses: AtomicU32::new(0),
             own_requeues: std::sync::Mutex::new(HashSet::new()),
+            answered: Answered::for_prefetch(self.prefetch),
         });
         Worker {
             uri: self.uri,
@@ -316,6 +318,8 @@ struct RequestContext {
     /// Pauses for an unavailable handler since a request was last answered: a handler that passes its probe but
     /// fails every request is probed less and less often, so its requests are not requeued in a tight loop.
     pauses: AtomicU32,
+    /// Requests whose reply was confirmed here: their redeliveries (the ack lost with a session) are not run again.
+    answered: Answered,
 }
 
 /// Bounds the memory of [`RequestContext::own_requeues`].
@@ -644,6 +648,10 @@ impl Session {
                 }
                 event = self.intake.next(draining), if !intake_ended => match event {
                     IntakeEvent::Delivery(Some(Ok(delivery))) => match self.intake {
+                        // Its reply was confirmed before the session that held it died: ack it, do not run it again.
+                        Intake::Consuming { .. } if delivery.redelivered && worker.context.answered.take(&delivery.properties) => {
+                            self.ack_answered(delivery, worker);
+                        }
                         Intake::Consuming { .. } => {
                             let count = crate::request::delivery_count(&delivery.properties);
                             let redelivered = delivery.redelivered && !worker.context.returns_own(&delivery);
@@ -731,7 +739,8 @@ impl Session {
             let acker = delivery.acker.clone();
             // Whatever panics on the way (a handler's panic is answered as `internal` before this), the request
             // must not keep its prefetch slot: give it back, so the delivery limit can dead-letter a poison.
-            if AssertUnwindSafe(handle(delivery, &context, &publisher)).catch_unwind().await.is_err() {
+            let alone = kind == Kind::Suspect;
+            if AssertUnwindSafe(handle(delivery, &context, &publisher, alone)).catch_unwind().await.is_err() {
                 tracing::error!("handling a request panicked; requeueing it");
                 let requeue = acker.nack(BasicNackOptions { multiple: false, requeue: true });
                 let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
@@ -754,6 +763,20 @@ impl Session {
             metrics.request_requeued("handler_unavailable");
             let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
             let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
+            drop(in_flight);
+        });
+    }
+
+    /// A redelivered request whose reply this worker already had confirmed: acked without running the handler.
+    fn ack_answered(&self, delivery: Delivery, worker: &Worker) {
+        worker.metrics.redelivery_answered();
+        info!(
+            delivery_count = crate::request::delivery_count(&delivery.properties),
+            "a redelivered request was already answered here (its reply confirmed, or never deliverable); acking it without running it again"
+        );
+        let in_flight = self.in_flight.clone();
+        tokio::spawn(async move {
+            ack(&delivery).await;
             drop(in_flight);
         });
     }
@@ -813,7 +836,8 @@ async fn consume(channel: &Channel, worker: &Worker) -> Result<(Consumer, String
 }
 
 /// One delivery in a span of its own (exported over OTLP when configured) that continues the caller's trace.
-async fn handle(delivery: Delivery, context: &RequestContext, publisher: &Publisher) {
+/// `alone`: nothing else of this session runs (a redelivered request), so its reply is alone on the reply connection.
+async fn handle(delivery: Delivery, context: &RequestContext, publisher: &Publisher, alone: bool) {
     let request = Request::from_properties(&delivery.properties);
     let span = tracing::info_span!(
         "delivery",
@@ -825,11 +849,17 @@ async fn handle(delivery: Delivery, context: &RequestContext, publisher: &Publis
     );
     let trace = &request.trace;
     warren_client::telemetry::continue_trace(&span, trace.traceparent.as_deref(), trace.tracestate.as_deref());
-    handle_in_span(delivery, request, context, publisher).instrument(span).await
+    handle_in_span(delivery, request, context, publisher, alone).instrument(span).await
 }
 
 /// Handler → reply (confirmed) → ack, for one delivery.
-async fn handle_in_span(delivery: Delivery, request: Request, context: &RequestContext, publisher: &Publisher) {
+async fn handle_in_span(
+    delivery: Delivery,
+    request: Request,
+    context: &RequestContext,
+    publisher: &Publisher,
+    alone: bool,
+) {
     let metrics = context.dispatcher.metrics();
     let _gauge = metrics.in_flight();
     if let Some(reply_to) = &request.reply_to
@@ -867,6 +897,16 @@ async fn handle_in_span(delivery: Delivery, request: Request, context: &RequestC
         && let Err(error) = publish_reply(context, publisher, &request, reply).await
     {
         metrics.reply_failed();
+        // 3.10 kills the connection on a reply to a caller whose node is down: running the request again would kill
+        // the next session too, until the delivery limit dead-letters it; its redelivery is acked instead.
+        if alone
+            && let ReplyError::Publish(cause) = &error
+            && crate::answered::reply_undeliverable(request.reply_to.as_ref().map_or("", |r| r.as_str()), cause)
+        {
+            metrics.reply_undeliverable();
+            context.answered.record(&delivery.properties);
+            warn!(%cause, "the broker closed the connection on this reply: its caller's node is down, it can never be delivered (its redelivery to this worker is acked without running)");
+        }
         // A broken session requeues the request on the broker side; otherwise give it back ourselves.
         if delivery.acker.usable() && !publisher.is_broken() {
             warn!(%error, "the reply was not published; requeueing the request");
@@ -879,6 +919,8 @@ async fn handle_in_span(delivery: Delivery, request: Request, context: &RequestC
         }
         return;
     }
+    // Confirmed (or one-way and done): a redelivery after a lost ack need not run again.
+    context.answered.record(&delivery.properties);
     ack(&delivery).await;
 }
 
