@@ -491,6 +491,87 @@ async fn a_request_whose_worker_is_killed_is_answered_by_another_worker() {
     assert_eq!(second.metric(r#"warren_worker_requests_total{method="sleep",outcome="ok"}"#).await, 1.0);
 }
 
+/// `n` calls to `sleep`, each for a different time, so they finish in another order than they were delivered.
+async fn out_of_order_calls(client: &Client, queue: &str, n: u64, run: &str) -> Vec<Result<Value, CallError>> {
+    let calls = (0..n).map(|i| {
+        let (client, queue) = (client.clone(), queue.to_owned());
+        // A permutation of 0..50 ms, with the run's id so a reply can only match its own call.
+        let params = json!({"ms": (i * 37) % 50, "run": run, "i": i});
+        async move { client.call(&queue, Some("sleep"), params, Duration::from_secs(120)).await }
+    });
+    futures::future::join_all(calls).await
+}
+
+/// The requests a queue holds ready (not delivered), exactly (a passive declare, not the management API's sampled
+/// figures).
+async fn ready_messages(queue: &str) -> u32 {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.unwrap();
+    let _ = connection.close(200, "counted".into()).await;
+    declared.message_count()
+}
+
+/// The worker acks answered requests in batches (one `multiple` ack per contiguous run of delivery tags). Requests
+/// answered out of order must each be acked exactly once: an ack of an unknown or already acked tag would make the
+/// broker close the channel (a reconnect), a missing ack would leave the request to come back when the worker
+/// stops, and a `multiple` ack over a request still running would lose it. A session that dies in the middle of
+/// a batch must lose nothing either: what it had not acked is redelivered and answered.
+#[tokio::test]
+async fn requests_answered_out_of_order_are_acked_once_and_none_is_lost_when_a_session_dies() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("rpc-batched-acks");
+    let _cleanup = QueueCleanup::service(&queue);
+    let command = WorkerCommand::new(&queue).args(["--declare", "--prefetch", "64"]);
+    let mut worker = command.start().await.unwrap();
+    let client = client().await;
+    let run = uuid::Uuid::new_v4().to_string();
+
+    let results = out_of_order_calls(&client, &queue, 300, &run).await;
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(result.as_ref().ok().and_then(|v| v.get("slept_ms")), Some(&json!((i as u64 * 37) % 50)));
+    }
+    assert_eq!(worker.metric(r#"warren_worker_requests_total{method="sleep",outcome="ok"}"#).await, 300.0);
+    assert_eq!(worker.metric("warren_worker_reconnects_total").await, 0.0, "{}", worker.log_tail());
+    assert_eq!(client.unmatched_replies(), 0, "a request ran twice, or a caller got an answer not its own");
+
+    // The session dies with requests in flight: its consuming connection is closed under it (found before the
+    // calls start, so that closing it takes no longer than the management API's DELETE).
+    let management = broker::management();
+    let consume_name = format!("warren-worker {queue} consume");
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    let connection = loop {
+        let connections = management.connections().await.unwrap();
+        let found = connections.iter().find(|c| c["client_properties"]["connection_name"] == consume_name.as_str());
+        if let Some(name) = found.and_then(|c| c["name"].as_str()) {
+            break name.to_owned();
+        }
+        assert!(Instant::now() < deadline, "the worker's consuming connection never showed in the management API");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let calls = {
+        let (client, queue, run) = (client.clone(), queue.clone(), run.clone());
+        tokio::spawn(async move { out_of_order_calls(&client, &queue, 1000, &run).await })
+    };
+    worker.wait_metric_at_least("warren_worker_requests_in_flight", 32.0, CALL_TIMEOUT).await.unwrap();
+    management.close_connection(&connection).await.unwrap();
+    for (i, result) in calls.await.unwrap().iter().enumerate() {
+        assert_eq!(result.as_ref().ok().and_then(|v| v.get("slept_ms")), Some(&json!((i as u64 * 37) % 50)), "{i}");
+    }
+    worker.wait_metric_at_least("warren_worker_reconnects_total", 1.0, CALL_TIMEOUT).await.unwrap();
+    // The requests in flight when the session died ran again (their second replies are dropped by the caller):
+    // proof that it died in the middle, not after the last call.
+    let runs = worker.metric(r#"warren_worker_requests_total{method="sleep",outcome="ok"}"#).await;
+    assert!(runs > 1300.0, "{runs} runs: the session did not die with requests in flight");
+
+    // Every answered request was acked: none comes back to the queue when the worker stops.
+    worker.sigterm().unwrap();
+    assert!(worker.wait_exit(CALL_TIMEOUT).await.unwrap().success(), "{}", worker.log_tail());
+    assert!(worker.log().contains("every received request was answered"), "{}", worker.log_tail());
+    assert_eq!(ready_messages(&queue).await, 0, "requests answered but not acked came back to the queue");
+}
+
 #[tokio::test]
 async fn sigterm_answers_every_request_in_flight_then_exits_zero() {
     let _broker = broker::shared().await;

@@ -31,7 +31,7 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::FieldTable;
+use lapin::types::{DeliveryTag, FieldTable};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind, Event};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
@@ -45,7 +45,7 @@ use crate::backoff::Backoff;
 use crate::dispatch::{Dispatcher, Verdict};
 use crate::handler::Handlers;
 use crate::isolation::{Admission, Kind, Step};
-use crate::metrics::Metrics;
+use crate::metrics::{InFlightGuard, Metrics};
 use crate::reply::Reply;
 use crate::reply_to::ReplyToPolicy;
 use crate::request::Request;
@@ -123,6 +123,7 @@ pub struct WorkerBuilder {
     reply_to: ReplyToPolicy,
     max_reply_bytes: usize,
     max_request_bytes: usize,
+    span_level: tracing::Level,
 }
 
 impl Worker {
@@ -141,6 +142,7 @@ impl Worker {
             reply_to: ReplyToPolicy::default(),
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            span_level: tracing::Level::INFO,
         }
     }
 
@@ -269,6 +271,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// The level of each delivery's span: INFO (the default) or DEBUG (any other level). Below the subscriber's
+    /// level no span is made, which saves the cost of recording its fields, but logs within a request then lack
+    /// its method and queue (warnings name the correlation id themselves), and no span is exported.
+    pub fn delivery_span_level(mut self, level: tracing::Level) -> Self {
+        self.span_level = level;
+        self
+    }
+
     pub fn build(self) -> Worker {
         let metrics = self.metrics.unwrap_or_default();
         let own_queues = [self.queue.clone(), dead_letter_queue_name(&self.queue)];
@@ -284,6 +294,7 @@ impl WorkerBuilder {
             pauses: AtomicU32::new(0),
             own_requeues: std::sync::Mutex::new(HashSet::new()),
             answered: Answered::for_prefetch(self.prefetch),
+            span_level: self.span_level,
         });
         Worker {
             uri: self.uri,
@@ -320,6 +331,8 @@ struct RequestContext {
     pauses: AtomicU32,
     /// Requests whose reply was confirmed here: their redeliveries (the ack lost with a session) are not run again.
     answered: Answered,
+    /// The level of each delivery's span.
+    span_level: tracing::Level,
 }
 
 /// Bounds the memory of [`RequestContext::own_requeues`].
@@ -495,8 +508,9 @@ struct Session {
     publisher: Arc<Publisher>,
     /// Which deliveries run now; redelivered ones run alone.
     admission: Admission<Delivery>,
-    /// Each request task reports here how it was admitted when it is done.
-    done: mpsc::UnboundedSender<Kind>,
+    /// Every ack and nack of the session goes through here (see [`settle_loop`]); `None` once draining ended.
+    settle: Option<mpsc::UnboundedSender<Settle>>,
+    /// The settler reports here how each request was admitted once its ack or nack is sent.
     done_rx: mpsc::UnboundedReceiver<Kind>,
     /// Every spawned request holds a sender; all dropped = nothing in flight.
     in_flight: Option<mpsc::Sender<()>>,
@@ -523,6 +537,8 @@ impl Session {
             Ok((consume_channel, reply_channel, intake)) => {
                 let (in_flight, in_flight_done) = mpsc::channel(1);
                 let (done, done_rx) = mpsc::unbounded_channel();
+                let (settle, settle_rx) = mpsc::unbounded_channel();
+                tokio::spawn(settle_loop(consume_channel.clone(), settle_rx, done, in_flight.clone()));
                 let publisher = Arc::new(Publisher::new(publish_connection, reply_channel, worker.metrics.clone()));
                 Ok(Session {
                     consume_connection,
@@ -530,7 +546,7 @@ impl Session {
                     intake,
                     publisher,
                     admission: Admission::new(worker.prefetch),
-                    done,
+                    settle: Some(settle),
                     done_rx,
                     in_flight: Some(in_flight),
                     in_flight_done,
@@ -734,18 +750,22 @@ impl Session {
         let context = worker.context.clone();
         let publisher = self.publisher.clone();
         let in_flight = self.in_flight.clone();
-        let done = self.done.clone();
+        let settle = self.settle.clone();
         tokio::spawn(async move {
-            let acker = delivery.acker.clone();
+            let tag = delivery.delivery_tag;
+            // Counted until its ack or nack is sent.
+            let in_flight_gauge = context.dispatcher.metrics().in_flight();
             // Whatever panics on the way (a handler's panic is answered as `internal` before this), the request
             // must not keep its prefetch slot: give it back, so the delivery limit can dead-letter a poison.
             let alone = kind == Kind::Suspect;
-            if AssertUnwindSafe(handle(delivery, &context, &publisher, alone)).catch_unwind().await.is_err() {
+            let settlement = AssertUnwindSafe(handle(delivery, &context, &publisher, alone)).catch_unwind().await;
+            let settlement = settlement.unwrap_or_else(|_| {
                 tracing::error!("handling a request panicked; requeueing it");
-                let requeue = acker.nack(BasicNackOptions { multiple: false, requeue: true });
-                let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
+                Settlement::Requeue
+            });
+            if let Some(settle) = settle {
+                let _ = settle.send(Settle { tag, settlement, kind: Some(kind), _gauge: Some(in_flight_gauge) });
             }
-            let _ = done.send(kind);
             drop(in_flight);
         });
     }
@@ -757,14 +777,12 @@ impl Session {
         if !suspect {
             worker.context.requeued_own(&delivery);
         }
-        let metrics = worker.metrics.clone();
-        let in_flight = self.in_flight.clone();
-        tokio::spawn(async move {
-            metrics.request_requeued("handler_unavailable");
-            let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
-            let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
-            drop(in_flight);
-        });
+        worker.metrics.request_requeued("handler_unavailable");
+        if let Some(settle) = &self.settle {
+            let requeue =
+                Settle { tag: delivery.delivery_tag, settlement: Settlement::Requeue, kind: None, _gauge: None };
+            let _ = settle.send(requeue);
+        }
     }
 
     /// A redelivered request whose reply this worker already had confirmed: acked without running the handler.
@@ -774,17 +792,18 @@ impl Session {
             delivery_count = crate::request::delivery_count(&delivery.properties),
             "a redelivered request was already answered here (its reply confirmed, or never deliverable); acking it without running it again"
         );
-        let in_flight = self.in_flight.clone();
-        tokio::spawn(async move {
-            ack(&delivery).await;
-            drop(in_flight);
-        });
+        if let Some(settle) = &self.settle {
+            let ack = Settle { tag: delivery.delivery_tag, settlement: Settlement::Ack, kind: None, _gauge: None };
+            let _ = settle.send(ack);
+        }
     }
 
     /// Waits for every request of this session to be answered and acked, then closes the connections; false if a
     /// connection died meanwhile (then some requests may not have been answered).
     async fn drain_and_close(mut self) -> bool {
         self.in_flight.take();
+        // The settler ends once every request task is done with it, after their last acks.
+        self.settle.take();
         while self.in_flight_done.recv().await.is_some() {}
         let alive = self.consume_connection.status().connected() && self.publisher.connection.status().connected();
         close(&self.consume_connection, "worker shutting down").await;
@@ -837,38 +856,49 @@ async fn consume(channel: &Channel, worker: &Worker) -> Result<(Consumer, String
 
 /// One delivery in a span of its own (exported over OTLP when configured) that continues the caller's trace.
 /// `alone`: nothing else of this session runs (a redelivered request), so its reply is alone on the reply connection.
-async fn handle(delivery: Delivery, context: &RequestContext, publisher: &Publisher, alone: bool) {
+async fn handle(delivery: Delivery, context: &RequestContext, publisher: &Publisher, alone: bool) -> Settlement {
     let request = Request::from_properties(&delivery.properties);
-    let span = tracing::info_span!(
-        "delivery",
-        otel.kind = "consumer",
-        queue = %delivery.routing_key,
-        method = request.method.as_deref().unwrap_or(""),
-        correlation_id = request.correlation_id.as_ref().map_or("", |c| c.as_str()),
-        redelivered = delivery.redelivered,
-    );
-    let trace = &request.trace;
-    warren_client::telemetry::continue_trace(&span, trace.traceparent.as_deref(), trace.tracestate.as_deref());
+    macro_rules! delivery_span {
+        ($level:expr) => {
+            tracing::span!(
+                $level,
+                "delivery",
+                otel.kind = "consumer",
+                queue = %delivery.routing_key,
+                method = request.method.as_deref().unwrap_or(""),
+                correlation_id = request.correlation_id.as_ref().map_or("", |c| c.as_str()),
+                redelivered = delivery.redelivered,
+            )
+        };
+    }
+    // `span!` takes a constant level.
+    let span = if context.span_level == tracing::Level::INFO {
+        delivery_span!(tracing::Level::INFO)
+    } else {
+        delivery_span!(tracing::Level::DEBUG)
+    };
+    if !span.is_disabled() {
+        let trace = &request.trace;
+        warren_client::telemetry::continue_trace(&span, trace.traceparent.as_deref(), trace.tracestate.as_deref());
+    }
     handle_in_span(delivery, request, context, publisher, alone).instrument(span).await
 }
 
-/// Handler → reply (confirmed) → ack, for one delivery.
+/// Handler → reply (confirmed), for one delivery; then what to do with it: ack it only once its reply is confirmed.
 async fn handle_in_span(
     delivery: Delivery,
     request: Request,
     context: &RequestContext,
     publisher: &Publisher,
     alone: bool,
-) {
+) -> Settlement {
     let metrics = context.dispatcher.metrics();
-    let _gauge = metrics.in_flight();
     if let Some(reply_to) = &request.reply_to
         && !context.reply_to.allows(reply_to.as_str())
     {
         metrics.request_refused("reply_to");
         context.log_refusal(&request);
-        ack(&delivery).await;
-        return;
+        return Settlement::Ack;
     }
     let handled = context.dispatcher.handle(&request, &delivery.data, delivery.redelivered, SystemTime::now()).await;
     metrics.request_done(&handled.method_label, handled.outcome_label());
@@ -880,16 +910,15 @@ async fn handle_in_span(
         }
         Verdict::Unavailable(reason) => {
             if context.availability.is_up() {
-                warn!(%reason, "the handler is unavailable; requeueing the request");
+                let correlation_id = request.correlation_id.as_ref().map(|c| c.as_str());
+                warn!(%reason, ?correlation_id, "the handler is unavailable; requeueing the request");
             } else {
                 debug!(%reason, "the handler is unavailable; requeueing the request");
             }
             context.availability.set(false);
             metrics.request_requeued("handler_unavailable");
             context.requeued_own(&delivery);
-            let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
-            let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
-            return;
+            return Settlement::Requeue;
         }
     };
 
@@ -909,32 +938,143 @@ async fn handle_in_span(
         }
         // A broken session requeues the request on the broker side; otherwise give it back ourselves.
         if delivery.acker.usable() && !publisher.is_broken() {
-            warn!(%error, "the reply was not published; requeueing the request");
+            let correlation_id = request.correlation_id.as_ref().map(|c| c.as_str());
+            warn!(%error, ?correlation_id, "the reply was not published; requeueing the request");
             metrics.request_requeued("reply_failed");
-            // Bounded like the ack: the session may be dying without having noticed yet.
-            let requeue = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
-            let _ = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, requeue).await;
-        } else {
-            debug!(%error, "reply lost with its session; the broker redelivers the request");
+            return Settlement::Requeue;
         }
-        return;
+        debug!(%error, "reply lost with its session; the broker redelivers the request");
+        return Settlement::Leave;
     }
     // Confirmed (or one-way and done): a redelivery after a lost ack need not run again.
     context.answered.record(&delivery.properties);
-    ack(&delivery).await;
+    Settlement::Ack
 }
 
-async fn ack(delivery: &Delivery) {
-    let acked = tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await;
-    let Ok(acked) = acked else {
-        debug!("no answer to the ack; the broker redelivers the request if it was lost");
-        return;
-    };
-    match acked {
-        Ok(true) => {}
-        Ok(false) => debug!("the channel closed before the ack; the broker redelivers the request"),
-        Err(error) => debug!(%error, "ack failed; the broker redelivers the request"),
+/// What becomes of a delivery once its task is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settlement {
+    /// Answered (reply confirmed, or no reply wanted): ack.
+    Ack,
+    /// Not answered: back to the queue (nack with requeue).
+    Requeue,
+    /// Nothing: its session is dying, and the broker requeues it anyway.
+    Leave,
+}
+
+/// A delivery's settlement, sent to the session's settler; `kind` is reported to the admission once it is sent.
+#[derive(Debug)]
+struct Settle {
+    tag: DeliveryTag,
+    settlement: Settlement,
+    kind: Option<Kind>,
+    /// The request's share of `warren_worker_requests_in_flight`, released once its ack or nack is sent.
+    _gauge: Option<InFlightGuard>,
+}
+
+/// An ack or a nack to send on the consuming channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    Ack { tag: DeliveryTag, multiple: bool },
+    Requeue { tag: DeliveryTag },
+}
+
+/// Which acks and nacks to send for one channel's deliveries, so that answered requests are acked with as few
+/// frames as possible (one `multiple` ack for a contiguous run) and none is acked that was not answered.
+///
+/// A `multiple` ack of tag T acks every unacked delivery up to T on the broker: it is only sent when every tag from
+/// the last one known settled up to T is either answered now or already settled by a frame sent earlier on the same
+/// channel (frames reach the broker in order). A delivery still running, or not even received yet, stops the run;
+/// answered deliveries past it are acked on their own at once, so no request holds its prefetch slot longer than
+/// with one ack each. Tags are per channel and start at 1: one ledger per session.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Every tag up to here is settled.
+    floor: DeliveryTag,
+    /// Tags above `floor` already settled (acked or nacked on their own).
+    settled: std::collections::BTreeSet<DeliveryTag>,
+}
+
+impl Ledger {
+    /// The frames, in the order they must be sent, for a batch of settlements.
+    fn plan(&mut self, batch: impl IntoIterator<Item = (DeliveryTag, Settlement)>) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut answered = std::collections::BTreeSet::new();
+        for (tag, settlement) in batch {
+            match settlement {
+                Settlement::Ack => {
+                    answered.insert(tag);
+                }
+                // Sent before any `multiple` ack that covers it.
+                Settlement::Requeue => {
+                    frames.push(Frame::Requeue { tag });
+                    self.settled.insert(tag);
+                }
+                Settlement::Leave => {}
+            }
+        }
+        let (mut top, mut acked) = (None, 0);
+        let mut next = self.floor + 1;
+        loop {
+            if answered.remove(&next) {
+                top = Some(next);
+                acked += 1;
+            } else if !self.settled.remove(&next) {
+                break;
+            }
+            next += 1;
+        }
+        self.floor = next - 1;
+        if let Some(tag) = top {
+            frames.push(Frame::Ack { tag, multiple: acked > 1 });
+        }
+        for tag in answered {
+            frames.push(Frame::Ack { tag, multiple: false });
+            self.settled.insert(tag);
+        }
+        frames
     }
+}
+
+/// Sends a session's acks and nacks in order, as many settlements at a time as have come in (a burst of replies
+/// confirmed together is acked with one frame), then tells the session the requests are done. Ends once every
+/// sender is gone (the session drained or abandoned, its request tasks done).
+async fn settle_loop(
+    channel: Channel,
+    mut settlements: mpsc::UnboundedReceiver<Settle>,
+    done: mpsc::UnboundedSender<Kind>,
+    in_flight: mpsc::Sender<()>,
+) {
+    let mut ledger = Ledger::default();
+    let mut batch = Vec::new();
+    while settlements.recv_many(&mut batch, usize::MAX).await > 0 {
+        for frame in ledger.plan(batch.iter().map(|s| (s.tag, s.settlement))) {
+            // Bounded: the session may be dying without having noticed yet; the broker then redelivers.
+            let sent = match frame {
+                Frame::Ack { tag, multiple } => {
+                    let ack = channel.basic_ack(tag, BasicAckOptions { multiple });
+                    tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, ack).await
+                }
+                Frame::Requeue { tag } => {
+                    let nack = channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true });
+                    tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, nack).await
+                }
+            };
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => debug!(%error, ?frame, "ack or nack failed; the broker redelivers the request"),
+                Err(_) => {
+                    debug!(?frame, "no answer to the ack or nack; the broker redelivers the request if it was lost")
+                }
+            }
+        }
+        for settle in batch.drain(..) {
+            if let Some(kind) = settle.kind {
+                let _ = done.send(kind);
+            }
+        }
+    }
+    drop(in_flight);
 }
 
 /// Publishes `reply`, or a small `internal` error instead when it is larger than the worker's limit or than the
@@ -964,7 +1104,8 @@ async fn publish_too_large(
     limit: usize,
 ) -> Result<(), ReplyError> {
     context.dispatcher.metrics().reply_too_large();
-    warn!(size, limit, "the reply is too large to publish; replying with an internal error instead");
+    let correlation_id = request.correlation_id.as_ref().map(|c| c.as_str());
+    warn!(size, limit, ?correlation_id, "the reply is too large to publish; replying with an internal error instead");
     match Reply::too_large(request, size, limit) {
         Some(small) => publisher.publish(&small, context).await,
         None => Ok(()),
@@ -1155,6 +1296,46 @@ mod tests {
         let message = "PRECONDITION_FAILED - message size 3145767 is larger than configured max size 1048576";
         assert_eq!(max_size_in(message), Some(1_048_576));
         assert_eq!(max_size_in("PRECONDITION_FAILED - inequivalent arg 'x-queue-type'"), None);
+    }
+
+    use Settlement::{Ack, Leave, Requeue};
+
+    fn ack(tag: DeliveryTag, multiple: bool) -> Frame {
+        Frame::Ack { tag, multiple }
+    }
+
+    #[test]
+    fn a_contiguous_run_of_answers_is_one_multiple_ack() {
+        let mut ledger = Ledger::default();
+        assert_eq!(ledger.plan([(2, Ack), (1, Ack), (3, Ack)]), [ack(3, true)]);
+        assert_eq!(ledger.plan([(4, Ack)]), [ack(4, false)]);
+        assert_eq!(ledger.floor, 4);
+    }
+
+    #[test]
+    fn a_request_still_running_stops_the_run_and_later_answers_are_acked_alone() {
+        let mut ledger = Ledger::default();
+        // 2 still runs: 1 is acked, 3 and 4 on their own, never by a `multiple` ack that would cover 2.
+        assert_eq!(ledger.plan([(1, Ack), (3, Ack), (4, Ack)]), [ack(1, false), ack(3, false), ack(4, false)]);
+        // 2 answered: the run continues over 3 and 4 (settled already) to 5.
+        assert_eq!(ledger.plan([(5, Ack), (2, Ack)]), [ack(5, true)]);
+        assert_eq!((ledger.floor, ledger.settled.len()), (5, 0));
+    }
+
+    #[test]
+    fn a_requeue_goes_out_before_any_multiple_ack_covering_it() {
+        let mut ledger = Ledger::default();
+        assert_eq!(ledger.plan([(1, Ack), (2, Requeue), (3, Ack)]), [Frame::Requeue { tag: 2 }, ack(3, true)]);
+        // A requeue in an earlier batch is settled: the run goes over it.
+        assert_eq!(ledger.plan([(5, Requeue)]), [Frame::Requeue { tag: 5 }]);
+        assert_eq!(ledger.plan([(4, Ack), (6, Ack)]), [ack(6, true)]);
+    }
+
+    #[test]
+    fn a_request_left_to_a_dying_session_is_never_covered_by_an_ack() {
+        let mut ledger = Ledger::default();
+        assert_eq!(ledger.plan([(1, Leave), (2, Ack), (3, Ack)]), [ack(2, false), ack(3, false)]);
+        assert_eq!(ledger.floor, 0);
     }
 
     #[test]
