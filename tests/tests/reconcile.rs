@@ -145,7 +145,12 @@ async fn the_pass_that_adds_the_finalizer_applies_too_and_a_pass_with_nothing_ne
         "apiVersion": "warren.dev/v1alpha1",
         "kind": "RpcService",
         "metadata": { "name": "calc" },
-        "spec": { "broker": { "secretRef": { "name": "rabbitmq" } } },
+        // No workers: the Deployment controller has nothing to change that status shows between the passes.
+        "spec": {
+            "broker": { "secretRef": { "name": "rabbitmq" } },
+            "scaling": { "enabled": false },
+            "worker": { "replicas": 0 },
+        },
     }))?;
     ns.api::<RpcService>().create(&PostParams::default(), &svc).await?;
 
@@ -172,7 +177,7 @@ async fn the_pass_that_adds_the_finalizer_applies_too_and_a_pass_with_nothing_ne
     ns.api::<Deployment>().patch("calc", &kube::api::PatchParams::default(), &patch).await?;
     reconcile(current(&ns, "calc").await?, op.ctx.clone()).await?;
     let deployment = ns.api::<Deployment>().get("calc").await?;
-    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(1), "the operator's replicas again");
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(0), "the operator's replicas again");
 
     broker::delete_service_queues(&format!("{}.calc", ns.name())).await?;
     ns.cleanup().await
