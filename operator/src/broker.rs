@@ -84,8 +84,13 @@ pub struct Broker {
     /// The channel the observer's probes use, kept open between rounds (re-opened after a probe of a missing
     /// queue closed it).
     probe_channel: tokio::sync::Mutex<Option<lapin::Channel>>,
+    /// Open channels that declarations reuse (opening and closing one per declaration cost two round trips).
+    idle_channels: Mutex<Vec<lapin::Channel>>,
     management: Management,
 }
+
+/// Idle declaration channels kept open at most: as many as reconciles usually run at once.
+const IDLE_CHANNELS: usize = 32;
 
 /// A queue as a passive `queue.declare` shows it: fresher than the management API's figures, no counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,8 +113,8 @@ impl Broker {
             .map_err(|e| BrokerError::InvalidUri(format!("uri: {}", e.reason())))?;
         let management = Management::new(&endpoint.management_uri)?;
         let rotation = Rotation::random(addresses.len());
-        let (connection, probe_channel) = Default::default();
-        Ok(Self { addresses, rotation, endpoint, connection, probe_channel, management })
+        let (connection, probe_channel, idle_channels) = Default::default();
+        Ok(Self { addresses, rotation, endpoint, connection, probe_channel, idle_channels, management })
     }
 
     pub fn vhost(&self) -> &str {
@@ -183,11 +188,30 @@ impl Broker {
 
     /// Declares the service's request queue and its dead-letter queue (idempotent; re-creates deleted ones).
     pub async fn declare_queues(&self, queue: &str, options: &QueueOptions) -> Result<(), BrokerError> {
-        let channel = self.channel().await?;
+        let reused = {
+            let mut idle = self.idle_channels.lock().expect("idle channels lock");
+            idle.retain(|c| c.status().connected());
+            idle.pop()
+        };
+        let channel = match reused {
+            Some(channel) => channel,
+            None => self.channel().await?,
+        };
         let declared = topology::declare_service_queues(&channel, queue, options).await;
-        // A refused declaration already closed the channel on the broker's side.
+        // A refused declaration already closed the channel on the broker's side; an open one serves the next.
         if channel.status().connected() {
-            let _ = channel.close(200, "done".into()).await;
+            let surplus = {
+                let mut idle = self.idle_channels.lock().expect("idle channels lock");
+                if idle.len() < IDLE_CHANNELS {
+                    idle.push(channel);
+                    None
+                } else {
+                    Some(channel)
+                }
+            };
+            if let Some(channel) = surplus {
+                let _ = channel.close(200, "done".into()).await;
+            }
         }
         declared.map_err(|e| classify(queue, e))
     }

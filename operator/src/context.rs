@@ -1,12 +1,14 @@
 //! What every reconcile shares: the API client, configuration, brokers, the observer, metrics, the event recorder.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use kube::Client;
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
 use warren_client::backoff::Backoff;
 
 use crate::broker::BrokerPool;
@@ -51,6 +53,51 @@ pub struct Context {
     pub recorder: Recorder,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<RpcService>, u32>>,
+    /// The controller's cache of the Deployments the operator manages (set by [`crate::controller::run`]); a
+    /// reconcile reads the current Deployment from it once it has synced, else from the API server.
+    deployments: OnceLock<Store<Deployment>>,
+    /// What the last server-side apply of each service's Deployment sent and got back, to skip an apply that would
+    /// change nothing.
+    applied: Mutex<HashMap<ObjectRef<RpcService>, AppliedDeployment>>,
+    /// The last state of each managed Deployment the operator has acted on (see [`DeploymentFingerprint`]).
+    seen: Mutex<HashMap<ObjectRef<Deployment>, DeploymentFingerprint>>,
+}
+
+/// A server-side apply of a service's Deployment as it was sent and as the API server stored it.
+#[derive(Clone, Debug)]
+pub struct AppliedDeployment {
+    /// A hash of the Deployment the operator built (what it sent).
+    pub desired: u64,
+    pub uid: Option<String>,
+    /// `metadata.generation` after the apply: an edit of the spec by anyone else moves it.
+    pub generation: Option<i64>,
+    pub at: Instant,
+}
+
+/// What of a Deployment the reconcile uses: a watch event that changes none of it (status conditions, observed
+/// generation, the echo of the operator's own apply) triggers no reconcile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeploymentFingerprint {
+    uid: Option<String>,
+    generation: Option<i64>,
+    replicas: Option<i32>,
+    pods: Option<i32>,
+    ready: Option<i32>,
+    deleting: bool,
+}
+
+impl DeploymentFingerprint {
+    pub fn of(d: &Deployment) -> Self {
+        let status = d.status.as_ref();
+        Self {
+            uid: d.metadata.uid.clone(),
+            generation: d.metadata.generation,
+            replicas: d.spec.as_ref().and_then(|s| s.replicas),
+            pods: status.and_then(|s| s.replicas),
+            ready: status.and_then(|s| s.ready_replicas),
+            deleting: d.metadata.deletion_timestamp.is_some(),
+        }
+    }
 }
 
 impl Context {
@@ -64,7 +111,62 @@ impl Context {
             observer,
             metrics,
             failures: Mutex::default(),
+            deployments: OnceLock::new(),
+            applied: Mutex::default(),
+            seen: Mutex::default(),
         }
+    }
+
+    /// Hands the reconciles the controller's Deployment cache.
+    pub fn set_deployment_cache(&self, store: Store<Deployment>) {
+        let _ = self.deployments.set(store);
+    }
+
+    /// The cached Deployment `name` in `namespace`: `None` when the cache is not there or has not synced yet (ask
+    /// the API server), `Some(None)` when it has and holds no such Deployment.
+    pub fn cached_deployment(&self, namespace: &str, name: &str) -> Option<Option<Deployment>> {
+        let store = self.deployments.get()?;
+        if !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
+            return None;
+        }
+        let key = ObjectRef::<Deployment>::new(name).within(namespace);
+        Some(store.get(&key).map(|d| (*d).clone()))
+    }
+
+    /// Remembers a Deployment as the operator last saw it; returns whether that differs from what it saw before.
+    pub fn deployment_seen(&self, deployment: &Deployment) -> bool {
+        let key = ObjectRef::from_obj(deployment);
+        let print = DeploymentFingerprint::of(deployment);
+        let mut seen = self.seen.lock().expect("seen lock");
+        if seen.get(&key) == Some(&print) {
+            return false;
+        }
+        seen.insert(key, print);
+        true
+    }
+
+    /// Forgets a Deployment that is gone.
+    pub fn deployment_gone(&self, deployment: &Deployment) {
+        self.seen.lock().expect("seen lock").remove(&ObjectRef::from_obj(deployment));
+    }
+
+    pub fn last_applied(&self, key: &ObjectRef<RpcService>) -> Option<AppliedDeployment> {
+        self.applied.lock().expect("applied lock").get(key).cloned()
+    }
+
+    pub fn record_applied(&self, key: &ObjectRef<RpcService>, desired: u64, deployment: &Deployment) {
+        let record = AppliedDeployment {
+            desired,
+            uid: deployment.uid(),
+            generation: deployment.metadata.generation,
+            at: Instant::now(),
+        };
+        self.applied.lock().expect("applied lock").insert(key.clone(), record);
+    }
+
+    /// Forgets the service's last apply (it is being deleted, or its apply must run again).
+    pub fn forget_applied(&self, key: &ObjectRef<RpcService>) {
+        self.applied.lock().expect("applied lock").remove(key);
     }
 
     /// Records one more failure of `key` and returns how many in a row.

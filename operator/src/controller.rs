@@ -1,6 +1,7 @@
 //! Wires the reconciler to the API server: watches RpcServices, the Deployments they own and the Secrets they
 //! reference, plus the observer's triggers; runs until shutdown.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
-use kube::runtime::reflector::{ObjectRef, store::Writer};
-use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, wait, watcher};
+use kube::runtime::reflector::{self, ObjectRef, store::Writer};
+use kube::runtime::{Controller, WatchStreamExt, wait, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::context::Context;
@@ -58,22 +59,55 @@ pub async fn run(
         };
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
     // Status writes do not bump the generation: filtering on it keeps the operator's own status patches from
-    // triggering another reconcile (a loop while the broker is down). Deletion and annotation changes still pass.
+    // triggering another reconcile (a loop while the broker is down). Deletion and annotation changes still pass,
+    // and so does a finalizer removed by someone else; the operator's own finalizer patch does not (the pass that
+    // made it went on to apply).
     let store = cache.as_reader();
+    let mut last_seen = HashMap::new();
     let changes = watcher(services, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(cache)
-        .applied_objects()
-        .predicate_filter(
-            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
-            Default::default(),
-        );
+        .filter_map(move |event| {
+            let changed = match event {
+                Ok(watcher::Event::Apply(svc) | watcher::Event::InitApply(svc)) => {
+                    service_changed(&mut last_seen, &svc).then_some(Ok(svc))
+                }
+                Ok(watcher::Event::Delete(svc)) => {
+                    last_seen.remove(&svc.uid().unwrap_or_default());
+                    None
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(changed)
+        });
     let controller = Controller::for_stream(changes, store.clone())
         .with_config(ControllerConfig::default().concurrency(concurrency));
+    // The managed Deployments, cached for the reconciles; only a change the status shows (or that the operator must
+    // undo: an edited spec, a deletion) triggers the owner's reconcile, not every status update of the Deployment
+    // controller nor the echo of the operator's own apply.
+    let (deployment_cache, deployment_writer) = reflector::store();
+    ctx.set_deployment_cache(deployment_cache);
+    let seen = ctx.clone();
+    let deployment_changes =
+        watcher(deployments, managed).default_backoff().reflect(deployment_writer).filter_map(move |event| {
+            let changed = match event {
+                Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
+                    seen.deployment_seen(&d).then_some(Ok(d))
+                }
+                Ok(watcher::Event::Delete(d)) => {
+                    seen.deployment_gone(&d);
+                    Some(Ok(d))
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(changed)
+        });
     // Secrets as metadata only: the operator never caches credentials, it reads them when it reconciles.
     let secret_changes = watcher(secrets, watcher::Config::default()).touched_objects();
     controller
-        .owns(deployments, managed)
+        .owns_stream(deployment_changes)
         .watches_stream(secret_changes, move |secret| {
             let (ns, name) = (secret.namespace(), secret.name_any());
             store
@@ -92,6 +126,37 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// What of an RpcService, besides the status the operator writes itself, calls for a reconcile.
+#[derive(PartialEq)]
+struct Seen {
+    generation: Option<i64>,
+    annotations: std::collections::BTreeMap<String, String>,
+    deleting: bool,
+    finalized: bool,
+}
+
+/// Whether `svc` changed in a way that calls for a reconcile since `last_seen` saw it: new, a new generation
+/// (spec), annotations, deletion begun, or the operator's finalizer gone. Not: its status, or the finalizer added.
+fn service_changed(last_seen: &mut HashMap<String, Seen>, svc: &RpcService) -> bool {
+    let now = Seen {
+        generation: svc.metadata.generation,
+        annotations: svc.annotations().clone(),
+        deleting: svc.metadata.deletion_timestamp.is_some(),
+        finalized: svc.finalizers().iter().any(|f| f == reconcile::FINALIZER),
+    };
+    let changed = match last_seen.get(&svc.uid().unwrap_or_default()) {
+        None => true,
+        Some(before) => {
+            before.generation != now.generation
+                || before.annotations != now.annotations
+                || before.deleting != now.deleting
+                || (before.finalized && !now.finalized)
+        }
+    };
+    last_seen.insert(svc.uid().unwrap_or_default(), now);
+    changed
 }
 
 /// Whether the Secret named `name` is this service's broker Secret (or the default one it falls back to).

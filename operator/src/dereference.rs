@@ -85,6 +85,7 @@ async fn read_and_share(
         (None, None) => return Err(DereferenceError::NoBrokerSecret),
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    ctx.metrics.kubernetes_request("get", "secrets");
     let secret = match secrets.get_opt(&name).await {
         Ok(Some(secret)) => secret,
         Ok(None) => return Err(DereferenceError::SecretNotFound { namespace, name }),

@@ -22,6 +22,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// A request the reconciler sent to the Kubernetes API: its verb and resource (a fixed, small set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub verb: String,
+    pub resource: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: String,
@@ -201,6 +208,8 @@ pub struct Metrics {
     pub registry: Arc<Registry>,
     pub reconciles: Counter,
     pub failures: Family<ReasonLabel, Counter>,
+    /// Requests reconciles sent to the Kubernetes API (reads and writes; the watches are not counted).
+    pub kubernetes_requests: Family<RequestLabels, Counter>,
     pub duration: Histogram,
     pub scale_events: Family<DirectionLabel, Counter>,
     pub observer_polls: Counter,
@@ -216,6 +225,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("warren_operator");
         let reconciles = Counter::default();
         let failures = Family::<ReasonLabel, Counter>::default();
+        let kubernetes_requests = Family::<RequestLabels, Counter>::default();
         let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let scale_events = Family::<DirectionLabel, Counter>::default();
         let observer_polls = Counter::default();
@@ -225,6 +235,11 @@ impl Default for Metrics {
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed, by reason", failures.clone());
+        registry.register(
+            "kubernetes_requests",
+            "Requests reconciles sent to the Kubernetes API, by verb and resource (watches not counted)",
+            kubernetes_requests.clone(),
+        );
         registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
         registry.register("scale_events", "Replica changes decided by the autoscaler", scale_events.clone());
         registry.register("observer_polls", "Management API polls", observer_polls.clone());
@@ -238,6 +253,7 @@ impl Default for Metrics {
             registry: Arc::new(registry),
             reconciles,
             failures,
+            kubernetes_requests,
             duration,
             scale_events,
             observer_polls,
@@ -259,6 +275,29 @@ impl Metrics {
 
     pub fn reconcile_failed(&self, reason: &str) {
         self.failures.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts one request to the Kubernetes API, e.g. `("patch", "deployments")`.
+    pub fn kubernetes_request(&self, verb: &str, resource: &str) {
+        let labels = RequestLabels { verb: verb.to_owned(), resource: resource.to_owned() };
+        self.kubernetes_requests.get_or_create(&labels).inc();
+    }
+
+    /// Requests counted by [`Metrics::kubernetes_request`] whose verb is `verb` (all verbs: `None`).
+    pub fn kubernetes_requests_of(&self, verb: Option<&str>) -> u64 {
+        let mut total = 0;
+        for v in ["get", "create", "patch", "update", "delete"] {
+            if verb.is_some_and(|want| want != v) {
+                continue;
+            }
+            for r in ["rpcservices", "rpcservices/status", "deployments", "secrets", "events"] {
+                let labels = RequestLabels { verb: v.to_owned(), resource: r.to_owned() };
+                if let Some(c) = self.kubernetes_requests.get(&labels) {
+                    total += c.get();
+                }
+            }
+        }
+        total
     }
 
     pub fn encode(&self) -> String {

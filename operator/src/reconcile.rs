@@ -28,7 +28,7 @@ use tracing::instrument;
 use warren_client::topology::{self, MAX_QUEUE_NAME_BYTES};
 
 use crate::build::{self, BuildInputs};
-use crate::context::{Context, FIELD_MANAGER, backoff};
+use crate::context::{AppliedDeployment, Context, FIELD_MANAGER, backoff};
 use crate::crd::{DeletionPolicy, RpcService, RpcServiceStatus};
 use crate::dereference;
 use crate::error::{Error, Result};
@@ -50,10 +50,24 @@ pub async fn reconcile(svc: Arc<RpcService>, ctx: Arc<Context>) -> Result<Action
     let ns = svc.namespace().unwrap_or_default();
     let api: Api<RpcService> = Api::namespaced(ctx.client.clone(), &ns);
     let key = ObjectRef::from_obj(svc.as_ref());
+    // The pass that adds the finalizer goes on with the object the API server returned (kube's helper would stop
+    // there and wait for the watch event of its own patch: one more pass, and QueueReady a round later).
+    let svc = match ensure_finalizer(&api, svc, &ctx).await {
+        Ok(Some(svc)) => svc,
+        Ok(None) => return Ok(Action::await_change()),
+        Err(error) => return Err(error),
+    };
     let result = finalizer(&api, FINALIZER, svc, |event| async {
         match event {
             Finalizer::Apply(svc) => apply(&svc, &ctx).await,
-            Finalizer::Cleanup(svc) => cleanup(&svc, &ctx).await,
+            Finalizer::Cleanup(svc) => {
+                let done = cleanup(&svc, &ctx).await;
+                if done.is_ok() {
+                    // kube's helper removes the finalizer next.
+                    ctx.metrics.kubernetes_request("patch", "rpcservices");
+                }
+                done
+            }
         }
     })
     .await;
@@ -65,6 +79,42 @@ pub async fn reconcile(svc: Arc<RpcService>, ctx: Arc<Context>) -> Result<Action
         ctx.succeeded(&key);
     }
     result
+}
+
+/// The object with the operator's finalizer on it, added now if it was not (or the object as it is once its
+/// deletion has begun); `None` when the object is gone. The patch carries the cached `resourceVersion`: it is
+/// refused (409) rather than overwrite a list someone else changed meanwhile, and then the object is read again.
+async fn ensure_finalizer(
+    api: &Api<RpcService>,
+    svc: Arc<RpcService>,
+    ctx: &Context,
+) -> Result<Option<Arc<RpcService>>> {
+    let finalized =
+        |s: &RpcService| s.metadata.deletion_timestamp.is_some() || s.finalizers().iter().any(|f| f == FINALIZER);
+    if finalized(&svc) {
+        return Ok(Some(svc));
+    }
+    let mut finalizers = svc.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_owned());
+    let patch = json!({
+        "metadata": { "resourceVersion": svc.resource_version(), "finalizers": finalizers },
+    });
+    ctx.metrics.kubernetes_request("patch", "rpcservices");
+    let error = match api.patch(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(patched) => return Ok(Some(Arc::new(patched))),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+        Err(error) => error,
+    };
+    let lost_race = matches!(&error, kube::Error::Api(s) if s.code == 409 || s.code == 422);
+    if lost_race {
+        ctx.metrics.kubernetes_request("get", "rpcservices");
+        match api.get_opt(&svc.name_any()).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(fresh)) if finalized(&fresh) => return Ok(Some(Arc::new(fresh))),
+            _ => {}
+        }
+    }
+    Err(Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(error))))
 }
 
 /// The step's own error keeps its reason (not "failed to apply object: …"). A finalizer patch that lost a race is
@@ -79,7 +129,7 @@ async fn settle_finalizer_error(
     let moot = match &error {
         F::ApplyFailed(_) | F::CleanupFailed(_) => false,
         F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => true,
-        F::AddFinalizer(kube::Error::Api(s)) if s.code == 422 => match api.get_opt(name).await {
+        F::AddFinalizer(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => match api.get_opt(name).await {
             Ok(Some(svc)) => {
                 svc.metadata.deletion_timestamp.is_some() || svc.finalizers().iter().any(|f| f == FINALIZER)
             }
@@ -129,7 +179,22 @@ async fn apply(svc: &RpcService, ctx: &Context) -> Result<Action> {
         default_worker_image: ctx.config.worker_image.clone(),
         replicas,
     };
-    let applied = apply_deployment(svc, ctx, &build::deployment(svc, &inputs)).await?;
+    let desired = build::deployment(svc, &inputs);
+    let fingerprint = hash_of(&desired);
+    let (applied, view) = match current.filter(|c| unchanged(ctx.last_applied(&key).as_ref(), fingerprint, &desired, c))
+    {
+        // The API server already holds exactly this: an apply would change nothing.
+        Some(current) => (current, view),
+        None => {
+            let applied = apply_deployment(svc, ctx, &desired).await?;
+            ctx.record_applied(&key, fingerprint, &applied);
+            // The counts as the apply returned them, fresher than the cache's.
+            let view = ctx.observer.register(Registration::new(key.clone(), svc, found.broker.clone(), Some(&applied)));
+            (applied, view)
+        }
+    };
+    // The watch event of this very state is no news.
+    ctx.deployment_seen(&applied);
     ctx.observer.applied(&key, replicas);
     let conditions = [
         status::queue_condition(&declared, &svc.queue_name(), &found.broker),
@@ -178,15 +243,52 @@ fn deployments(svc: &RpcService, ctx: &Context) -> Api<Deployment> {
     Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default())
 }
 
+/// The service's Deployment: from the controller's cache once it has synced, else from the API server.
 async fn current_deployment(svc: &RpcService, ctx: &Context) -> Result<Option<Deployment>> {
-    deployments(svc, ctx)
-        .get_opt(&svc.name_any())
-        .await
-        .map_err(|source| Error::ReadDeployment { name: svc.name_any(), source })
+    let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+    if let Some(cached) = ctx.cached_deployment(&ns, &name) {
+        return Ok(cached);
+    }
+    ctx.metrics.kubernetes_request("get", "deployments");
+    deployments(svc, ctx).get_opt(&name).await.map_err(|source| Error::ReadDeployment { name, source })
+}
+
+/// Whether `current` is what the last apply of `desired` (by its hash `fingerprint`) left: the same object, its
+/// spec not edited since (the generation would have moved), the operator's labels, annotations and owner
+/// reference still on it, and the apply recent (a periodic one re-asserts every field, as before).
+fn unchanged(last: Option<&AppliedDeployment>, fingerprint: u64, desired: &Deployment, current: &Deployment) -> bool {
+    let Some(last) = last else { return false };
+    let subset = |want: &Option<std::collections::BTreeMap<String, String>>,
+                  have: &Option<std::collections::BTreeMap<String, String>>| {
+        want.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let (want, have) = (&desired.metadata, &current.metadata);
+    last.desired == fingerprint
+        && last.at.elapsed() < RESYNC / 2
+        && have.deletion_timestamp.is_none()
+        && last.uid.is_some()
+        && last.uid == have.uid
+        && last.generation.is_some()
+        && last.generation == have.generation
+        && subset(&want.labels, &have.labels)
+        && subset(&want.annotations, &have.annotations)
+        && want
+            .owner_references
+            .iter()
+            .flatten()
+            .all(|o| have.owner_references.iter().flatten().any(|h| h.uid == o.uid))
+}
+
+fn hash_of(deployment: &Deployment) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(deployment).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Server-side apply under the operator's field manager, forced: edits by others to its fields are undone.
 async fn apply_deployment(svc: &RpcService, ctx: &Context, deployment: &Deployment) -> Result<Deployment> {
+    ctx.metrics.kubernetes_request("patch", "deployments");
     deployments(svc, ctx)
         .patch(&svc.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(deployment))
         .await
@@ -199,6 +301,7 @@ async fn patch_status(svc: &RpcService, ctx: &Context, next: &RpcServiceStatus) 
         return Ok(());
     }
     let api: Api<RpcService> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    ctx.metrics.kubernetes_request("patch", "rpcservices/status");
     let patch = json!({
         "apiVersion": RpcService::api_version(&()),
         "kind": RpcService::kind(&()),
@@ -215,6 +318,7 @@ async fn publish(svc: &RpcService, ctx: &Context, events: Vec<Event>) -> bool {
     let reference = svc.object_ref(&());
     let mut all = true;
     for event in events {
+        ctx.metrics.kubernetes_request("create", "events");
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             tracing::debug!("could not publish event: {e}");
             all = false;
@@ -228,6 +332,7 @@ async fn publish(svc: &RpcService, ctx: &Context, events: Vec<Event>) -> bool {
 /// [`leave_queues_because`].
 async fn cleanup(svc: &RpcService, ctx: &Context) -> Result<Action> {
     ctx.observer.forget(&ObjectRef::from_obj(svc));
+    ctx.forget_applied(&ObjectRef::from_obj(svc));
     let done = apply_deletion_policy(svc, ctx).await;
     // Once the object may go, its broker may too (a failed cleanup is retried with it).
     if done.is_ok() {

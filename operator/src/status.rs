@@ -190,7 +190,7 @@ pub fn next(
             next.per_replica_throughput = Some(round2(mu));
         }
         if let Some(decision) = &view.decision {
-            next.scaling = Some(scaling_status(decision, now));
+            next.scaling = Some(keep_time(previous.scaling.as_ref(), scaling_status(decision, now)));
         }
         if let Some((at, reason)) = &view.last_scale {
             next.last_scale_time = Some(Time(*at));
@@ -244,6 +244,17 @@ fn scaling_status(d: &ScaleDecision, now: &Time) -> ScalingStatus {
         per_replica_throughput: round2(d.inputs.per_replica_throughput),
         throughput_source: Some(throughput_source(d.inputs.throughput_source).to_owned()),
         time: Some(now.clone()),
+    }
+}
+
+/// The decision `fresh` with the time of `previous` when it says the same: a pass that finds the same decision
+/// changes nothing in status (and writes nothing).
+fn keep_time(previous: Option<&ScalingStatus>, fresh: ScalingStatus) -> ScalingStatus {
+    match previous {
+        Some(p) if ScalingStatus { time: None, ..p.clone() } == ScalingStatus { time: None, ..fresh.clone() } => {
+            p.clone()
+        }
+        _ => fresh,
     }
 }
 

@@ -136,6 +136,54 @@ async fn one_pass_declares_the_queues_applies_the_deployment_and_reports_it() ->
 }
 
 #[tokio::test]
+async fn the_pass_that_adds_the_finalizer_applies_too_and_a_pass_with_nothing_new_writes_nothing() -> anyhow::Result<()>
+{
+    let _broker = broker::shared().await;
+    let (op, ns) = setup("rec-nowrite").await?;
+    ns.create_broker_secret("rabbitmq").await?;
+    let svc: RpcService = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "RpcService",
+        "metadata": { "name": "calc" },
+        // No workers: the Deployment controller has nothing to change that status shows between the passes.
+        "spec": {
+            "broker": { "secretRef": { "name": "rabbitmq" } },
+            "scaling": { "enabled": false },
+            "worker": { "replicas": 0 },
+        },
+    }))?;
+    ns.api::<RpcService>().create(&PostParams::default(), &svc).await?;
+
+    // One pass: the finalizer, the queues, the Deployment and the status, without waiting for a second one.
+    reconcile(current(&ns, "calc").await?, op.ctx.clone()).await?;
+    let svc = current(&ns, "calc").await?;
+    assert!(svc.finalizers().iter().any(|f| f == FINALIZER), "{:?}", svc.finalizers());
+    assert_eq!(status_of(condition(&svc, "QueueReady")?), ("True", "Declared"));
+    assert!(ns.api::<Deployment>().get_opt("calc").await?.is_some(), "the Deployment");
+
+    // The next pass finds everything as it left it: no patch (Deployment, status, finalizer), no event.
+    let writes = |verb| op.ctx.metrics.kubernetes_requests_of(Some(verb));
+    let (patches, creates) = (writes("patch"), writes("create"));
+    let deployment_version = ns.api::<Deployment>().get("calc").await?.resource_version();
+    reconcile(svc.clone(), op.ctx.clone()).await?;
+    assert_eq!(writes("patch"), patches, "no patch: {:?}", op.ctx.metrics.encode());
+    assert_eq!(writes("create"), creates, "no event");
+    assert_eq!(current(&ns, "calc").await?.resource_version(), svc.resource_version());
+    assert_eq!(ns.api::<Deployment>().get("calc").await?.resource_version(), deployment_version);
+
+    // An edit of the Deployment's spec by someone else is undone by the next pass.
+    let edit = json!({ "spec": { "replicas": 7 } });
+    let patch = kube::api::Patch::Merge(&edit);
+    ns.api::<Deployment>().patch("calc", &kube::api::PatchParams::default(), &patch).await?;
+    reconcile(current(&ns, "calc").await?, op.ctx.clone()).await?;
+    let deployment = ns.api::<Deployment>().get("calc").await?;
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(0), "the operator's replicas again");
+
+    broker::delete_service_queues(&format!("{}.calc", ns.name())).await?;
+    ns.cleanup().await
+}
+
+#[tokio::test]
 async fn a_missing_secret_is_a_permanent_error_reported_in_status() -> anyhow::Result<()> {
     let _broker = broker::shared().await;
     let (op, ns) = setup("rec-secret").await?;
