@@ -240,7 +240,10 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
     let final_queue = wait_for("the queue to be empty with every request acked", WAIT, || async {
         let q = broker::queue("/", queue).await?.context("queue missing")?;
         let drained = q["messages_ready"].as_u64() == Some(0) && q["messages_unacknowledged"].as_u64() == Some(0);
-        Ok((drained && stat(&q, "publish") == calls && stat(&q, "ack") == calls).then_some(q))
+        // Acks are counted on the workers' channels, which stay open. The caller's channel is closed by then, and the
+        // management API lost the last few publishes of a closed channel once (3,589 of 3,600, all 3,600 acked): a
+        // closed channel's counters go before the next stats collection reads them.
+        Ok((drained && stat(&q, "publish") <= calls && stat(&q, "ack") == calls).then_some(q))
     })
     .await;
     recorder.abort();
@@ -256,7 +259,8 @@ async fn closed_loop(client: &Client, ns: &TestNamespace, queue: &str) -> anyhow
     let errors: u64 = report["errors"].as_object().context("errors")?.values().filter_map(Value::as_u64).sum();
     assert_eq!(errors, 0, "calls failed: {}", report["errors"]);
     assert_eq!(report["ok"].as_u64(), Some(calls), "every call was answered");
-    assert_eq!((stat(&final_queue, "publish"), stat(&final_queue, "ack")), (calls, calls));
+    assert_eq!(stat(&final_queue, "ack"), calls, "each call acked once");
+    assert!(stat(&final_queue, "publish") <= calls, "no call published twice: {}", final_queue["message_stats"]);
     // `warren bench` drops a slot whose timer fires after the end (a starved bench process does, by a few): the
     // load is the step all the same.
     assert!(calls >= CALLS * 99 / 100, "the bench made {calls} of {CALLS} calls");
