@@ -95,6 +95,22 @@ async fn confirm_channel(connection: &Connection) -> Channel {
     channel
 }
 
+/// A caller's own exclusive, server-named reply queue and a consumer of it (no acks), so every reply is counted.
+async fn private_reply_queue(channel: &Channel, tag: &str) -> (lapin::Queue, lapin::Consumer) {
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+    let replies = channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            tag.into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (reply_queue, replies)
+}
+
 async fn publish(channel: &Channel, queue: &str, properties: BasicProperties, body: &[u8]) {
     let confirm = channel
         .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
@@ -305,17 +321,7 @@ async fn replies_go_only_to_reply_addresses() {
     publish(&channel, &queue, hostile, br#"{"token": "s3cret-in-params"}"#).await;
     counts.sent += 1;
     // A tutorial-style caller: its own exclusive, server-named reply queue.
-    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
-    let mut replies = channel
-        .basic_consume(
-            reply_queue.name().clone(),
-            "tutorial".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (reply_queue, mut replies) = private_reply_queue(&channel, "tutorial").await;
     let tutorial = BasicProperties::default()
         .with_type("echo".into())
         .with_correlation_id("tutorial-1".into())
@@ -564,17 +570,7 @@ async fn a_hung_backend_is_cut_off_and_does_not_pin_the_worker() {
         .unwrap();
     let connection = connect(&broker_uri()).await;
     let channel = confirm_channel(&connection).await;
-    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
-    let mut replies = channel
-        .basic_consume(
-            reply_queue.name().clone(),
-            "hung".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (reply_queue, mut replies) = private_reply_queue(&channel, "hung").await;
     let mut counts = Counts::default();
     // Two hung requests take both prefetch slots; four quick ones wait behind them.
     for i in 0..2 {
@@ -1193,17 +1189,7 @@ async fn one_request_through_a_cut(cut: Method, scenario: &str) -> Counts {
     // The caller talks to the broker directly, on a reply queue of its own, so every reply is counted.
     let connection = connect(&uri).await;
     let channel = confirm_channel(&connection).await;
-    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-    let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
-    let mut replies = channel
-        .basic_consume(
-            reply_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (reply_queue, mut replies) = private_reply_queue(&channel, "").await;
     let id = unique_name("cut");
     proxy.cut_on(cut);
     let properties = BasicProperties::default()
