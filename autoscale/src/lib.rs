@@ -20,25 +20,34 @@
 //! pool steps toward it ([`step`]). The crate's binary, `warren-autoscale simulate`, runs it against KEDA + HPA
 //! on load traces in a queue model.
 
+use std::collections::VecDeque;
+
 mod policy;
 mod rates;
 mod recurrence;
 mod throughput;
 
+pub use policy::{BacklogSurge, MIN_SURGE_GROWTH_SHARE, SURGE_HORIZON_SECONDS, surge};
 pub use policy::{
     DEFAULT_MAX_REPLICAS, DEFAULT_MAX_SCALE_UP_FACTOR, DEFAULT_MAX_SCALE_UP_PODS, DEFAULT_MIN_REPLICAS,
     DEFAULT_PREFETCH, DEFAULT_SCALE_DOWN_DELAY_SECONDS, DEFAULT_TARGET_QUEUE_DELAY_SECONDS, DEFAULT_TARGET_UTILIZATION,
     DEFAULT_TOLERANCE, DecisionInputs, Need, PolicySpec, PolicyState, RecommendationWindow, ReplicaCounts,
     ScaleDecision, ScaleReason, Step, URGENT_BACKLOG_SHARE, decide, need, queueing_delay, step,
 };
-pub use rates::{DEFAULT_RATE_WINDOW, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures};
+pub use rates::{
+    DEFAULT_RATE_WINDOW, MAX_LOOK_GAP_SECONDS, Observation, ObservedQueue, QueueSample, RateTracker, WindowFigures,
+};
 pub use recurrence::{
     ANTICIPATION_LEAD_SECONDS, ANTICIPATION_SLACK_SHARE, Anticipation, BASE_HISTORY_SECONDS, MAX_RECURRENCE_SECONDS,
     MAX_RECURRENCE_SPREAD, MIN_SURGE_EXTRA_REPLICAS, MIN_SURGES, Recurrence, Surge,
 };
-pub use throughput::{
-    PRIOR_PER_REPLICA_THROUGHPUT, SATURATED_IN_FLIGHT_SHARE, SMOOTHING_SECONDS, ThroughputEstimate, ThroughputSource,
-};
+pub use throughput::{PRIOR_PER_REPLICA_THROUGHPUT, SMOOTHING_SECONDS, ThroughputEstimate, ThroughputSource};
+
+/// The backlog's growth is measured over at least this long (seconds): a poll just after a probe (which may decide
+/// on that probe's backlog) compares with the look before.
+pub const MIN_GROWTH_SPAN: f64 = 0.5;
+/// ...and at most this long (seconds): two polls without probes, and a margin.
+pub const MAX_GROWTH_SPAN: f64 = 10.0;
 
 /// One service's autoscaler: its recent samples, its throughput estimate and its recent recommendations.
 #[derive(Clone, Debug)]
@@ -48,6 +57,8 @@ pub struct Autoscaler {
     window_started: bool,
     /// The last poll's figures and rates: what a probe between polls updates the backlog of.
     last_polled: Option<ObservedQueue>,
+    /// (at, ready) of the looks of the last [`MAX_GROWTH_SPAN`], polls and probes: how fast the backlog grows.
+    looks: VecDeque<(f64, u64)>,
 }
 
 impl Autoscaler {
@@ -61,6 +72,7 @@ impl Autoscaler {
             },
             window_started: false,
             last_polled: None,
+            looks: VecDeque::new(),
         }
     }
 
@@ -72,7 +84,12 @@ impl Autoscaler {
 
     /// One poll's sample (`None`: management API down or queue missing) → what the policy decides on.
     pub fn observe(&mut self, sample: Option<QueueSample>, now: f64) -> Observation {
-        let queue = sample.map(|sample| self.rates.push(sample));
+        let mut queue = sample.map(|sample| self.rates.push(sample));
+        if let Some(q) = queue.as_mut() {
+            q.backlog_growth = self.look(now, q.backlog);
+        } else {
+            self.looks.clear();
+        }
         self.last_polled = queue;
         Observation { at: now, queue }
     }
@@ -92,7 +109,10 @@ impl Autoscaler {
         if !self.window_started {
             return None;
         }
-        let obs = Observation { at: now, queue: Some(ObservedQueue { backlog: ready, consumers, ..polled }) };
+        self.rates.note_probe(now, ready, consumers);
+        let backlog_growth = self.look(now, ready);
+        let obs =
+            Observation { at: now, queue: Some(ObservedQueue { backlog: ready, consumers, backlog_growth, ..polled }) };
         let obs = self.with_sustained_rate(&obs, spec);
         let decision = decide(&self.state, &obs, replicas, spec, now);
         if decision.reason != ScaleReason::Anticipated {
@@ -103,7 +123,7 @@ impl Autoscaler {
 
     /// Decides the replicas for an observation and remembers what is needed for the next decisions.
     pub fn decide(&mut self, obs: &Observation, replicas: ReplicaCounts, spec: &PolicySpec, now: f64) -> ScaleDecision {
-        self.state.throughput.update(obs, spec.prefetch);
+        self.state.throughput.update(obs, spec.per_replica_throughput_hint);
         if !self.window_started {
             // Like HPA after a restart: what runs now counts as recommended, so nothing shrinks before the delay.
             let running = replicas.current.clamp(spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
@@ -122,6 +142,24 @@ impl Autoscaler {
             self.state.recurrence.observe(now, i.arrival_rate, rate_need.max(0.0) as i32);
         }
         decision
+    }
+
+    /// Records a look at the backlog (a poll or a probe) and returns how fast it grew since the newest look at
+    /// least [`MIN_GROWTH_SPAN`] and at most [`MAX_GROWTH_SPAN`] before.
+    fn look(&mut self, now: f64, ready: u64) -> Option<f64> {
+        if self.looks.back().is_some_and(|(at, _)| now < *at) {
+            self.looks.clear(); // the clock went back
+        }
+        let earlier = self.looks.iter().rev().find(|(at, _)| *at <= now - MIN_GROWTH_SPAN).copied();
+        if self.looks.back().is_none_or(|(at, _)| now > *at) {
+            self.looks.push_back((now, ready));
+        }
+        while self.looks.len() > 1 && self.looks[1].0 <= now - MAX_GROWTH_SPAN {
+            self.looks.pop_front();
+        }
+        earlier
+            .filter(|(at, _)| now - at <= MAX_GROWTH_SPAN)
+            .map(|(at, before)| (ready as f64 - before as f64) / (now - at))
     }
 
     /// The observation with the arrival rate averaged over the scale-down delay, unless it has one already.
@@ -195,6 +233,61 @@ mod tests {
         }
         let obs = scaler.observe(Some(sample(65.0, 0, 0, 8, 130, 130)), 65.0);
         assert_eq!(scaler.decide(&obs, counts, &spec, 65.0).desired, 1);
+    }
+
+    #[test]
+    fn a_probe_that_finds_the_backlog_gone_between_polls_measures_no_throughput() {
+        let spec = PolicySpec { prefetch: 4, per_replica_throughput_hint: Some(20.0), ..PolicySpec::default() };
+        let mut scaler = Autoscaler::new(None);
+        let counts = ReplicaCounts { current: 4, ready: 4 };
+        // Four workers complete 64 req/s; each poll happens to find a few requests waiting, but the probes between
+        // them find none: the workers idled a fifth of the time, and 16 req/s is not what one of them can do.
+        for i in 0..=4u64 {
+            let at = 5.0 * i as f64;
+            let obs = scaler.observe(Some(sample(at, 3, 16, 4, 320 * i, 320 * i)), at);
+            scaler.decide(&obs, counts, &spec, at);
+            for k in 1..=4 {
+                scaler.probe(if k == 2 { 0 } else { 2 }, 4, counts, &spec, at + k as f64);
+            }
+        }
+        assert_eq!(scaler.measured_throughput(), None);
+        // With a backlog at every probe too, the workers were busy throughout: 80 req/s is 20 each.
+        let mut scaler = Autoscaler::new(None);
+        for i in 0..=4u64 {
+            let at = 5.0 * i as f64;
+            let obs = scaler.observe(Some(sample(at, 30, 16, 4, 400 * i, 400 * i)), at);
+            scaler.decide(&obs, counts, &spec, at);
+            for k in 1..=4 {
+                scaler.probe(25, 4, counts, &spec, at + k as f64);
+            }
+        }
+        assert_eq!(scaler.measured_throughput(), Some(20.0));
+    }
+
+    #[test]
+    fn a_backlog_growing_between_probes_is_sized_for_when_new_pods_serve() {
+        let spec = PolicySpec {
+            max_replicas: 40,
+            prefetch: 4,
+            per_replica_throughput_hint: Some(20.0),
+            ..PolicySpec::default()
+        };
+        let mut scaler = Autoscaler::new(None);
+        let counts = ReplicaCounts { current: 4, ready: 4 };
+        for i in 0..=2u64 {
+            let at = 5.0 * i as f64;
+            let obs = scaler.observe(Some(sample(at, 0, 12, 4, 300 * i, 300 * i)), at);
+            assert_eq!(scaler.decide(&obs, counts, &spec, at).desired, 4);
+        }
+        // 60 → 240 req/s: a second later 160 wait, growing by 160/s; by the time a new pod serves (10 s), 1,760.
+        // (60 + 1760 / 2) / 16 = 58.75: the step limit (4 + 32) binds. Sized on the 160 alone: (60 + 80) / 16 → 9.
+        let d = scaler.probe(160, 4, counts, &spec, 11.0).unwrap();
+        assert_eq!((d.desired, d.recommendation, d.reason), (36, 40, ScaleReason::Backlog), "{}", d.message);
+        assert!(d.message.contains("growing by 160/s (1760 in 10s"), "{}", d.message);
+        // A poll a tenth of a second later measures the growth from the look before the probe, not over 0.1 s.
+        let obs = scaler.observe(Some(sample(11.1, 176, 16, 4, 3300, 3100)), 11.1);
+        let growth = obs.queue.unwrap().backlog_growth.unwrap();
+        assert!((growth - 160.0).abs() < 1e-6, "176 more than at the poll 1.1 s before: {growth}");
     }
 
     #[test]

@@ -250,6 +250,40 @@ fn ceil_replicas(x: f64) -> i32 {
     (x - 1e-9).ceil().min(i32::MAX as f64) as i32
 }
 
+/// A backlog that grows is sized for what it will be when new pods serve: its growth over this many seconds (a
+/// pod start) is added to it.
+pub const SURGE_HORIZON_SECONDS: f64 = 10.0;
+/// A backlog growing by less than this share of what the ready workers drain per second is noise, not a surge.
+pub const MIN_SURGE_GROWTH_SHARE: f64 = 0.1;
+
+/// A surge seen in the backlog between two looks: how fast it grows and what it will be by the time new pods serve.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BacklogSurge {
+    /// Requests per second the backlog grew by since the look before.
+    pub growth: f64,
+    /// The backlog now plus its growth over [`SURGE_HORIZON_SECONDS`].
+    pub projected_backlog: f64,
+}
+
+/// Whether the backlog is one the ready workers need at least [`URGENT_BACKLOG_SHARE`] of T to drain (or have no
+/// ready worker to drain it): then it overrides the tolerance band, and its growth is projected.
+fn urgent(q: &ObservedQueue, inputs: &DecisionInputs, spec: &PolicySpec) -> bool {
+    q.backlog > 0
+        && queueing_delay(q.backlog, inputs.drain_rate())
+            .is_none_or(|delay| delay >= URGENT_BACKLOG_SHARE * spec.target_queue_delay_seconds)
+}
+
+/// A surge: an urgent backlog that grew since the look before by at least [`MIN_SURGE_GROWTH_SHARE`] of what the
+/// ready workers drain per second (of one worker's throughput when none is ready). Until new pods serve, the
+/// pool that let it grow keeps letting it grow at that pace: sizing on the backlog as it is now leaves the pods
+/// asked for now too few for the backlog they will find, and the pool catches up one probe at a time.
+pub fn surge(q: &ObservedQueue, inputs: &DecisionInputs, spec: &PolicySpec) -> Option<BacklogSurge> {
+    let growth = q.backlog_growth.filter(|g| g.is_finite())?;
+    let noise = MIN_SURGE_GROWTH_SHARE * inputs.drain_rate().max(inputs.per_replica_throughput);
+    (growth > noise && urgent(q, inputs, spec))
+        .then_some(BacklogSurge { growth, projected_backlog: q.backlog as f64 + growth * SURGE_HORIZON_SECONDS })
+}
+
 /// The rule. Pure: the same inputs always give the same decision. Two questions in turn: what does this
 /// observation need ([`need`]), and how far does the pool step toward it ([`step`]).
 pub fn decide(
@@ -341,7 +375,9 @@ pub fn need(q: &ObservedQueue, inputs: &DecisionInputs, spec: &PolicySpec) -> Ne
     let per_replica = inputs.per_replica_throughput * spec.target_utilization;
     let lambda = inputs.arrival_rate;
     let for_rate = ceil_replicas(lambda / per_replica);
-    let for_backlog = ceil_replicas((lambda + q.backlog as f64 / t) / per_replica);
+    let surge = surge(q, inputs, spec);
+    let backlog = surge.map_or(q.backlog as f64, |s| s.projected_backlog);
+    let for_backlog = ceil_replicas((lambda + backlog / t) / per_replica);
     let for_in_flight = ceil_replicas(q.in_flight as f64 / spec.prefetch as f64);
     let busy = q.backlog > 0 || q.in_flight > 0 || lambda > 0.0;
     let need = for_backlog.max(for_in_flight).max(i32::from(busy));
@@ -354,7 +390,7 @@ pub fn need(q: &ObservedQueue, inputs: &DecisionInputs, spec: &PolicySpec) -> Ne
     } else {
         ScaleReason::ArrivalRate
     };
-    let mut why = explain(reason, need, inputs, spec, q.backlog > 0);
+    let mut why = explain(reason, need, inputs, spec, q.backlog > 0, surge);
     if !inputs.rates_known && need < current {
         // One poll shows no rate: never shrink on it.
         why = format!("{why}, but the arrival rate is not known yet");
@@ -427,9 +463,7 @@ pub fn step(
 
 fn step_up(q: &ObservedQueue, need: &Need, inputs: &DecisionInputs, spec: &PolicySpec) -> Step {
     let (current, recommendation, why) = (inputs.current_replicas.max(0), need.recommendation, &need.why);
-    let urgent = q.backlog > 0
-        && queueing_delay(q.backlog, inputs.drain_rate())
-            .is_none_or(|delay| delay >= URGENT_BACKLOG_SHARE * spec.target_queue_delay_seconds);
+    let urgent = urgent(q, inputs, spec);
     let beyond_tolerance = recommendation as f64 >= current as f64 * (1.0 + spec.tolerance) - 1e-9;
     // With μ a mere guess, the pods already asked for measure it within a rate window of serving: more would be
     // sized on the guess. Once they have been watched that long the guess is used, so this never stalls.
@@ -501,7 +535,14 @@ fn plural(n: i32) -> String {
 }
 
 /// The figures behind a recommendation, as a clause.
-fn explain(reason: ScaleReason, need: i32, i: &DecisionInputs, spec: &PolicySpec, waiting: bool) -> String {
+fn explain(
+    reason: ScaleReason,
+    need: i32,
+    i: &DecisionInputs,
+    spec: &PolicySpec,
+    waiting: bool,
+    surge: Option<BacklogSurge>,
+) -> String {
     let mu = format!("{:.1} req/s per replica ({})", i.per_replica_throughput, i.throughput_source);
     let u = spec.target_utilization * 100.0;
     let t = spec.target_queue_delay_seconds;
@@ -510,12 +551,20 @@ fn explain(reason: ScaleReason, need: i32, i: &DecisionInputs, spec: &PolicySpec
         ScaleReason::InFlight => {
             format!("{} requests in flight occupy {} at prefetch {}", i.in_flight, plural(need), spec.prefetch)
         }
-        ScaleReason::Backlog => format!(
-            "{} waiting and {:.1} req/s arriving need {} at {mu} to drain within {t}s at {u:.0}% utilisation",
-            i.backlog,
-            i.arrival_rate,
-            plural(need)
-        ),
+        ScaleReason::Backlog => {
+            let waiting = match surge {
+                Some(s) => format!(
+                    "{} waiting, growing by {:.0}/s ({:.0} in {SURGE_HORIZON_SECONDS:.0}s, when new pods serve),",
+                    i.backlog, s.growth, s.projected_backlog
+                ),
+                None => format!("{} waiting", i.backlog),
+            };
+            format!(
+                "{waiting} and {:.1} req/s arriving need {} at {mu} to drain within {t}s at {u:.0}% utilisation",
+                i.arrival_rate,
+                plural(need)
+            )
+        }
         _ if waiting || i.arrival_rate > 0.0 => format!(
             "{:.1} req/s arriving ({} waiting) need {} at {mu} and {u:.0}% utilisation",
             i.arrival_rate,
@@ -560,8 +609,10 @@ mod tests {
                     min_in_flight: in_flight,
                     max_consumers: 0,
                     steady_consumers: true,
+                    min_backlog_rate_across_gaps: f64::INFINITY,
                 }),
                 sustained_arrival_rate: Some(arrival),
+                backlog_growth: None,
             }),
         }
     }
@@ -626,7 +677,7 @@ mod tests {
         if let Some(w) = idle.queue.as_mut().and_then(|q| q.window.as_mut()) {
             w.max_consumers = 1;
         }
-        state.throughput.update(&idle, 8);
+        state.throughput.update(&idle, None);
         let no_hint = PolicySpec { per_replica_throughput_hint: None, ..spec() };
         let waiting = decide(&state, &obs(1.0, 300, 40, 150.0), counts(5), &no_hint, 1.0);
         assert_eq!(waiting.inputs.throughput_source, ThroughputSource::LowerBound);
@@ -700,6 +751,26 @@ mod tests {
         let mut o = obs(0.0, 400, 0, 0.0);
         o.queue.as_mut().unwrap().arrival_rate = None;
         assert_eq!(decide_fresh(&o, 8, &spec()).desired, 13, "but a backlog still scales it up");
+    }
+
+    #[test]
+    fn a_growing_urgent_backlog_is_projected_over_a_pod_start() {
+        let growing = |backlog: u64, growth: f64| {
+            let mut o = obs(0.0, backlog, 16, 60.0);
+            o.queue.as_mut().unwrap().backlog_growth = Some(growth);
+            o
+        };
+        // 160 waiting, growing by 160/s: 1,760 by the time new pods serve. (60 + 1760 / 2) / 16 = 58.75.
+        let d = decide_fresh(&growing(160, 160.0), 4, &spec());
+        assert_eq!((d.recommendation, d.desired, d.reason), (50, 36, ScaleReason::Backlog), "{}", d.message);
+        // Sized on the backlog as it is: (60 + 80) / 16 = 8.75.
+        assert_eq!(decide_fresh(&obs(0.0, 160, 16, 60.0), 4, &spec()).recommendation, 9);
+        // Growth under a tenth of what the ready workers drain (80 req/s) is noise; so is any growth of a backlog
+        // they drain within a tenth of T.
+        assert_eq!(decide_fresh(&growing(160, 7.0), 4, &spec()).recommendation, 9);
+        assert_eq!(decide_fresh(&growing(15, 160.0), 4, &spec()).recommendation, 5);
+        // A shrinking backlog is sized as it is.
+        assert_eq!(decide_fresh(&growing(160, -50.0), 4, &spec()).recommendation, 9);
     }
 
     #[test]

@@ -31,15 +31,27 @@ pub struct QueueSample {
 pub struct WindowFigures {
     /// Seconds between the oldest and newest sample of the window.
     pub span: f64,
-    /// The smallest backlog of any sample in the window.
+    /// The smallest backlog of any look in the window: its polls and the probes between them.
     pub min_backlog: u64,
     /// The smallest in-flight count of any sample in the window.
     pub min_in_flight: u64,
     /// The most consumers of any sample in the window.
     pub max_consumers: u64,
-    /// Whether every sample in the window had the same number of consumers.
+    /// Whether every look in the window (polls and probes) saw the same number of consumers.
     pub steady_consumers: bool,
+    /// The least, over the looks followed by a gap longer than [`MAX_LOOK_GAP_SECONDS`] before the next look, of
+    /// the backlog ÷ that gap (req/s): how fast the backlog could have fed the workers until they were next seen.
+    /// Infinite when no gap is that long (probes look every second).
+    #[serde(default = "infinite")]
+    pub min_backlog_rate_across_gaps: f64,
 }
+
+fn infinite() -> f64 {
+    f64::INFINITY
+}
+
+/// Looks at the backlog (polls and probes) further apart than this (seconds) may hide an idle spell between them.
+pub const MAX_LOOK_GAP_SECONDS: f64 = 2.0;
 
 /// The figures of one poll, with the rates over the window that ends at it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,6 +69,10 @@ pub struct ObservedQueue {
     /// at least a rate window): what a scale-down sizes the arrival-rate need on. `None` when not known.
     #[serde(default)]
     pub sustained_arrival_rate: Option<f64>,
+    /// How fast the backlog grew (req/s, negative when it shrank) since an earlier look, poll or probe, at least
+    /// `MIN_GROWTH_SPAN` and at most `MAX_GROWTH_SPAN` before (`Autoscaler`); `None` when there is none.
+    #[serde(default)]
+    pub backlog_growth: Option<f64>,
 }
 
 /// What the autoscaler knows of a queue at one instant.
@@ -81,6 +97,8 @@ pub struct RateTracker {
     window: f64,
     /// (at, published_total) of the polls of the last [`MAX_HISTORY_SECONDS`], for rates over longer spans.
     published: VecDeque<(f64, u64)>,
+    /// (at, ready, consumers) of the probes since the oldest sample: what the saturation test sees between polls.
+    probes: VecDeque<(f64, u64, u64)>,
 }
 
 /// The longest span [`RateTracker::arrival_rate_since`] looks back (seconds).
@@ -99,7 +117,7 @@ impl Default for RateTracker {
 impl RateTracker {
     /// Rates are computed over at least `window` seconds of samples once that many are held.
     pub fn new(window: f64) -> Self {
-        Self { samples: VecDeque::new(), window: window.max(0.0), published: VecDeque::new() }
+        Self { samples: VecDeque::new(), window: window.max(0.0), published: VecDeque::new(), probes: VecDeque::new() }
     }
 
     /// The longest gap between two polls that still gives a rate; longer means the rate would be stale.
@@ -116,6 +134,7 @@ impl RateTracker {
             if reset || !in_order || gap > self.max_gap() {
                 self.samples.clear();
                 self.published.clear();
+                self.probes.clear();
             }
         }
         self.samples.push_back(sample);
@@ -127,6 +146,10 @@ impl RateTracker {
         while self.samples.len() > 2 && self.samples[1].at <= cutoff {
             self.samples.pop_front();
         }
+        let oldest = self.samples.front().map_or(sample.at, |s| s.at);
+        while self.probes.front().is_some_and(|p| p.0 <= oldest) {
+            self.probes.pop_front();
+        }
         self.figures()
     }
 
@@ -134,6 +157,15 @@ impl RateTracker {
     pub fn clear(&mut self) {
         self.samples.clear();
         self.published.clear();
+        self.probes.clear();
+    }
+
+    /// Records a probe between polls (a passive `queue.declare`: ready and consumers, no counters), for the
+    /// window's backlog and consumer figures. Ignored before the first poll and out of order.
+    pub fn note_probe(&mut self, at: f64, ready: u64, consumers: u64) {
+        if self.samples.back().is_some_and(|s| at > s.at) && self.probes.back().is_none_or(|p| at > p.0) {
+            self.probes.push_back((at, ready, consumers));
+        }
     }
 
     /// The arrival rate from the last poll at or before `since` (or the oldest held, if none is that old) to the
@@ -157,6 +189,7 @@ impl RateTracker {
             completion_rate: None,
             window: None,
             sustained_arrival_rate: None,
+            backlog_growth: None,
         };
         let span = newest.at - oldest.at;
         if self.samples.len() < 2 || span <= 0.0 {
@@ -165,12 +198,21 @@ impl RateTracker {
         // Counters only grow within the window: push() restarts it at a reset.
         figures.arrival_rate = Some((newest.published_total - oldest.published_total) as f64 / span);
         figures.completion_rate = Some((newest.acked_total - oldest.acked_total) as f64 / span);
+        // Every look of the window, in time order: the polls and the probes between the oldest and the newest.
+        let mut looks: Vec<(f64, u64, u64)> = self.samples.iter().map(|s| (s.at, s.ready, s.consumers)).collect();
+        looks.extend(self.probes.iter().filter(|p| p.0 > oldest.at && p.0 < newest.at));
+        looks.sort_by(|a, b| a.0.total_cmp(&b.0));
         figures.window = Some(WindowFigures {
             span,
-            min_backlog: self.samples.iter().map(|s| s.ready).min().unwrap_or(0),
+            min_backlog: looks.iter().map(|l| l.1).min().unwrap_or(0),
             min_in_flight: self.samples.iter().map(|s| s.unacked).min().unwrap_or(0),
             max_consumers: self.samples.iter().map(|s| s.consumers).max().unwrap_or(0),
-            steady_consumers: self.samples.iter().all(|s| s.consumers == newest.consumers),
+            steady_consumers: looks.iter().all(|l| l.2 == newest.consumers),
+            min_backlog_rate_across_gaps: looks
+                .windows(2)
+                .filter(|pair| pair[1].0 - pair[0].0 > MAX_LOOK_GAP_SECONDS)
+                .map(|pair| pair[0].1 as f64 / (pair[1].0 - pair[0].0))
+                .fold(f64::INFINITY, f64::min),
         });
         figures
     }
