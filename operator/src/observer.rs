@@ -431,9 +431,24 @@ impl ServiceState {
         if found.is_some() {
             self.figures = found;
         }
+        let shown_before = self.shown_rates();
         let observation = self.scaler.observe(sample, now);
         let decision = self.scaler.decide(&observation, self.counts(), &self.registration.policy, now);
-        self.settle(service, decision, "poll", metrics) || figures_changed || availability_changed
+        let changed = self.settle(service, decision, "poll", metrics);
+        // The rate window keeps moving after the counters stop (a burst's end): status must follow it down to 0.
+        let rates_changed = self.shown_rates() != shown_before;
+        changed || figures_changed || availability_changed || rates_changed
+    }
+
+    /// The rates and delay status shows from the latest decision, rounded as status rounds them.
+    fn shown_rates(&self) -> Option<[Option<f64>; 3]> {
+        let inputs = &self.decision.as_ref()?.inputs;
+        let known = |rate: f64| inputs.rates_known.then_some(crate::status::round2(rate));
+        Some([
+            known(inputs.arrival_rate),
+            known(inputs.completion_rate),
+            inputs.queueing_delay.map(crate::status::round2),
+        ])
     }
 
     /// Feeds a probe's backlog to the scaler; returns whether the service's reconcile should run (a new decision).
@@ -625,6 +640,9 @@ mod tests {
         assert_eq!(f.triggered(), 1, "the first figures are news for status");
         f.reconcile(1);
         f.poll(Ok(vec![queue(0, 0)]), 5.0);
+        assert_eq!(f.triggered(), 1, "two polls give the first rates: news for status");
+        f.reconcile(1);
+        f.poll(Ok(vec![queue(0, 0)]), 7.5);
         assert_eq!(f.triggered(), 0, "nothing changed");
 
         // 160 waiting: (160 / 2 s) / 8 req/s per worker = 10 workers.
@@ -636,6 +654,26 @@ mod tests {
         f.poll(Ok(vec![queue(160, 160)]), 15.0);
         assert_eq!(f.triggered(), 0, "the decision is applied and the figures did not move");
         assert_eq!(f.reconcile(10).announcements, Announcements::default(), "the Scaled event was published once");
+    }
+
+    #[test]
+    fn the_rates_shown_follow_a_burst_down_to_zero_after_the_counters_stop() {
+        let mut f = settled(10);
+        for (at, published) in [(5.0, 500), (10.0, 1000)] {
+            f.poll(Ok(vec![queue(0, published)]), at);
+            f.reconcile(10);
+        }
+        f.triggered();
+        assert_eq!(f.reconcile(10).arrival_rate, Some(100.0));
+        // The burst is over: the counter stands still, the 10 s rate window empties over the next two polls.
+        f.poll(Ok(vec![queue(0, 1000)]), 15.0);
+        assert_eq!(f.triggered(), 1, "the rate fell: status must show it");
+        assert_eq!(f.reconcile(10).arrival_rate, Some(50.0));
+        f.poll(Ok(vec![queue(0, 1000)]), 20.0);
+        assert_eq!(f.triggered(), 1, "the rate fell to 0");
+        assert_eq!(f.reconcile(10).arrival_rate, Some(0.0));
+        f.poll(Ok(vec![queue(0, 1000)]), 25.0);
+        assert_eq!(f.triggered(), 0, "nothing new to show");
     }
 
     #[test]

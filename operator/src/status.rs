@@ -268,7 +268,7 @@ pub fn throughput_source(source: ThroughputSource) -> &'static str {
     }
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 

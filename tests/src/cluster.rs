@@ -258,6 +258,10 @@ async fn delete_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
             ignore_not_found(rpcservices.delete(&rpcservice_name, &dp).await)?;
         }
     }
+    // Terminating first: the API server then refuses to create objects in it, so an operator still reconciling
+    // cannot re-create a Deployment after it is deleted below (with no garbage collector it would stay for good).
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    ignore_not_found(namespaces.delete(name, &dp).await.map(|_| ()))?;
     delete_all::<Deployment>(client, name).await?;
     delete_all::<ReplicaSet>(client, name).await?;
     delete_all::<Pod>(client, name).await?;
@@ -268,8 +272,6 @@ async fn delete_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
     delete_all::<Lease>(client, name).await?;
     delete_all::<Event>(client, name).await?;
 
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    ignore_not_found(namespaces.delete(name, &dp).await.map(|_| ()))?;
     // What the namespace controller does once the namespace is empty: clear its finalizers so it goes away.
     let finalized = serde_json::json!({
         "apiVersion": "v1", "kind": "Namespace",
