@@ -436,19 +436,15 @@ impl ServiceState {
         let decision = self.scaler.decide(&observation, self.counts(), &self.registration.policy, now);
         let changed = self.settle(service, decision, "poll", metrics);
         // The rate window keeps moving after the counters stop (a burst's end): status must follow it down to 0.
-        let rates_changed = self.shown_rates() != shown_before;
+        let rates_changed = shown_news(shown_before, self.shown_rates());
         changed || figures_changed || availability_changed || rates_changed
     }
 
     /// The rates and delay status shows from the latest decision, rounded as status rounds them.
-    fn shown_rates(&self) -> Option<[Option<f64>; 3]> {
-        let inputs = &self.decision.as_ref()?.inputs;
+    fn shown_rates(&self) -> [Option<f64>; 3] {
+        let Some(inputs) = self.decision.as_ref().map(|d| &d.inputs) else { return [None; 3] };
         let known = |rate: f64| inputs.rates_known.then_some(crate::status::round2(rate));
-        Some([
-            known(inputs.arrival_rate),
-            known(inputs.completion_rate),
-            inputs.queueing_delay.map(crate::status::round2),
-        ])
+        [known(inputs.arrival_rate), known(inputs.completion_rate), inputs.queueing_delay.map(crate::status::round2)]
     }
 
     /// Feeds a probe's backlog to the scaler; returns whether the service's reconcile should run (a new decision).
@@ -516,6 +512,12 @@ impl ServiceState {
             announcements: self.announcements.clone(),
         }
     }
+}
+
+/// Whether status must be rewritten for figures it shows: a value it shows moved, or a new one that is not 0 (a
+/// first 0 for every idle service would cost a write each and tell nothing).
+fn shown_news(before: [Option<f64>; 3], after: [Option<f64>; 3]) -> bool {
+    before.iter().zip(&after).any(|(b, a)| b != a && (b.is_some() || a.is_some_and(|x| x != 0.0)))
 }
 
 #[cfg(test)]
@@ -640,10 +642,7 @@ mod tests {
         assert_eq!(f.triggered(), 1, "the first figures are news for status");
         f.reconcile(1);
         f.poll(Ok(vec![queue(0, 0)]), 5.0);
-        assert_eq!(f.triggered(), 1, "two polls give the first rates: news for status");
-        f.reconcile(1);
-        f.poll(Ok(vec![queue(0, 0)]), 7.5);
-        assert_eq!(f.triggered(), 0, "nothing changed");
+        assert_eq!(f.triggered(), 0, "nothing changed (a first rate of 0 is not worth a status write)");
 
         // 160 waiting: (160 / 2 s) / 8 req/s per worker = 10 workers.
         f.poll(Ok(vec![queue(160, 160)]), 10.0);
