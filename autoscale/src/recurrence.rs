@@ -4,7 +4,7 @@
 //! the last [`BASE_HISTORY_SECONDS`] (and at least [`MIN_SURGE_EXTRA_REPLICAS`] more). The start of each surge and
 //! the most replicas its arrival rate needed are remembered. Once [`MIN_SURGES`] surges have started at most
 //! [`MAX_RECURRENCE_SECONDS`] apart, the next one is expected between the shortest and the longest interval seen
-//! after the last one's start; from [`ANTICIPATION_LEAD_SECONDS`] before that window opens until it closes (plus a
+//! after the last one's start (widened by [`ANTICIPATION_JITTER_SHARE`] ÷ the intervals seen); from [`ANTICIPATION_LEAD_SECONDS`] before that window opens until it closes (plus a
 //! slack), the pool is kept at the replicas the recent surges' rate needed, never above maxReplicas. If the surge
 //! does not come, the floor ends with the window: nothing is held longer than the history justifies.
 
@@ -28,6 +28,10 @@ pub const MIN_SURGES: usize = 2;
 pub const ANTICIPATION_LEAD_SECONDS: f64 = 20.0;
 /// The window is kept open this share of the shortest interval past the longest.
 pub const ANTICIPATION_SLACK_SHARE: f64 = 0.1;
+/// With one interval seen, the window is widened by this share of it on either side (by half of it with two, and
+/// so on): one interval says nothing of how much they vary, and surges 3.5-4.5 min apart were otherwise missed
+/// until four had been seen.
+pub const ANTICIPATION_JITTER_SHARE: f64 = 0.1;
 /// Surges remembered.
 const KEPT_SURGES: usize = 6;
 
@@ -89,8 +93,10 @@ impl Recurrence {
             return None;
         }
         let last = *starts.last()?;
-        let opens = last + shortest - ANTICIPATION_LEAD_SECONDS;
-        let closes = last + longest + ANTICIPATION_SLACK_SHARE * shortest;
+        // Few intervals show little of how much they vary: widen the window by a share that shrinks as more are seen.
+        let jitter = ANTICIPATION_JITTER_SHARE / intervals.len() as f64;
+        let opens = last + shortest * (1.0 - jitter) - ANTICIPATION_LEAD_SECONDS;
+        let closes = last + longest * (1.0 + jitter) + ANTICIPATION_SLACK_SHARE * shortest;
         if now < opens || now > closes {
             return None;
         }
@@ -128,13 +134,15 @@ mod tests {
         run(&mut r, 120.0, 340.0, 30.0, 2);
         assert_eq!(r.anticipate(330.0), None, "one surge is not a pattern");
         run(&mut r, 340.0, 360.0, 300.0, 19);
-        run(&mut r, 360.0, 555.0, 30.0, 2);
-        // Interval 240 s: the window is [340 + 240 - 20, 340 + 240 + 24] = [560, 604].
-        assert_eq!(r.anticipate(555.0), None);
-        let a = r.anticipate(565.0).expect("expected");
+        run(&mut r, 360.0, 530.0, 30.0, 2);
+        // One interval, 240 s, widened by 10 %: the window is [340 + 216 - 20, 340 + 264 + 24] = [536, 628], so a
+        // next surge 210 s or 270 s after the last is met too.
+        assert_eq!(r.anticipate(530.0), None);
+        let a = r.anticipate(540.0).expect("expected");
         assert_eq!(a.replicas, 19);
         assert!(a.message.contains("every 240-240s"), "{}", a.message);
-        assert_eq!(r.anticipate(610.0), None, "a surge that did not come is not waited for");
+        assert!(r.anticipate(627.0).is_some());
+        assert_eq!(r.anticipate(630.0), None, "a surge that did not come is not waited for");
     }
 
     #[test]
