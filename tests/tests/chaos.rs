@@ -1180,18 +1180,35 @@ async fn one_request_through_a_cut(cut: Method, scenario: &str) -> Counts {
     one_request_through_a_fault(Fault::Cut(cut), scenario).await
 }
 
+/// A proxy in front of the broker at `uri` (its first node), and `uri` with the proxy's address instead.
+async fn proxy_in_front(uri: &str) -> (AmqpProxy, String) {
+    let node = warren_client::broker_uri::BrokerAddresses::parse(uri).unwrap().node(0).clone();
+    let (host, port) = (node.authority.host.clone(), node.authority.port);
+    let upstream = tokio::net::lookup_host((host.as_str(), port)).await.unwrap().next().unwrap();
+    let proxy = AmqpProxy::start(upstream).await.unwrap();
+    let proxied = uri.replacen(&format!("@{host}:{port}/"), &format!("@127.0.0.1:{}/", proxy.port), 1);
+    assert_ne!(proxied, uri, "the broker URI names no host:port to replace: {uri}");
+    (proxy, proxied)
+}
+
+/// A request of the test's caller: `echo` of `{"id": id}`, replies to `reply_to`.
+fn echo_request(id: &str, reply_to: &ShortString) -> (BasicProperties, Vec<u8>) {
+    let properties = BasicProperties::default()
+        .with_type("echo".into())
+        .with_content_type("application/json".into())
+        .with_message_id(format!("{id}-message").into())
+        .with_correlation_id(format!("{id}-correlation").into())
+        .with_reply_to(reply_to.clone());
+    (properties, json!({ "id": id }).to_string().into_bytes())
+}
+
 /// [`one_request_through_a_cut`], for any [`Fault`].
 async fn one_request_through_a_fault(fault: Fault, scenario: &str) -> Counts {
     let _broker = broker::shared().await;
     let queue = unique_name("chaos-cut");
     let _cleanup = QueueCleanup::service(&queue);
     let uri = broker_uri();
-    let node = warren_client::broker_uri::BrokerAddresses::parse(&uri).unwrap().node(0).clone();
-    let (host, port) = (node.authority.host.clone(), node.authority.port);
-    let upstream = tokio::net::lookup_host((host.as_str(), port)).await.unwrap().next().unwrap();
-    let proxy = AmqpProxy::start(upstream).await.unwrap();
-    let proxied = uri.replacen(&format!("@{host}:{port}/"), &format!("@127.0.0.1:{}/", proxy.port), 1);
-    assert_ne!(proxied, uri, "the broker URI names no host:port to replace: {uri}");
+    let (proxy, proxied) = proxy_in_front(&uri).await;
     let backend = Backend::start_now().await;
     let worker = WorkerCommand::new(&queue)
         .broker_uri(&proxied)
@@ -1210,13 +1227,8 @@ async fn one_request_through_a_fault(fault: Fault, scenario: &str) -> Counts {
         Fault::Cut(method) => proxy.cut_on(method),
         Fault::Delay(method, hold) => proxy.delay_on(method, hold),
     }
-    let properties = BasicProperties::default()
-        .with_type("echo".into())
-        .with_content_type("application/json".into())
-        .with_message_id(format!("{id}-message").into())
-        .with_correlation_id(format!("{id}-correlation").into())
-        .with_reply_to(reply_queue.name().clone());
-    publish(&channel, &queue, properties, json!({ "id": id }).to_string().as_bytes()).await;
+    let (properties, body) = echo_request(&id, reply_queue.name());
+    publish(&channel, &queue, properties, &body).await;
 
     let (proxy, worker, uri, queue) = (&proxy, &worker, uri.as_str(), queue.as_str());
     let fired = wait_until("the proxy's fault to fire", Duration::from_secs(30), || async move {
@@ -1261,6 +1273,7 @@ async fn one_request_through_a_fault(fault: Fault, scenario: &str) -> Counts {
     counts.note("redeliveries_answered", worker.metric("warren_worker_redeliveries_answered_total").await);
     counts.note("reply_confirms_late", worker.metric("warren_worker_reply_confirms_late_total").await);
     counts.note("reply_failures", worker.metric("warren_worker_reply_failures_total").await);
+    counts.note("late_confirm_warnings", worker.log().matches("has not confirmed the reply yet").count());
     counts.note("waiting", queue_depth(uri, queue).await);
     counts.note("dead_lettered", queue_depth(uri, &dead_letter_queue_name(queue)).await);
     counts.print(scenario);
@@ -1297,9 +1310,66 @@ async fn a_request_whose_reply_confirm_is_late_runs_once() {
     assert_eq!(counts.answered, 1, "the caller must get exactly one reply: {counts:?}");
     assert_eq!(counts.runs, BTreeMap::from([(1, 1)]), "the handler must run once: {counts:?}");
     assert_eq!(counts.extra["reply_confirms_late"], "1", "{counts:?}");
+    assert_eq!(counts.extra["late_confirm_warnings"], "1", "{counts:?}");
     assert_eq!(counts.extra["reply_failures"], "0", "{counts:?}");
     assert_eq!(counts.extra["worker_reconnects"], "0", "no session may be lost: {counts:?}");
     assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+}
+
+/// A SIGTERM while a reply's confirm is held back (60 s): the drain waits for it 10 s, not for ever, and the worker
+/// exits 0 without acking or nacking the request; it returns to the queue when the connections close (its reply
+/// went out: the next worker runs it again, as the fault forces).
+#[tokio::test]
+async fn a_drain_waiting_for_a_late_confirm_ends_in_bounded_time() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-drain");
+    let _cleanup = QueueCleanup::service(&queue);
+    let uri = broker_uri();
+    let (proxy, proxied) = proxy_in_front(&uri).await;
+    let backend = Backend::start_now().await;
+    let mut worker = WorkerCommand::new(&queue)
+        .broker_uri(&proxied)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "4"])
+        .start()
+        .await
+        .unwrap();
+    let connection = connect(&uri).await;
+    let channel = confirm_channel(&connection).await;
+    let (reply_queue, mut replies) = private_reply_queue(&channel, "").await;
+    let id = unique_name("drain");
+    proxy.delay_on(Method::BASIC_ACK, Duration::from_secs(60));
+    let (properties, body) = echo_request(&id, reply_queue.name());
+    publish(&channel, &queue, properties, &body).await;
+    let proxy = &proxy;
+    let fired =
+        wait_until("the confirm to be held", Duration::from_secs(30), || async move { proxy.delays() == 1 }).await;
+    assert!(fired, "the worker's reply was never confirmed\n{}", worker.log_tail());
+
+    worker.sigterm().unwrap();
+    let signalled = Instant::now();
+    let exit = worker.wait_exit(Duration::from_secs(40)).await;
+    let drain = signalled.elapsed();
+    let mut got = 0;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(500), replies.next()).await {
+        got += 1;
+    }
+    let mut counts = Counts { sent: 1, answered: got, ..Counts::default() };
+    counts.runs_from([backend.log.runs_of(&id)]);
+    counts.note("drain_s", format!("{:.1}", drain.as_secs_f64()));
+    counts.note("exit", format!("{exit:?}"));
+    counts.note("waiting", queue_depth(&uri, &queue).await);
+    counts.note("gave_up_warnings", worker.log().matches("shutting down without the reply's confirm").count());
+    counts.print("drain with a late confirm");
+    let exit = exit.unwrap_or_else(|e| panic!("the drain did not end: {e}\n{}", worker.log_tail()));
+    assert!(exit.success(), "{exit}\n{}", worker.log_tail());
+    // 10 s after the signal, to a check (1 s) and the connections' close.
+    assert!(drain < Duration::from_secs(20), "{counts:?}");
+    assert!(drain >= Duration::from_secs(9), "the drain did not wait for the confirm: {counts:?}");
+    assert_eq!((counts.answered, counts.runs.clone()), (1, BTreeMap::from([(1, 1)])), "{counts:?}");
+    assert_eq!(counts.extra["waiting"], "1", "the request must return to the queue: {counts:?}");
+    assert_eq!(counts.extra["gave_up_warnings"], "1", "{counts:?}");
+    let _ = connection.close(200, "done".into()).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1421,7 +1421,7 @@ struct ConfirmWait {
     last_warning: Option<Instant>,
     /// Time waited while the connection was not blocked.
     unblocked: Duration,
-    /// `unblocked` when the drain was first seen (zero when it began before the publish).
+    /// `unblocked` when the drain began (zero when it began before the publish).
     drain_mark: Option<Duration>,
     closed_seen: bool,
 }
@@ -1452,8 +1452,9 @@ impl ConfirmWait {
             self.closed_seen = true;
         }
         if let Some(began) = drain_began {
-            let mark =
-                *self.drain_mark.get_or_insert(if began <= self.published { Duration::ZERO } else { self.unblocked });
+            // The time since the shutdown counts as unblocked unless the connection is blocked now.
+            let since = if link.blocked { Duration::ZERO } else { now.saturating_duration_since(began) };
+            let mark = *self.drain_mark.get_or_insert(self.unblocked.saturating_sub(since));
             if self.unblocked.saturating_sub(mark) >= DRAIN_CONFIRM_WAIT {
                 return Check::GiveUp(GiveUp::Draining);
             }
@@ -1609,12 +1610,20 @@ mod tests {
         let mut wait = ConfirmWait::new(published);
         let before = Some(published - Duration::from_secs(3));
         assert_eq!(wait.check(published + DRAIN_CONFIRM_WAIT, UP, before), Check::GiveUp(GiveUp::Draining));
+        // Shutdown before the confirm is late: 10 s after the shutdown.
+        let mut wait = ConfirmWait::new(published);
+        let early = Some(published + Duration::from_secs(3));
+        assert_eq!(checks(&mut wait, 10, 13, UP, early), [(10, Check::Warn), (13, Check::GiveUp(GiveUp::Draining))]);
         // Shutdown while the confirm is late already: 10 s more.
         let mut wait = ConfirmWait::new(published);
         assert_eq!(checks(&mut wait, 10, 60, UP, None).len(), 2);
         let during = Some(published + Duration::from_secs(60));
-        let seen = checks(&mut wait, 61, 71, UP, during);
-        assert_eq!(seen, [(70, Check::Warn), (71, Check::GiveUp(GiveUp::Draining))]);
+        assert_eq!(checks(&mut wait, 61, 70, UP, during), [(70, Check::GiveUp(GiveUp::Draining))]);
+        // Time blocked during the drain does not count.
+        let mut wait = ConfirmWait::new(published);
+        let _ = checks(&mut wait, 10, 10, UP, early);
+        assert_eq!(checks(&mut wait, 11, 100, BLOCKED, early).len(), 3);
+        assert_eq!(checks(&mut wait, 101, 103, UP, early), [(103, Check::GiveUp(GiveUp::Draining))]);
     }
 
     #[test]
