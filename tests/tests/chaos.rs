@@ -1162,21 +1162,53 @@ async fn a_lost_node_moves_the_worker_and_the_caller_to_the_next_address() {
 // ---------------------------------------------------------------------------------------------------------------
 // 13b. A session lost at an exact point: after the reply's confirm and before the ack reaches the broker (the
 // redelivery must not run again), or before the reply reaches the broker (the redelivery must run again). A proxy in
-// front of the broker cuts the worker's connection when it sends that frame (tests/src/amqp_proxy.rs).
+// front of the broker cuts the worker's connection when it sends that frame (tests/src/amqp_proxy.rs). And a reply
+// whose confirm comes late (the proxy holds it back): the worker must wait for it, not run the request again.
+
+/// What the proxy does to the worker's connections.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Cut the connection on which the worker sends this method.
+    Cut(Method),
+    /// Hold back, for this long, the first such method the broker sends the worker and what follows on its channel.
+    Delay(Method, Duration),
+}
 
 /// One request through a worker behind a proxy that cuts the connection carrying the first `cut`; the counts of
 /// what followed once everything settled: runs of the request, replies the caller got, and the worker's metrics.
 async fn one_request_through_a_cut(cut: Method, scenario: &str) -> Counts {
-    let _broker = broker::shared().await;
-    let queue = unique_name("chaos-cut");
-    let _cleanup = QueueCleanup::service(&queue);
-    let uri = broker_uri();
-    let node = warren_client::broker_uri::BrokerAddresses::parse(&uri).unwrap().node(0).clone();
+    one_request_through_a_fault(Fault::Cut(cut), scenario).await
+}
+
+/// A proxy in front of the broker at `uri` (its first node), and `uri` with the proxy's address instead.
+async fn proxy_in_front(uri: &str) -> (AmqpProxy, String) {
+    let node = warren_client::broker_uri::BrokerAddresses::parse(uri).unwrap().node(0).clone();
     let (host, port) = (node.authority.host.clone(), node.authority.port);
     let upstream = tokio::net::lookup_host((host.as_str(), port)).await.unwrap().next().unwrap();
     let proxy = AmqpProxy::start(upstream).await.unwrap();
     let proxied = uri.replacen(&format!("@{host}:{port}/"), &format!("@127.0.0.1:{}/", proxy.port), 1);
     assert_ne!(proxied, uri, "the broker URI names no host:port to replace: {uri}");
+    (proxy, proxied)
+}
+
+/// A request of the test's caller: `echo` of `{"id": id}`, replies to `reply_to`.
+fn echo_request(id: &str, reply_to: &ShortString) -> (BasicProperties, Vec<u8>) {
+    let properties = BasicProperties::default()
+        .with_type("echo".into())
+        .with_content_type("application/json".into())
+        .with_message_id(format!("{id}-message").into())
+        .with_correlation_id(format!("{id}-correlation").into())
+        .with_reply_to(reply_to.clone());
+    (properties, json!({ "id": id }).to_string().into_bytes())
+}
+
+/// [`one_request_through_a_cut`], for any [`Fault`].
+async fn one_request_through_a_fault(fault: Fault, scenario: &str) -> Counts {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-cut");
+    let _cleanup = QueueCleanup::service(&queue);
+    let uri = broker_uri();
+    let (proxy, proxied) = proxy_in_front(&uri).await;
     let backend = Backend::start_now().await;
     let worker = WorkerCommand::new(&queue)
         .broker_uri(&proxied)
@@ -1191,27 +1223,31 @@ async fn one_request_through_a_cut(cut: Method, scenario: &str) -> Counts {
     let channel = confirm_channel(&connection).await;
     let (reply_queue, mut replies) = private_reply_queue(&channel, "").await;
     let id = unique_name("cut");
-    proxy.cut_on(cut);
-    let properties = BasicProperties::default()
-        .with_type("echo".into())
-        .with_content_type("application/json".into())
-        .with_message_id(format!("{id}-message").into())
-        .with_correlation_id(format!("{id}-correlation").into())
-        .with_reply_to(reply_queue.name().clone());
-    publish(&channel, &queue, properties, json!({ "id": id }).to_string().as_bytes()).await;
+    match fault {
+        Fault::Cut(method) => proxy.cut_on(method),
+        Fault::Delay(method, hold) => proxy.delay_on(method, hold),
+    }
+    let (properties, body) = echo_request(&id, reply_queue.name());
+    publish(&channel, &queue, properties, &body).await;
 
     let (proxy, worker, uri, queue) = (&proxy, &worker, uri.as_str(), queue.as_str());
-    let cut_done =
-        wait_until(
-            "the proxy to cut the worker's connection",
-            Duration::from_secs(30),
-            || async move { proxy.cuts() == 1 },
-        )
-        .await;
-    assert!(cut_done, "the worker never sent the frame to cut at: {cut:?}\n{}", worker.log_tail());
-    // The worker reconnects, gets the request back and settles: nothing waits, nothing is in flight.
-    let settled = wait_until("the worker to reconnect and settle", Duration::from_secs(60), || async move {
-        worker.metric("warren_worker_reconnects_total").await >= 1.0
+    let fired = wait_until("the proxy's fault to fire", Duration::from_secs(30), || async move {
+        proxy.cuts() + proxy.delays() == 1
+    })
+    .await;
+    assert!(fired, "the fault never fired: {fault:?}\n{}", worker.log_tail());
+    let reconnects = match fault {
+        // The worker reconnects and gets the request back.
+        Fault::Cut(_) => 1.0,
+        // Nothing is lost: the held frames arrive, the worker goes on.
+        Fault::Delay(_, hold) => {
+            tokio::time::sleep(hold).await;
+            0.0
+        }
+    };
+    // Then it settles: nothing waits, nothing is in flight.
+    let settled = wait_until("the worker to settle", Duration::from_secs(60), || async move {
+        worker.metric("warren_worker_reconnects_total").await >= reconnects
             && worker.ready().await
             && worker.metric("warren_worker_requests_in_flight").await == 0.0
             && queue_depth(uri, queue).await == 0
@@ -1231,13 +1267,17 @@ async fn one_request_through_a_cut(cut: Method, scenario: &str) -> Counts {
     let mut counts = Counts { sent: 1, answered: got, ..Counts::default() };
     counts.runs_from([backend.log.runs_of(&id)]);
     counts.note("cuts", proxy.cuts());
+    counts.note("delays", proxy.delays());
     counts.note("proxied_connections", proxy.connections());
     counts.note("worker_reconnects", worker.metric("warren_worker_reconnects_total").await);
     counts.note("redeliveries_answered", worker.metric("warren_worker_redeliveries_answered_total").await);
+    counts.note("reply_confirms_late", worker.metric("warren_worker_reply_confirms_late_total").await);
+    counts.note("reply_failures", worker.metric("warren_worker_reply_failures_total").await);
+    counts.note("late_confirm_warnings", worker.log().matches("has not confirmed the reply yet").count());
     counts.note("waiting", queue_depth(uri, queue).await);
     counts.note("dead_lettered", queue_depth(uri, &dead_letter_queue_name(queue)).await);
     counts.print(scenario);
-    assert!(settled, "the worker did not settle after the cut: {counts:?}\n{}", worker.log_tail());
+    assert!(settled, "the worker did not settle after the fault: {counts:?}\n{}", worker.log_tail());
     let _ = connection.close(200, "done".into()).await;
     counts
 }
@@ -1258,6 +1298,78 @@ async fn a_request_whose_reply_was_not_confirmed_runs_again_after_a_lost_session
     assert_eq!(counts.runs, BTreeMap::from([(2, 1)]), "the request must run again (its reply was lost): {counts:?}");
     assert_eq!(counts.extra["redeliveries_answered"], "0", "{counts:?}");
     assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+}
+
+/// The confirm of the reply is held back 15 s (a quorum reply queue electing a leader, a stalled broker), longer than
+/// the 10 s after which the worker used to give up on it and requeue the request: the reply went out all the same,
+/// so the request ran twice and the caller got two replies. Only the reply channel is held: heartbeats pass.
+#[tokio::test]
+async fn a_request_whose_reply_confirm_is_late_runs_once() {
+    let hold = Duration::from_secs(15);
+    let counts = one_request_through_a_fault(Fault::Delay(Method::BASIC_ACK, hold), "reply confirm late").await;
+    assert_eq!(counts.answered, 1, "the caller must get exactly one reply: {counts:?}");
+    assert_eq!(counts.runs, BTreeMap::from([(1, 1)]), "the handler must run once: {counts:?}");
+    assert_eq!(counts.extra["reply_confirms_late"], "1", "{counts:?}");
+    assert_eq!(counts.extra["late_confirm_warnings"], "1", "{counts:?}");
+    assert_eq!(counts.extra["reply_failures"], "0", "{counts:?}");
+    assert_eq!(counts.extra["worker_reconnects"], "0", "no session may be lost: {counts:?}");
+    assert_eq!(counts.extra["dead_lettered"], "0", "{counts:?}");
+}
+
+/// A SIGTERM while a reply's confirm is held back (60 s): the drain waits for it 10 s, not for ever, and the worker
+/// exits 0 without acking or nacking the request; it returns to the queue when the connections close (its reply
+/// went out: the next worker runs it again, as the fault forces).
+#[tokio::test]
+async fn a_drain_waiting_for_a_late_confirm_ends_in_bounded_time() {
+    let _broker = broker::shared().await;
+    let queue = unique_name("chaos-drain");
+    let _cleanup = QueueCleanup::service(&queue);
+    let uri = broker_uri();
+    let (proxy, proxied) = proxy_in_front(&uri).await;
+    let backend = Backend::start_now().await;
+    let mut worker = WorkerCommand::new(&queue)
+        .broker_uri(&proxied)
+        .handler(&backend.url())
+        .args(["--declare", "--prefetch", "4"])
+        .start()
+        .await
+        .unwrap();
+    let connection = connect(&uri).await;
+    let channel = confirm_channel(&connection).await;
+    let (reply_queue, mut replies) = private_reply_queue(&channel, "").await;
+    let id = unique_name("drain");
+    proxy.delay_on(Method::BASIC_ACK, Duration::from_secs(60));
+    let (properties, body) = echo_request(&id, reply_queue.name());
+    publish(&channel, &queue, properties, &body).await;
+    let proxy = &proxy;
+    let fired =
+        wait_until("the confirm to be held", Duration::from_secs(30), || async move { proxy.delays() == 1 }).await;
+    assert!(fired, "the worker's reply was never confirmed\n{}", worker.log_tail());
+
+    worker.sigterm().unwrap();
+    let signalled = Instant::now();
+    let exit = worker.wait_exit(Duration::from_secs(40)).await;
+    let drain = signalled.elapsed();
+    let mut got = 0;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(500), replies.next()).await {
+        got += 1;
+    }
+    let mut counts = Counts { sent: 1, answered: got, ..Counts::default() };
+    counts.runs_from([backend.log.runs_of(&id)]);
+    counts.note("drain_s", format!("{:.1}", drain.as_secs_f64()));
+    counts.note("exit", format!("{exit:?}"));
+    counts.note("waiting", queue_depth(&uri, &queue).await);
+    counts.note("gave_up_warnings", worker.log().matches("shutting down without the reply's confirm").count());
+    counts.print("drain with a late confirm");
+    let exit = exit.unwrap_or_else(|e| panic!("the drain did not end: {e}\n{}", worker.log_tail()));
+    assert!(exit.success(), "{exit}\n{}", worker.log_tail());
+    // 10 s after the signal, to a check (1 s) and the connections' close.
+    assert!(drain < Duration::from_secs(20), "{counts:?}");
+    assert!(drain >= Duration::from_secs(9), "the drain did not wait for the confirm: {counts:?}");
+    assert_eq!((counts.answered, counts.runs.clone()), (1, BTreeMap::from([(1, 1)])), "{counts:?}");
+    assert_eq!(counts.extra["waiting"], "1", "the request must return to the queue: {counts:?}");
+    assert_eq!(counts.extra["gave_up_warnings"], "1", "{counts:?}");
+    let _ = connection.close(200, "done".into()).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ pub struct Metrics {
     in_flight: Gauge,
     expired: Counter,
     reply_failures: Counter,
+    reply_confirms_late: Counter,
     reconnects: Counter,
     consuming: Gauge,
     requeued: Family<ReasonLabels, Counter>,
@@ -84,6 +85,7 @@ impl Metrics {
         let in_flight = Gauge::default();
         let expired = Counter::default();
         let reply_failures = Counter::default();
+        let reply_confirms_late = Counter::default();
         let reconnects = Counter::default();
         let consuming = Gauge::default();
         registry.register("requests", "Requests handled, by method and outcome (ok or error code)", requests.clone());
@@ -99,6 +101,12 @@ impl Metrics {
             "reply_failures",
             "Replies that could not be published (the request is redelivered)",
             reply_failures.clone(),
+        );
+        registry.register(
+            "reply_confirms_late",
+            "Replies whose publisher confirm took longer than 10 s; still waited for (up to 5 minutes while the broker \
+             does not block the reply connection), since re-running the request could answer it twice",
+            reply_confirms_late.clone(),
         );
         registry.register("reconnects", "Broker sessions lost and re-established", reconnects.clone());
         registry.register("consuming", "1 while the worker is connected and consuming its queue", consuming.clone());
@@ -160,6 +168,7 @@ impl Metrics {
             in_flight,
             expired,
             reply_failures,
+            reply_confirms_late,
             reconnects,
             consuming,
             requeued,
@@ -253,6 +262,10 @@ impl Metrics {
         self.reply_failures.inc();
     }
 
+    pub fn reply_confirm_late(&self) {
+        self.reply_confirms_late.inc();
+    }
+
     pub fn reconnected(&self) {
         self.reconnects.inc();
     }
@@ -305,6 +318,7 @@ mod tests {
         assert!(text.contains("warren_worker_requests_in_flight 1"), "{text}");
         assert!(text.contains("warren_worker_requests_expired_total 1"), "{text}");
         assert!(text.contains("warren_worker_reconnects_total 0"), "{text}");
+        assert!(text.contains("warren_worker_reply_confirms_late_total 0"), "{text}");
         assert!(metrics.is_ready());
         metrics.set_handler_available(false);
         assert!(!metrics.is_ready());

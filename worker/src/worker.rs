@@ -4,7 +4,9 @@
 //! replies (publisher confirms). They are separate because the broker blocks publishing connections during a memory
 //! or disk alarm: on a shared connection the blocked replies would hold up the acks too, and the requests would be
 //! redelivered and run again although their replies go out once the alarm clears. Per request: run the handler,
-//! publish the reply and wait for its confirm (for as long as the broker blocks the reply connection), then ack.
+//! publish the reply and wait for its confirm, then ack. A late confirm is waited for as long as the reply channel
+//! and its connection live (see [`ConfirmWait`]): giving up on it would run the request twice if the reply still
+//! goes out.
 //! When the session dies, its unacked requests go back to the queue on the broker side; handlers still running
 //! finish, but their replies and acks go nowhere (an ack on a dead channel is a no-op in lapin, never sent on the
 //! next session). The worker reconnects with backoff and consumes again. A broker URI of several nodes
@@ -73,9 +75,25 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// handshake must not hang the worker).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a reply confirm or an ack may take before its session is presumed dead (not counting the time the
-/// broker blocks the reply connection).
-const REPLY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long sending an ack or a nack may take before the settler moves on (the session is presumably dying; the
+/// broker then redelivers).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A reply's confirm that takes longer than this is late: counted (`warren_worker_reply_confirms_late_total`),
+/// logged, and still waited for (see [`ConfirmWait`]).
+const REPLY_CONFIRM_LATE: Duration = Duration::from_secs(10);
+/// How often a late confirm's wait looks at the reply connection and at the shutdown.
+const REPLY_CONFIRM_CHECK: Duration = Duration::from_secs(1);
+/// Between two warnings about the same late confirm.
+const REPLY_CONFIRM_WARN_INTERVAL: Duration = Duration::from_secs(30);
+/// The longest a confirm is waited for while the broker does not block the reply connection: far beyond a quorum
+/// queue's leader election or a broker's stall, far below RabbitMQ's `consumer_timeout` (30 min). Past it the
+/// reply channel is presumed wedged (alive to heartbeats, serving nothing) and the session is torn down.
+const REPLY_CONFIRM_LIMIT: Duration = Duration::from_secs(5 * 60);
+/// While the worker drains for shutdown, a confirm is waited for at most this long (not counting the time the
+/// broker blocks the reply connection) after the later of its publish and the shutdown: the drain ends within the
+/// handler timeout and this, as it did before confirms were waited for past [`REPLY_CONFIRM_LATE`].
+const DRAIN_CONFIRM_WAIT: Duration = Duration::from_secs(10);
 
 /// Times a reply is published again after the broker closed the reply channel under it.
 const REPLY_ATTEMPTS: u32 = 3;
@@ -191,10 +209,16 @@ impl Worker {
             let started = Instant::now();
             match session.serve(&self, &mut shutdown).await {
                 SessionEnd::Shutdown => {
-                    if session.drain_and_close().await {
-                        info!(queue = %self.queue, "stopped: every received request was answered");
-                    } else {
-                        warn!(queue = %self.queue, "stopped; the session died while draining: the broker redelivers");
+                    match session.drain_and_close().await {
+                        Drained::All => info!(queue = %self.queue, "stopped: every received request was answered"),
+                        Drained::Unconfirmed(requests) => warn!(
+                            queue = %self.queue,
+                            requests,
+                            "stopped without the confirms of some replies: the broker redelivers those requests"
+                        ),
+                        Drained::SessionDied => {
+                            warn!(queue = %self.queue, "stopped; the session died while draining: the broker redelivers")
+                        }
                     }
                     return Ok(());
                 }
@@ -463,6 +487,16 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// How a drain ended.
+enum Drained {
+    /// Every request received was answered and acked.
+    All,
+    /// This many requests were left unacked because their replies' confirms did not come in time.
+    Unconfirmed(u64),
+    /// A connection died meanwhile: some requests may not have been answered.
+    SessionDied,
+}
+
 /// How requests come in during a session. A prefetch change takes a new consumer (RabbitMQ applies `basic.qos` only
 /// to consumers started after it), so a cancelled consumer may still be delivering what it had sent next to its
 /// successor: the intake reads them all.
@@ -612,6 +646,7 @@ impl Session {
                 biased;
                 _ = shutdown.requested(), if !draining => {
                     draining = true;
+                    self.publisher.draining();
                     worker.metrics.set_consuming(false);
                     self.admission.suspend();
                     info!(queue = %worker.queue, "shutting down: cancelling the consumer, finishing requests in flight");
@@ -627,8 +662,8 @@ impl Session {
                         Intake::Paused { .. } => intake_ended = true,
                     }
                 }
-                _ = self.publisher.broken.notified() => {
-                    break SessionEnd::Lost("the reply connection closed".into());
+                reason = self.publisher.torn_down() => {
+                    break SessionEnd::Lost(reason.into());
                 }
                 // The watch guard is not held past the wait.
                 () = async { let _ = availability.wait_for(|up| !*up).await; }, if consuming && !draining => {
@@ -798,9 +833,9 @@ impl Session {
         }
     }
 
-    /// Waits for every request of this session to be answered and acked, then closes the connections; false if a
-    /// connection died meanwhile (then some requests may not have been answered).
-    async fn drain_and_close(mut self) -> bool {
+    /// Waits for every request of this session to be answered and acked (or given up on: see
+    /// [`DRAIN_CONFIRM_WAIT`]), then closes the connections.
+    async fn drain_and_close(mut self) -> Drained {
         self.in_flight.take();
         // The settler ends once every request task is done with it, after their last acks.
         self.settle.take();
@@ -808,7 +843,11 @@ impl Session {
         let alive = self.consume_connection.status().connected() && self.publisher.connection.status().connected();
         close(&self.consume_connection, "worker shutting down").await;
         close(&self.publisher.connection, "worker shutting down").await;
-        alive
+        match self.publisher.unconfirmed.load(Ordering::Relaxed) {
+            _ if !alive => Drained::SessionDied,
+            0 => Drained::All,
+            requests => Drained::Unconfirmed(requests),
+        }
     }
 
     /// Gives up on the session: its handlers keep running, but nothing they send can reach the broker.
@@ -936,14 +975,15 @@ async fn handle_in_span(
             context.answered.record(&delivery.properties);
             warn!(%cause, "the broker closed the connection on this reply: its caller's node is down, it can never be delivered (its redelivery to this worker is acked without running)");
         }
-        // A broken session requeues the request on the broker side; otherwise give it back ourselves.
-        if delivery.acker.usable() && !publisher.is_broken() {
+        // A broken session requeues the request on the broker side; otherwise give it back ourselves. Not when the
+        // confirm never came: the reply may still be delivered, and its session is closing (drain) or being replaced.
+        if delivery.acker.usable() && !publisher.is_broken() && !matches!(error, ReplyError::Unconfirmed(_)) {
             let correlation_id = request.correlation_id.as_ref().map(|c| c.as_str());
             warn!(%error, ?correlation_id, "the reply was not published; requeueing the request");
             metrics.request_requeued("reply_failed");
             return Settlement::Requeue;
         }
-        debug!(%error, "reply lost with its session; the broker redelivers the request");
+        debug!(%error, "the request is left to its session, lost or closing: the broker redelivers it");
         return Settlement::Leave;
     }
     // Confirmed (or one-way and done): a redelivery after a lost ack need not run again.
@@ -1053,11 +1093,11 @@ async fn settle_loop(
             let sent = match frame {
                 Frame::Ack { tag, multiple } => {
                     let ack = channel.basic_ack(tag, BasicAckOptions { multiple });
-                    tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, ack).await
+                    tokio::time::timeout(SETTLE_TIMEOUT, ack).await
                 }
                 Frame::Requeue { tag } => {
                     let nack = channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true });
-                    tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, nack).await
+                    tokio::time::timeout(SETTLE_TIMEOUT, nack).await
                 }
             };
             match sent {
@@ -1120,6 +1160,10 @@ enum ReplyError {
     Nacked,
     #[error("the broker refused the reply: larger than its max_message_size of {limit} bytes")]
     TooLarge { limit: usize },
+    /// The confirm did not come while the worker drained, or within [`REPLY_CONFIRM_LIMIT`] (the session is then
+    /// torn down). The reply may still be delivered: the request is left to the closing session, never nacked here.
+    #[error("no confirm for the reply ({0})")]
+    Unconfirmed(GiveUp),
 }
 
 /// The reply connection and its channel (publisher confirms). The broker may close the channel under a live
@@ -1127,8 +1171,15 @@ enum ReplyError {
 struct Publisher {
     connection: Connection,
     channel: Mutex<Channel>,
-    /// Signalled when the connection died under a live session, so the session is replaced.
+    /// Signalled when the session must be replaced: the reply connection died under it, or a confirm never came.
     broken: Notify,
+    /// Why, for the log.
+    broken_reason: std::sync::Mutex<&'static str>,
+    /// When the session began draining for shutdown: late confirms are then waited for a bounded time only.
+    drain_began: std::sync::OnceLock<Instant>,
+    /// Replies whose confirms were given up on.
+    unconfirmed: AtomicU64,
+    metrics: Arc<Metrics>,
     blocked_watch: tokio::task::JoinHandle<()>,
 }
 
@@ -1136,28 +1187,55 @@ impl Publisher {
     fn new(connection: Connection, channel: Channel, metrics: Arc<Metrics>) -> Self {
         // The broker tells a publishing connection when it blocks it (memory or disk alarm) and unblocks it.
         let events = connection.events_listener();
+        let watch_metrics = metrics.clone();
         let blocked_watch = tokio::spawn(async move {
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
                 match event {
                     Event::ConnectionBlocked(reason) => {
                         warn!(%reason, "the broker blocks the reply connection; replies (and so acks) wait for it");
-                        metrics.set_publisher_blocked(true);
+                        watch_metrics.set_publisher_blocked(true);
                     }
                     Event::ConnectionUnblocked => {
                         info!("the broker unblocked the reply connection");
-                        metrics.set_publisher_blocked(false);
+                        watch_metrics.set_publisher_blocked(false);
                     }
                     _ => {}
                 }
             }
-            metrics.set_publisher_blocked(false);
+            watch_metrics.set_publisher_blocked(false);
         });
-        Self { connection, channel: Mutex::new(channel), broken: Notify::new(), blocked_watch }
+        Self {
+            connection,
+            channel: Mutex::new(channel),
+            broken: Notify::new(),
+            broken_reason: std::sync::Mutex::new("the reply connection closed"),
+            drain_began: std::sync::OnceLock::new(),
+            unconfirmed: AtomicU64::new(0),
+            metrics,
+            blocked_watch,
+        }
     }
 
     fn is_broken(&self) -> bool {
         !self.connection.status().connected()
+    }
+
+    /// Asks the session to end (it is then replaced): `reason` is logged.
+    fn tear_down(&self, reason: &'static str) {
+        *self.broken_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.broken.notify_one();
+    }
+
+    /// Completes once the session must be replaced, with the reason; cancel-safe.
+    async fn torn_down(&self) -> &'static str {
+        self.broken.notified().await;
+        *self.broken_reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on, late confirms are waited for at most [`DRAIN_CONFIRM_WAIT`].
+    fn draining(&self) {
+        let _ = self.drain_began.set(Instant::now());
     }
 
     /// The open reply channel, opening a new one when the broker closed the last.
@@ -1176,7 +1254,11 @@ impl Publisher {
         let mut attempt = 1;
         loop {
             let result = match self.channel().await {
-                Ok(channel) => self.publish_on(&channel, reply).await.map_err(|e| (Some(channel), e)),
+                Ok(channel) => match self.publish_on(&channel, reply).await {
+                    Ok(confirmation) => Ok(confirmation),
+                    Err(Unconfirmed::GaveUp(why)) => return Err(ReplyError::Unconfirmed(why)),
+                    Err(Unconfirmed::Failed(error)) => Err((Some(channel), error)),
+                },
                 Err(error) => Err((None, error)),
             };
             let (channel, error) = match result {
@@ -1185,11 +1267,11 @@ impl Publisher {
                 Err(failure) => failure,
             };
             if self.is_broken() {
-                self.broken.notify_one();
+                self.tear_down("the reply connection closed");
                 return Err(ReplyError::Publish(error));
             }
             if channel.is_some_and(|c| c.status().connected()) {
-                // The channel is fine, the confirm did not come: the session is presumably dying.
+                // The channel is fine, and yet the publish failed: the session is presumably dying.
                 return Err(ReplyError::Publish(error));
             }
             // The broker closed the reply channel, maybe because of this very reply.
@@ -1207,10 +1289,10 @@ impl Publisher {
         }
     }
 
-    /// Publishes and waits for the confirm: up to [`REPLY_CONFIRM_TIMEOUT`], and beyond for as long as the broker
-    /// blocks the connection (the reply is not lost, only held back; timing out would requeue a request whose
-    /// reply goes out later, and it would run twice).
-    async fn publish_on(&self, channel: &Channel, reply: &Reply) -> Result<Confirmation, lapin::Error> {
+    /// Publishes and waits for the confirm: a confirm that does not come is a reply that may still go out, and
+    /// timing out would requeue a request whose reply is delivered later (it would run twice, the caller get two
+    /// replies). Late confirms are only counted and logged (see [`ConfirmWait`]).
+    async fn publish_on(&self, channel: &Channel, reply: &Reply) -> Result<Confirmation, Unconfirmed> {
         let confirm = async {
             channel
                 .basic_publish(
@@ -1224,20 +1306,169 @@ impl Publisher {
                 .await
         };
         futures::pin_mut!(confirm);
+        let published = Instant::now();
+        // Almost always a matter of milliseconds.
+        if let Ok(result) = tokio::time::timeout(REPLY_CONFIRM_LATE, &mut confirm).await {
+            return result.map_err(Unconfirmed::Failed);
+        }
+        // Chosen: await late confirms while the channel lives (a timeout re-runs requests whose replies still go out).
+        self.metrics.reply_confirm_late();
+        let correlation_id = reply.properties.correlation_id().as_ref().map(|c| c.as_str());
+        let reply_to = reply.routing_key.as_str();
+        let mut wait = ConfirmWait::new(published);
         loop {
-            match tokio::time::timeout(REPLY_CONFIRM_TIMEOUT, &mut confirm).await {
-                Ok(result) => return result,
-                Err(_) if self.connection.status().blocked() && self.connection.status().connected() => {
-                    debug!("the reply connection is blocked by the broker; still waiting for the confirm");
+            let blocked = self.connection.status().blocked();
+            let open = channel.status().connected() && self.connection.status().connected();
+            let now = Instant::now();
+            match wait.check(now, Link { blocked, open }, self.drain_began.get().copied()) {
+                Check::Wait => {}
+                Check::Warn if blocked => {
+                    debug!(waited = ?now - published, "the broker blocks the reply connection; still waiting for the confirm");
                 }
-                Err(_) => {
-                    return Err(lapin::Error::from(ErrorKind::IOError(Arc::new(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no publisher confirm for the reply",
+                Check::Warn => warn!(
+                    waited = ?now - published,
+                    ?correlation_id,
+                    reply_to,
+                    "the broker has not confirmed the reply yet; still waiting (timing out could run the request twice)"
+                ),
+                Check::GiveUp(why) => {
+                    self.unconfirmed.fetch_add(1, Ordering::Relaxed);
+                    match why {
+                        GiveUp::Draining => warn!(
+                            waited = ?now - published,
+                            ?correlation_id,
+                            reply_to,
+                            "shutting down without the reply's confirm: the request returns to the queue when the \
+                             connections close, and runs again if the reply was lost"
+                        ),
+                        GiveUp::Limit => {
+                            warn!(
+                                waited = ?now - published,
+                                ?correlation_id,
+                                reply_to,
+                                "no confirm for the reply while the connection lives: the reply channel is presumed \
+                                 wedged; replacing the session (its unacked requests return to the queue)"
+                            );
+                            self.tear_down("a reply's confirm never came");
+                        }
+                    }
+                    return Err(Unconfirmed::GaveUp(why));
+                }
+                // As if lapin had failed the confirm: the reply is published again on a new channel.
+                Check::Closed => {
+                    return Err(Unconfirmed::Failed(lapin::Error::from(ErrorKind::IOError(Arc::new(
+                        std::io::Error::other("the reply channel closed without settling the reply's confirm"),
                     )))));
                 }
             }
+            if let Ok(result) = tokio::time::timeout(REPLY_CONFIRM_CHECK, &mut confirm).await {
+                if result.is_ok() {
+                    info!(waited = ?published.elapsed(), ?correlation_id, "the late confirm of the reply came");
+                }
+                return result.map_err(Unconfirmed::Failed);
+            }
         }
+    }
+}
+
+/// How a reply's confirm failed to come.
+#[derive(Debug)]
+enum Unconfirmed {
+    /// The publish or the confirm failed (the channel or the connection closed, or the publish was refused).
+    Failed(lapin::Error),
+    /// The worker stopped waiting.
+    GaveUp(GiveUp),
+}
+
+/// Why the worker stopped waiting for a confirm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum GiveUp {
+    #[error("the worker drains for shutdown")]
+    Draining,
+    #[error("none within {REPLY_CONFIRM_LIMIT:?} while the connection lived")]
+    Limit,
+}
+
+/// The reply connection as a late confirm's wait sees it.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    /// The broker blocks the connection (memory or disk alarm): the reply is held back, not lost.
+    blocked: bool,
+    /// The reply channel and its connection are open.
+    open: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Check {
+    Wait,
+    /// Log that the confirm is still awaited.
+    Warn,
+    /// The channel or the connection was seen closed twice and lapin has not failed the confirm: fail it.
+    Closed,
+    GiveUp(GiveUp),
+}
+
+/// The wait for one late confirm. The worker keeps waiting while the reply channel and its connection live (a
+/// closed channel or connection fails the confirm; heartbeats tell a dead connection), because timing out would
+/// requeue (or leave to a dying session) a request whose reply may still be confirmed and delivered: it would run
+/// twice. Only three things end the wait: the drain ([`DRAIN_CONFIRM_WAIT`]), [`REPLY_CONFIRM_LIMIT`], and a
+/// channel seen closed at two checks in a row without lapin failing the confirm (a safety net). Time the broker
+/// blocks the connection counts towards neither bound.
+#[derive(Debug)]
+struct ConfirmWait {
+    published: Instant,
+    last_check: Instant,
+    last_warning: Option<Instant>,
+    /// Time waited while the connection was not blocked.
+    unblocked: Duration,
+    /// `unblocked` when the drain began (zero when it began before the publish).
+    drain_mark: Option<Duration>,
+    closed_seen: bool,
+}
+
+impl ConfirmWait {
+    fn new(published: Instant) -> Self {
+        Self {
+            published,
+            last_check: published,
+            last_warning: None,
+            unblocked: Duration::ZERO,
+            drain_mark: None,
+            closed_seen: false,
+        }
+    }
+
+    /// What to do at `now`, the confirm not having come (the time since the last check counts as unblocked when
+    /// the connection is not blocked now).
+    fn check(&mut self, now: Instant, link: Link, drain_began: Option<Instant>) -> Check {
+        if !link.blocked {
+            self.unblocked += now.saturating_duration_since(self.last_check);
+        }
+        self.last_check = now;
+        if !link.open {
+            if self.closed_seen {
+                return Check::Closed;
+            }
+            self.closed_seen = true;
+        }
+        if let Some(began) = drain_began {
+            // The time since the shutdown counts as unblocked unless the connection is blocked now.
+            let since = if link.blocked { Duration::ZERO } else { now.saturating_duration_since(began) };
+            let mark = *self.drain_mark.get_or_insert(self.unblocked.saturating_sub(since));
+            if self.unblocked.saturating_sub(mark) >= DRAIN_CONFIRM_WAIT {
+                return Check::GiveUp(GiveUp::Draining);
+            }
+        }
+        if self.unblocked >= REPLY_CONFIRM_LIMIT {
+            return Check::GiveUp(GiveUp::Limit);
+        }
+        let since = self.last_warning.unwrap_or(self.published);
+        let interval = if self.last_warning.is_none() { REPLY_CONFIRM_LATE } else { REPLY_CONFIRM_WARN_INTERVAL };
+        if now.saturating_duration_since(since) >= interval {
+            self.last_warning = Some(now);
+            return Check::Warn;
+        }
+        Check::Wait
     }
 }
 
@@ -1336,6 +1567,73 @@ mod tests {
         let mut ledger = Ledger::default();
         assert_eq!(ledger.plan([(1, Leave), (2, Ack), (3, Ack)]), [ack(2, false), ack(3, false)]);
         assert_eq!(ledger.floor, 0);
+    }
+
+    const UP: Link = Link { blocked: false, open: true };
+    const BLOCKED: Link = Link { blocked: true, open: true };
+
+    /// Checks `wait` every second from `from` to `to` seconds after the publish; the checks that were not `Wait`.
+    fn checks(wait: &mut ConfirmWait, from: u64, to: u64, link: Link, drain: Option<Instant>) -> Vec<(u64, Check)> {
+        let published = wait.published;
+        (from..=to)
+            .map(|s| (s, wait.check(published + Duration::from_secs(s), link, drain)))
+            .filter(|(_, check)| *check != Check::Wait)
+            .collect()
+    }
+
+    #[test]
+    fn a_late_confirm_is_waited_for_with_a_warning_every_30_s_until_the_limit() {
+        let published = Instant::now();
+        let mut wait = ConfirmWait::new(published);
+        let limit = REPLY_CONFIRM_LIMIT.as_secs();
+        let seen = checks(&mut wait, 10, limit, UP, None);
+        let warnings: Vec<u64> = seen.iter().filter(|(_, c)| *c == Check::Warn).map(|(s, _)| *s).collect();
+        assert_eq!(warnings, (10..limit).step_by(30).collect::<Vec<_>>());
+        assert_eq!(seen.last(), Some(&(limit, Check::GiveUp(GiveUp::Limit))));
+    }
+
+    #[test]
+    fn time_blocked_by_the_broker_counts_towards_no_bound() {
+        let published = Instant::now();
+        let mut wait = ConfirmWait::new(published);
+        // An hour of memory alarm, then the limit counts from the unblocking.
+        assert!(!checks(&mut wait, 10, 3600, BLOCKED, None).iter().any(|(_, c)| matches!(c, Check::GiveUp(_))));
+        let limit = REPLY_CONFIRM_LIMIT.as_secs();
+        let give_up = checks(&mut wait, 3601, 3600 + limit + 1, UP, None).into_iter().find(|(_, c)| *c != Check::Warn);
+        assert_eq!(give_up, Some((3600 + limit, Check::GiveUp(GiveUp::Limit))));
+    }
+
+    #[test]
+    fn the_drain_waits_for_a_late_confirm_10_s_after_the_later_of_publish_and_shutdown() {
+        let published = Instant::now();
+        // Shutdown before the publish: 10 s after the publish, at the first check.
+        let mut wait = ConfirmWait::new(published);
+        let before = Some(published - Duration::from_secs(3));
+        assert_eq!(wait.check(published + DRAIN_CONFIRM_WAIT, UP, before), Check::GiveUp(GiveUp::Draining));
+        // Shutdown before the confirm is late: 10 s after the shutdown.
+        let mut wait = ConfirmWait::new(published);
+        let early = Some(published + Duration::from_secs(3));
+        assert_eq!(checks(&mut wait, 10, 13, UP, early), [(10, Check::Warn), (13, Check::GiveUp(GiveUp::Draining))]);
+        // Shutdown while the confirm is late already: 10 s more.
+        let mut wait = ConfirmWait::new(published);
+        assert_eq!(checks(&mut wait, 10, 60, UP, None).len(), 2);
+        let during = Some(published + Duration::from_secs(60));
+        assert_eq!(checks(&mut wait, 61, 70, UP, during), [(70, Check::GiveUp(GiveUp::Draining))]);
+        // Time blocked during the drain does not count.
+        let mut wait = ConfirmWait::new(published);
+        let _ = checks(&mut wait, 10, 10, UP, early);
+        assert_eq!(checks(&mut wait, 11, 100, BLOCKED, early).len(), 3);
+        assert_eq!(checks(&mut wait, 101, 103, UP, early), [(103, Check::GiveUp(GiveUp::Draining))]);
+    }
+
+    #[test]
+    fn a_channel_seen_closed_twice_fails_the_confirm() {
+        let published = Instant::now();
+        let mut wait = ConfirmWait::new(published);
+        let closed = Link { blocked: false, open: false };
+        assert_eq!(wait.check(published + Duration::from_secs(10), UP, None), Check::Warn);
+        assert_eq!(wait.check(published + Duration::from_secs(11), closed, None), Check::Wait);
+        assert_eq!(wait.check(published + Duration::from_secs(12), closed, None), Check::Closed);
     }
 
     #[test]
