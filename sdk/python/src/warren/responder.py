@@ -21,7 +21,9 @@ Per request, in the order docs/protocol.md gives: a request past its ``x-deadlin
 then the content type, the JSON body and the params are checked against the function's signature
 (``bad_request``); then the method runs (an exception is ``handler_error``). The reply is published with a
 publisher confirm and only then is the request acked, so a responder that dies mid-call leaves its request to be
-redelivered. Requests without ``reply_to`` are one-way: run and acked, no reply.
+redelivered. A late confirm is waited for, not timed out (see :meth:`_Session.check_confirms`): giving up on it would
+requeue a request whose reply may still be delivered. Requests without ``reply_to`` are one-way: run and acked, no
+reply.
 
 Plain (``def``) methods run in a thread pool as large as the prefetch (``threads=0`` runs them on the event loop,
 for quick CPU-only functions); ``async def`` methods run on the event loop.
@@ -83,8 +85,19 @@ log = logging.getLogger("warren.responder")
 DEFAULT_PREFETCH = 32
 #: RabbitMQ's default ``max_message_size`` (128 MiB): a larger reply would be refused, so it becomes an error reply.
 DEFAULT_MAX_REPLY_BYTES = 128 * 1024 * 1024
-#: How long a reply's confirm or an ack may take before the session is presumed dead.
-REPLY_CONFIRM_TIMEOUT = 10.0
+#: How long sending a nack may take (the session is presumably dying; the broker then redelivers).
+SETTLE_TIMEOUT = 10.0
+#: A reply's confirm that takes longer than this is late: counted (``reply_confirms_late``), logged, still waited for.
+REPLY_CONFIRM_LATE = 10.0
+#: Between two warnings about the same late confirm.
+REPLY_CONFIRM_WARN_INTERVAL = 30.0
+#: The longest a confirm is waited for (time the broker blocks the connection not counted): far beyond a quorum
+#: queue's leader election or a broker's stall, far below RabbitMQ's ``consumer_timeout`` (30 min). Past it the reply
+#: channel is presumed wedged (alive to heartbeats, serving nothing) and the session is replaced.
+REPLY_CONFIRM_LIMIT = 300.0
+#: While draining, a confirm is waited for at most this long (blocked time not counted) after the later of its
+#: publish and the stop; the request is then left unacked, to return to the queue when the connection closes.
+DRAIN_CONFIRM_WAIT = 10.0
 #: A session that lasted this long resets the reconnect backoff.
 STABLE_SESSION = 10.0
 #: How long connecting and starting to consume may take.
@@ -222,6 +235,7 @@ class Stats:
         self.requests: Counter = Counter()  # (method label, outcome) -> count; outcome: ok or an error code
         self.expired = 0
         self.reply_failed = 0
+        self.reply_confirms_late = 0
         self.reconnects = 0
         self.in_flight = 0
         self.consuming = False
@@ -244,6 +258,7 @@ class Stats:
                 ("requests_in_flight", "gauge", self.in_flight),
                 ("requests_expired_total", "counter", self.expired),
                 ("replies_failed_total", "counter", self.reply_failed),
+                ("reply_confirms_late_total", "counter", self.reply_confirms_late),
                 ("reconnects_total", "counter", self.reconnects),
                 ("consuming", "gauge", int(self.consuming))):
             lines.append(f"# TYPE warren_worker_{name.replace('_total', '')} {kind}")
@@ -503,11 +518,14 @@ class Server:
             started = time.monotonic()
             stopped = await session.serve()
             if stopped:
-                if await session.drain_and_close():
+                if not await session.drain_and_close():
+                    log.warning("%s: stopped; the session died while draining: the broker redelivers", self.queue)
+                elif session.given_up:
+                    log.warning("%s: stopped without the confirms of %d replies: the broker redelivers those "
+                                "requests", self.queue, len(session.given_up))
+                else:
                     log.info("%s: stopped; every received request was answered (this session: %d received, "
                              "%d acked)", self.queue, session.received, session.acked)
-                else:
-                    log.warning("%s: stopped; the session died while draining: the broker redelivers", self.queue)
                 return
             log.warning("%s: broker session lost (%s); unacked requests return to the queue", self.queue,
                         session.lost_reason)
@@ -675,6 +693,23 @@ class Server:
         return body, properties
 
 
+@dataclass
+class _AwaitedConfirm:
+    """A reply whose publisher confirm is awaited."""
+    request: _Request
+    published: float  # the session's unblocked clock at the publish
+    started: float  # time.monotonic() at the publish
+    next_warning: float  # time.monotonic() of the next warning (the first: REPLY_CONFIRM_LATE after the publish)
+    late: bool = False
+
+
+def _blocked(connection: Any) -> bool:
+    """Whether the broker blocks the (aiormq) connection for a memory or disk alarm. aiormq tracks it in a private
+    event only; without it (another aiormq version), never."""
+    unblocked = getattr(connection, "_Connection__connection_unblocked", None)
+    return unblocked is not None and not unblocked.is_set()
+
+
 class _Session:
     """One connection: the consuming channel, the reply channel (confirm mode), and the requests in flight."""
 
@@ -692,13 +727,75 @@ class _Session:
         self.broken = asyncio.Event()
         self.lost_reason = ""
         self.cancelling = False
+        #: The replies whose confirms are awaited, by the task of their request.
+        self.awaiting: Dict[Any, _AwaitedConfirm] = {}
+        #: The tasks of the requests the drain stopped waiting for (their confirms did not come in time).
+        self.given_up: set = set()
+        #: The unblocked clock when the drain began.
+        self.drain_began: Optional[float] = None
+        self._unblocked = 0.0
+        self._clock_read = time.monotonic()
         for closable in (connection, consume_channel, reply_channel):
             closable.close_callbacks.add(self._closed)
 
     def _closed(self, sender: Any, exc: Any = None) -> None:
+        self.lose(f"{type(sender).__name__} closed: {exc!r}")
+
+    def lose(self, reason: str) -> None:
+        """Ends the session: it is closed and replaced, and its unacked requests return to the queue."""
         if not self.broken.is_set():
-            self.lost_reason = f"{type(sender).__name__} closed: {exc!r}"
+            self.lost_reason = reason
             self.broken.set()
+
+    def unblocked_clock(self) -> float:
+        """Seconds of this session the broker did not block its connection (a memory or disk alarm holds replies
+        back, it does not lose them: that time counts towards no bound). The time since the last reading counts as
+        unblocked when the connection is not blocked now."""
+        now = time.monotonic()
+        if not _blocked(self.reply.connection):
+            self._unblocked += now - self._clock_read
+        self._clock_read = now
+        return self._unblocked
+
+    def check_confirms(self) -> None:
+        """Looks at the awaited confirms (every second). A reply's confirm is waited for as long as the reply channel
+        and the connection live: a channel or connection that closes fails it at once, and aiormq closes a
+        connection whose heartbeats stop. Timing out instead would requeue a request whose reply the broker may
+        still confirm and deliver (a quorum reply queue electing a leader, a stalled broker): it would run twice.
+        A confirm later than REPLY_CONFIRM_LATE is counted and logged, then every REPLY_CONFIRM_WARN_INTERVAL. The
+        bounds: past REPLY_CONFIRM_LIMIT the session is replaced (never the request nacked); while draining, past
+        DRAIN_CONFIRM_WAIT the drain stops waiting for the request, left unacked to return to the queue."""
+        if not self.awaiting:
+            return
+        clock, now, queue = self.unblocked_clock(), time.monotonic(), self.server.queue
+        for task, awaited in self.awaiting.items():
+            if task in self.given_up:
+                continue
+            request = awaited.request
+            if self.drain_began is not None:
+                if clock - max(awaited.published, self.drain_began) >= DRAIN_CONFIRM_WAIT:
+                    self.given_up.add(task)
+                    log.warning("%s: stopping without the confirm of the reply to %s (correlation_id %s, after "
+                                "%.0fs): the request returns to the queue when the connection closes, and runs again "
+                                "if the reply was lost", queue, request.reply_to, request.correlation_id,
+                                now - awaited.started)
+                    continue
+            elif clock - awaited.published >= REPLY_CONFIRM_LIMIT:
+                log.warning("%s: no confirm for the reply to %s (correlation_id %s) in %.0fs while the connection "
+                            "lived: the reply channel is presumed wedged; replacing the session (its unacked "
+                            "requests return to the queue)", queue, request.reply_to, request.correlation_id,
+                            now - awaited.started)
+                self.lose("a reply's confirm never came")
+                return
+            if now >= awaited.next_warning:
+                if not awaited.late:
+                    awaited.late = True
+                    self.server.stats.reply_confirms_late += 1
+                awaited.next_warning = now + REPLY_CONFIRM_WARN_INTERVAL
+                log.log(logging.DEBUG if _blocked(self.reply.connection) else logging.WARNING,
+                        "%s: the broker has not confirmed the reply to %s (correlation_id %s) yet, after %.0fs; still "
+                        "waiting (timing out could run the request twice)", queue, request.reply_to,
+                        request.correlation_id, now - awaited.started)
 
     async def on_delivery(self, message: Any) -> None:
         # aiormq runs each delivery in a task of its own: that task is the request's, tracked for the drain. (The
@@ -727,7 +824,9 @@ class _Session:
                 if broken in done:
                     return False
                 if stop in done:
+                    self.drain_began = self.unblocked_clock()
                     break
+                self.check_confirms()
                 if self.consumer_tag not in self.consume.consumers:  # the broker cancelled it (queue deleted)
                     self.lost_reason = "the broker cancelled the consumer (queue deleted?)"
                     return False
@@ -746,8 +845,14 @@ class _Session:
         return True
 
     async def drain_and_close(self) -> bool:
-        while self.in_flight:
-            await asyncio.wait(set(self.in_flight))
+        """Waits for every request received to be answered and acked, or given up on (check_confirms), then closes
+        the connection; False if the session died meanwhile."""
+        while True:
+            self.check_confirms()
+            waiting = self.in_flight - self.given_up
+            if not waiting:
+                break
+            await asyncio.wait(waiting, timeout=1.0)
         alive = not self.broken.is_set()
         if alive:
             # Acks are queued without waiting for the socket: closing their channel (channel.close, then the
@@ -794,16 +899,23 @@ class _Session:
             stats.in_flight -= 1
 
     async def _publish_reply(self, request: _Request, body: bytes, properties: Any, delivery_tag: int) -> bool:
+        """Publishes the reply and waits for its confirm, however late (see check_confirms). False without one: the
+        request was then nacked (the broker refused the reply), or is left to its session."""
         server = self.server
+        task, now = asyncio.current_task(), time.monotonic()
+        awaited = self.awaiting[task] = _AwaitedConfirm(request, self.unblocked_clock(), now, now + REPLY_CONFIRM_LATE)
         try:
-            await _within(
-                self.reply.basic_publish(body, routing_key=request.reply_to, properties=properties, wait=False),
-                REPLY_CONFIRM_TIMEOUT)
+            await self.reply.basic_publish(body, routing_key=request.reply_to, properties=properties, wait=False)
+            if awaited.late:
+                log.info("%s: the late confirm of the reply to %s (correlation_id %s) came after %.1fs", server.queue,
+                         request.reply_to, request.correlation_id, time.monotonic() - awaited.started)
             return True
         except DeliveryError:
             error: Any = "the broker nacked the reply"
         except Exception as failure:  # noqa: BLE001
             error = failure
+        finally:
+            del self.awaiting[task]
         server.stats.reply_failed += 1
         if self.broken.is_set():
             log.debug("%s: reply lost with its session (%r); the broker redelivers the request", server.queue,
@@ -811,7 +923,7 @@ class _Session:
         else:
             log.warning("%s: the reply was not published (%r); requeueing the request", server.queue, error)
             try:
-                await asyncio.wait_for(self.consume.basic_nack(delivery_tag, requeue=True), REPLY_CONFIRM_TIMEOUT)
+                await asyncio.wait_for(self.consume.basic_nack(delivery_tag, requeue=True), SETTLE_TIMEOUT)
             except Exception:  # noqa: BLE001
                 pass
         return False
@@ -823,32 +935,6 @@ class _Session:
             self.acked += 1
         except Exception as error:  # noqa: BLE001 - the session died: the broker redelivers
             log.debug("%s: ack failed (%r); the broker redelivers the request", self.server.queue, error)
-
-
-async def _within(awaitable: Any, timeout: float) -> Any:
-    """``asyncio.wait_for`` without the task it makes per call before Python 3.12: raises asyncio.TimeoutError."""
-    task = asyncio.current_task()
-    assert task is not None
-    state = {"active": True, "fired": False}
-
-    def fire() -> None:
-        if state["active"]:
-            state["fired"] = True
-            task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(timeout, fire)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not state["fired"]:
-            raise
-        uncancel = getattr(task, "uncancel", None)
-        if uncancel is not None:
-            uncancel()
-        raise asyncio.TimeoutError() from None
-    finally:
-        state["active"] = False
-        timer.cancel()
 
 
 async def _close(connection: Any) -> None:
