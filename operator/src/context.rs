@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use warren_client::backoff::Backoff;
 
-use crate::broker::BrokerPool;
+use crate::broker::{BrokerEndpoint, BrokerPool};
 use crate::crd::RpcService;
 use crate::metrics::Metrics;
 use crate::observer::Observer;
@@ -61,6 +63,11 @@ pub struct Context {
     applied: Mutex<HashMap<ObjectRef<RpcService>, AppliedDeployment>>,
     /// The last state of each managed Deployment the operator has acted on (see [`DeploymentFingerprint`]).
     seen: Mutex<HashMap<ObjectRef<Deployment>, DeploymentFingerprint>>,
+    /// The controller's metadata-only cache of Secrets (set by [`crate::controller::run`]): their resourceVersions.
+    secret_versions: OnceLock<Store<PartialObjectMeta<Secret>>>,
+    /// The broker endpoint read from each broker Secret, with the Secret's resourceVersion then: a reconcile reads
+    /// the Secret again only when that moved (at 1,000 services on one Secret, one read instead of one each pass).
+    endpoints: Mutex<HashMap<ObjectRef<Secret>, (String, BrokerEndpoint)>>,
 }
 
 /// A server-side apply of a service's Deployment as it was sent and as the API server stored it.
@@ -114,7 +121,34 @@ impl Context {
             deployments: OnceLock::new(),
             applied: Mutex::default(),
             seen: Mutex::default(),
+            secret_versions: OnceLock::new(),
+            endpoints: Mutex::default(),
         }
+    }
+
+    /// Hands the reconciles the controller's metadata cache of Secrets.
+    pub fn set_secret_cache(&self, store: Store<PartialObjectMeta<Secret>>) {
+        let _ = self.secret_versions.set(store);
+    }
+
+    /// The endpoint last read from Secret `name` in `namespace`, if the Secret has not changed since (its
+    /// resourceVersion in the synced cache is the one it was read at); `None`: read it.
+    pub fn known_endpoint(&self, namespace: &str, name: &str) -> Option<BrokerEndpoint> {
+        let store = self.secret_versions.get()?;
+        if !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
+            return None;
+        }
+        let key = ObjectRef::<Secret>::new(name).within(namespace);
+        let current = store.get(&ObjectRef::new(name).within(namespace))?.metadata.resource_version.clone()?;
+        let endpoints = self.endpoints.lock().expect("endpoints lock");
+        endpoints.get(&key).filter(|(version, _)| *version == current).map(|(_, endpoint)| endpoint.clone())
+    }
+
+    /// Remembers the endpoint read from `secret`.
+    pub fn remember_endpoint(&self, secret: &Secret, endpoint: &BrokerEndpoint) {
+        let Some(version) = secret.metadata.resource_version.clone() else { return };
+        let key = ObjectRef::from_obj(secret);
+        self.endpoints.lock().expect("endpoints lock").insert(key, (version, endpoint.clone()));
     }
 
     /// Hands the reconciles the controller's Deployment cache.

@@ -66,6 +66,7 @@ pub async fn run(
     let mut last_seen = HashMap::new();
     let changes = watcher(services, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(|svc| svc.managed_fields_mut().clear())
         .reflect(cache)
         .filter_map(move |event| {
             let changed = match event {
@@ -90,7 +91,12 @@ pub async fn run(
     ctx.set_deployment_cache(deployment_cache);
     let seen = ctx.clone();
     let deployment_changes =
-        watcher(deployments, managed).default_backoff().reflect(deployment_writer).filter_map(move |event| {
+        // Without managedFields (half of a stored object, read by nothing here): 1,000 cached Deployments cost less.
+        watcher(deployments, managed)
+            .default_backoff()
+            .modify(|d| d.managed_fields_mut().clear())
+            .reflect(deployment_writer)
+            .filter_map(move |event| {
             let changed = match event {
                 Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
                     seen.deployment_seen(&d).then_some(Ok(d))
@@ -104,8 +110,12 @@ pub async fn run(
             };
             futures::future::ready(changed)
         });
-    // Secrets as metadata only: the operator never caches credentials, it reads them when it reconciles.
-    let secret_changes = watcher(secrets, watcher::Config::default()).touched_objects();
+    // Secrets as metadata only: the operator caches no Secret. Their resourceVersions tell a reconcile whether the
+    // endpoint it read from one before (as the broker pool keeps it) still holds, or the Secret must be read again.
+    let (secret_cache, secret_writer) = reflector::store();
+    ctx.set_secret_cache(secret_cache);
+    let secret_changes =
+        watcher(secrets, watcher::Config::default()).default_backoff().reflect(secret_writer).touched_objects();
     controller
         .owns_stream(deployment_changes)
         .watches_stream(secret_changes, move |secret| {

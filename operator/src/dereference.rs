@@ -84,15 +84,22 @@ async fn read_and_share(
         (None, Some(default)) => default.clone(),
         (None, None) => return Err(DereferenceError::NoBrokerSecret),
     };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    ctx.metrics.kubernetes_request("get", "secrets");
-    let secret = match secrets.get_opt(&name).await {
-        Ok(Some(secret)) => secret,
-        Ok(None) => return Err(DereferenceError::SecretNotFound { namespace, name }),
-        Err(source) => return Err(DereferenceError::ReadSecret { namespace, name, source }),
+    let endpoint = match ctx.known_endpoint(&namespace, &name) {
+        Some(endpoint) => endpoint,
+        None => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+            ctx.metrics.kubernetes_request("get", "secrets");
+            let secret = match secrets.get_opt(&name).await {
+                Ok(Some(secret)) => secret,
+                Ok(None) => return Err(DereferenceError::SecretNotFound { namespace, name }),
+                Err(source) => return Err(DereferenceError::ReadSecret { namespace, name, source }),
+            };
+            let endpoint = endpoint(&secret)
+                .map_err(|reason| DereferenceError::InvalidBrokerSecret { name: name.clone(), reason })?;
+            ctx.remember_endpoint(&secret, &endpoint);
+            endpoint
+        }
     };
-    let endpoint =
-        endpoint(&secret).map_err(|reason| DereferenceError::InvalidBrokerSecret { name: name.clone(), reason })?;
     let broker = ctx.brokers.get(user, &endpoint).map_err(|e| match e {
         BrokerError::InvalidUri(reason) => DereferenceError::InvalidBrokerSecret { name: name.clone(), reason },
         other => DereferenceError::Broker(other),
