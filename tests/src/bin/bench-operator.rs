@@ -1528,8 +1528,10 @@ fn write_docs(r: &Value, path: &Path) -> anyhow::Result<()> {
     };
     let conns =
         format!("{} (opened {}×)", py(r.get("broker_connections_of_operator")), py(r.get("log_connections_opened")));
-    let failures: f64 =
-        m.get("failures").and_then(Value::as_object).map_or(0.0, |f| f.values().map(|v| num(Some(v))).sum());
+    let failures: f64 = m
+        .get("failures")
+        .and_then(Value::as_object)
+        .map_or(0.0, |f| f.values().map(|v| num(Some(v))).sum::<f64>() + 0.0); // an empty float sum is -0
     let args: Vec<String> = r
         .get("operator_args")
         .and_then(Value::as_array)
