@@ -14,27 +14,8 @@ pub struct OperatorProcess {
 }
 
 /// A loopback port nothing listens on right now.
-///
-/// Below Linux's ephemeral range (32768-60999): a port the kernel hands out for `:0` can be taken by any outgoing
-/// connection before the listener that is given it binds it (a chaos broker node failed to boot on `eaddrinuse`
-/// that way). Each call moves on from the last, from a start that differs per process.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(u32::MAX, std::process::id() % SPAN, Ordering::Relaxed, Ordering::Relaxed);
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
-        // scripts/env's brokers' distribution ports (a three-node cluster's too), whether running now or not.
-        if (25672..=25674).contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {LOW}-{}", LOW + SPAN);
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 impl OperatorProcess {
