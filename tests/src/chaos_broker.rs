@@ -76,6 +76,9 @@ impl Install {
     }
 }
 
+/// How many times a node is started on new ports when a port it was given is taken before it binds it.
+const BOOT_ATTEMPTS: u32 = 3;
+
 /// A running RabbitMQ node owned by one test.
 pub struct ChaosBroker {
     install: Install,
@@ -93,9 +96,26 @@ pub struct ChaosBroker {
 impl ChaosBroker {
     /// Starts a node and waits until its management API answers (about 6 s on an idle 2-core machine).
     pub async fn start(config: ChaosBrokerConfig) -> anyhow::Result<Self> {
-        let broker = Self::create(&config, &new_cookie())?;
-        broker.wait_until_up(Duration::from_secs(120)).await?;
-        Ok(broker)
+        Self::boot(&config, &new_cookie(), Duration::from_secs(120)).await
+    }
+
+    /// Creates a node and waits until it is up, on new ports when the ones it was given were taken before it bound
+    /// them: `free_port` hands out ephemeral ports, and any outgoing connection made meanwhile may take one.
+    async fn boot(config: &ChaosBrokerConfig, cookie: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            let mut broker = Self::create(config, cookie)?;
+            match broker.wait_until_up(timeout).await {
+                Err(error) if attempt < BOOT_ATTEMPTS && broker.lost_a_port() => {
+                    eprintln!(
+                        "chaos broker {} lost a port before binding it; again on new ports: {error:#}",
+                        broker.node
+                    );
+                    attempt += 1;
+                }
+                result => return result.map(|()| broker),
+            }
+        }
     }
 
     /// Writes a node's directory and starts it, without waiting.
@@ -262,7 +282,8 @@ impl ChaosBroker {
         let _ = std::fs::remove_file(self.dir.join("pid"));
     }
 
-    async fn wait_until_up(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until the management API answers; fails at once if the node's VM has exited or could not bind a port.
+    async fn wait_until_up(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{}/api/overview", self.management_port);
         let deadline = Instant::now() + timeout;
@@ -272,11 +293,30 @@ impl ChaosBroker {
             {
                 return Ok(());
             }
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                bail!("chaos broker {} exited ({status}) before it was up:\n{}", self.node, self.log_tail());
+            }
+            if self.lost_a_port() {
+                bail!("chaos broker {} could not bind a port:\n{}", self.node, self.log_tail());
+            }
             if Instant::now() > deadline {
                 bail!("chaos broker {} not up within {timeout:?}:\n{}", self.node, self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Whether the node failed to bind one of its ports (its listener's or its distribution port).
+    fn lost_a_port(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("stdout.log")).is_ok_and(|log| log.contains("eaddrinuse"))
+            || std::fs::read_dir(self.dir.join("log"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|entry| std::fs::read_to_string(entry.path()).is_ok_and(|log| log.contains("eaddrinuse")))
     }
 
     fn log_tail(&self) -> String {
@@ -342,8 +382,14 @@ impl ChaosCluster {
         for i in 0..size {
             nodes.push(ChaosBroker::create(&config(i), &cookie)?);
         }
-        for node in &nodes {
-            node.wait_until_up(Duration::from_secs(180)).await?;
+        for (i, node) in nodes.iter_mut().enumerate() {
+            if let Err(error) = node.wait_until_up(Duration::from_secs(180)).await {
+                if !node.lost_a_port() {
+                    return Err(error);
+                }
+                eprintln!("chaos broker {} lost a port before binding it; again on new ports: {error:#}", node.node);
+                *node = ChaosBroker::boot(&config(i), &cookie, Duration::from_secs(180)).await?;
+            }
         }
         let seed = nodes[0].node.clone();
         for node in &nodes[1..] {
