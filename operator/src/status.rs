@@ -122,6 +122,8 @@ pub fn unreachable_conditions(error: &Error) -> [ConditionUpdate; 2] {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
     pub type_: String,
+    /// The condition had no value before (the service's first pass, or the condition is new).
+    pub first: bool,
     pub status: bool,
     pub reason: String,
     pub message: String,
@@ -154,6 +156,7 @@ pub fn next(
         })
         .map(|c| Transition {
             type_: c.type_.clone(),
+            first: !previous.conditions.iter().any(|p| p.type_ == c.type_),
             status: c.status == "True",
             reason: c.reason.clone(),
             message: c.message.clone(),
@@ -274,10 +277,16 @@ pub(crate) fn round2(x: f64) -> f64 {
 
 /// The events of a pass: the transitions of the queue and the workers (`Ready` and `Scaling` repeat them), and the
 /// observer's `news` (a queue declared again, a scale change).
+/// The state every new service starts in (its pods not ready yet): no warning worth an event, and at N services N
+/// events' worth of API server writes. Its end, the workers becoming ready, is one.
+fn starting_state(t: &Transition) -> bool {
+    t.first && t.type_ == WORKERS_READY && t.reason == "NoReplicasReady"
+}
+
 pub fn events(svc: &RpcService, transitions: &[Transition], news: &Announcements) -> Vec<Event> {
     let mut events: Vec<Event> = transitions
         .iter()
-        .filter(|t| t.type_ != READY && t.type_ != SCALING)
+        .filter(|t| t.type_ != READY && t.type_ != SCALING && !starting_state(t))
         .map(|t| Event {
             type_: if t.status { EventType::Normal } else { EventType::Warning },
             reason: t.reason.clone(),
@@ -339,6 +348,30 @@ mod tests {
         );
         assert_eq!(flipped[0].last_transition_time, at(30));
         assert_eq!(flipped[0].status, "False");
+    }
+
+    #[test]
+    fn a_new_service_s_unready_workers_are_no_event_but_workers_lost_later_are() {
+        let reasons = |events: &[Event]| events.iter().map(|e| e.reason.clone()).collect::<Vec<_>>();
+        let news = Announcements::default();
+        let starting = [
+            ConditionUpdate::new(QUEUE_READY, true, "Declared", "declared"),
+            ConditionUpdate::new(WORKERS_READY, false, "NoReplicasReady", "0/1 workers ready"),
+        ];
+        let mut svc = RpcService::new("calc", Default::default());
+        let (status, transitions) = next(&svc, &starting, None, Some(1), &at(1));
+        assert_eq!(reasons(&events(&svc, &transitions, &news)), ["Declared"]);
+
+        svc.status = Some(status);
+        let ready = [starting[0].clone(), ConditionUpdate::new(WORKERS_READY, true, "AllReplicasReady", "1/1")];
+        let (status, transitions) = next(&svc, &ready, None, Some(1), &at(2));
+        assert_eq!(reasons(&events(&svc, &transitions, &news)), ["AllReplicasReady"]);
+
+        svc.status = Some(status);
+        let (_, transitions) = next(&svc, &starting, None, Some(1), &at(3));
+        let lost = events(&svc, &transitions, &news);
+        assert_eq!(reasons(&lost), ["NoReplicasReady"]);
+        assert!(matches!(lost[0].type_, EventType::Warning));
     }
 
     #[test]
