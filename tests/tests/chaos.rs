@@ -180,6 +180,32 @@ where
     }
 }
 
+/// [`wait_until`], but `done` must hold at every look for `hold` in a row: a state the worker passes through
+/// between two sessions (a request between its old session's channel and the queue) is not the end.
+async fn wait_until_steady<F, Fut>(what: &str, timeout: Duration, hold: Duration, mut done: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut since: Option<Instant> = None;
+    loop {
+        if done().await {
+            let since = *since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= hold {
+                return true;
+            }
+        } else {
+            since = None;
+        }
+        if Instant::now() > deadline {
+            eprintln!("gave up waiting for {what} to hold for {hold:?} after {timeout:?}");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn remote_code(result: &Result<Value, CallError>) -> Option<&str> {
     match result {
         Err(CallError::Remote { code, .. }) => Some(code),
@@ -1763,8 +1789,10 @@ async fn requests_of_callers_whose_node_is_down_do_not_kill_sessions_until_dead_
         .start()
         .await
         .unwrap();
+    // On 3.10 every undeliverable reply ends a session and sends the requests it held back to the queue: done is
+    // nothing waiting and nothing in flight through several sessions' worth of time, not at one look.
     let settled =
-        wait_until("the requests to be done", Duration::from_secs(90), || {
+        wait_until_steady("the requests to be done", Duration::from_secs(120), Duration::from_secs(5), || {
             let (uri, queue, worker) = (uri.clone(), queue.clone(), &worker);
             async move {
                 queue_depth(&uri, &queue).await == 0 && worker.metric("warren_worker_requests_in_flight").await == 0.0
