@@ -442,9 +442,7 @@ impl ServiceState {
 
     /// The rates and delay status shows from the latest decision, rounded as status rounds them.
     fn shown_rates(&self) -> [Option<f64>; 3] {
-        let Some(inputs) = self.decision.as_ref().map(|d| &d.inputs) else { return [None; 3] };
-        let known = |rate: f64| inputs.rates_known.then_some(crate::status::round2(rate));
-        [known(inputs.arrival_rate), known(inputs.completion_rate), inputs.queueing_delay.map(crate::status::round2)]
+        crate::status::shown_rates(&self.view())
     }
 
     /// Feeds a probe's backlog to the scaler; returns whether the service's reconcile should run (a new decision).

@@ -170,6 +170,7 @@ pub fn next(
         ..previous.clone()
     };
     if let Some(view) = view {
+        let [publish_rate, ack_rate, delay] = shown_rates(view);
         next.replicas = view.replicas.current;
         next.ready_replicas = view.replicas.ready;
         let figures = match &view.figures {
@@ -178,14 +179,14 @@ pub fn next(
                 ready: backlog(view).map(|b| b as i64),
                 unacked: Some(f.unacked as i64),
                 consumers: Some(f.consumers as i64),
-                publish_rate: view.arrival_rate.map(round2),
-                ack_rate: view.completion_rate.map(round2),
+                publish_rate,
+                ack_rate,
                 ..QueueStatus::default()
             },
             None => QueueStatus { name: svc.queue_name(), ..previous.queue.clone().unwrap_or_default() },
         };
         next.queue = Some(QueueStatus {
-            queueing_delay_seconds: queueing_delay(view).map(round2),
+            queueing_delay_seconds: delay,
             target_delay_seconds: Some(svc.spec.scaling.target_queue_delay_seconds),
             ..figures
         });
@@ -230,6 +231,11 @@ pub fn backlog(view: &ServiceView) -> Option<u64> {
 }
 
 /// The estimated queueing delay of the latest decision, absent while the figures are unavailable.
+/// The arrival and completion rates and the queueing delay status shows for `view`, rounded as it shows them.
+pub fn shown_rates(view: &ServiceView) -> [Option<f64>; 3] {
+    [view.arrival_rate.map(round2), view.completion_rate.map(round2), queueing_delay(view).map(round2)]
+}
+
 pub fn queueing_delay(view: &ServiceView) -> Option<f64> {
     let current = view.metrics_unavailable.is_none();
     view.decision.as_ref().filter(|_| current).and_then(|d| d.inputs.queueing_delay)
@@ -271,7 +277,7 @@ pub fn throughput_source(source: ThroughputSource) -> &'static str {
     }
 }
 
-pub(crate) fn round2(x: f64) -> f64 {
+fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
