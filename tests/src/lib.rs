@@ -16,6 +16,14 @@ use std::path::PathBuf;
 
 use warren_client::endpoint::BrokerEndpoint;
 
+/// The checkout under test. `cargo test` and `cargo run` set CARGO_MANIFEST_DIR at run time, so this is right even
+/// when a shared CARGO_TARGET_DIR holds a binary built from another clone (the compile-time path is the fallback).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir.parent().expect("the workspace root").to_path_buf()
+}
+
 /// AMQP URI of the test broker (`WARREN_BROKER_URI`).
 pub fn broker_uri() -> String {
     BrokerEndpoint::from_env().amqp_uri

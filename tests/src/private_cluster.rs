@@ -3,7 +3,7 @@
 //! disturb every other test on the shared API server: stopping and restarting it. The broker stays the shared one
 //! (`scripts/env up` leaves a running broker alone). Everything it starts is stopped when it is dropped.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ impl PrivateCluster {
 
     /// `scripts/env up` for this cluster: starts whichever of etcd and kube-apiserver is not running.
     pub fn up(&self) -> anyhow::Result<()> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/env");
+        let script = crate::workspace_root().join("scripts/env");
         let out = Command::new(script)
             .arg("up")
             .env("WARREN_ENV_DIR", &self.dir)

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, anyhow, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
@@ -40,7 +40,7 @@ const MAX_REPLICAS: i32 = 4;
 const SCALE_DOWN_DELAY_S: i32 = 10;
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    warren_tests::workspace_root()
 }
 
 fn required_env(name: &str) -> anyhow::Result<String> {
@@ -98,8 +98,8 @@ async fn restricted_namespace(client: &Client, prefix: &str) -> anyhow::Result<T
 
 /// What the node shows when a release does not become Ready: the namespace's pods and events, the node, and the
 /// tails of the kubelet's and containerd's logs (CI keeps only the test output).
-fn node_diagnostics(namespace: &str) -> String {
-    let mut report = format!("helm install in {namespace} did not become Ready; what the node shows:");
+fn node_diagnostics(namespace: &str, what: &str) -> String {
+    let mut report = format!("{what} in {namespace}; what the node shows:");
     let commands: [&[&str]; 4] = [
         &[
             "get",
@@ -129,6 +129,14 @@ fn node_diagnostics(namespace: &str) -> String {
             Err(error) => format!("cannot read: {error}"),
         };
         report.push_str(&format!("\n--- last {lines} lines of {}\n{tail}", path.display()));
+    }
+    // The kubelet's own account of this namespace's pods (the tail above is mostly other chatter).
+    if let Ok(text) = std::fs::read_to_string(state.join("kubelet.log")) {
+        let about: Vec<&str> = text.lines().filter(|line| line.contains(namespace)).collect();
+        report.push_str(&format!(
+            "\n--- last 60 kubelet.log lines naming {namespace}\n{}",
+            about[about.len().saturating_sub(60)..].join("\n")
+        ));
     }
     report
 }
@@ -199,7 +207,7 @@ impl Release {
         let release = Self { name: name.clone(), namespace: namespace.into(), uninstalled: false };
         let started = Instant::now();
         helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
-            .map_err(|error| error.context(node_diagnostics(namespace)))?;
+            .map_err(|error| error.context(node_diagnostics(namespace, "helm install did not become Ready")))?;
         eprintln!("helm install {name}: deployed and Ready in {:.1}s", started.elapsed().as_secs_f64());
         Ok(release)
     }
@@ -455,6 +463,34 @@ fn container_id(pod: &Pod, container: &str) -> anyhow::Result<String> {
     Ok(id.trim_start_matches("containerd://").to_owned())
 }
 
+/// The scaling that keeps exactly two workers: the kill tests need one to answer while the other restarts.
+fn pinned_at_two() -> Value {
+    json!({ "spec": { "scaling": { "minReplicas": 2, "maxReplicas": 2 } } })
+}
+
+/// Waits until the kubelet has restarted a killed container of `victim` and the pod is Ready again. Fails at once,
+/// saying so, if the pod is deleted meanwhile (nothing would restart it then).
+async fn restarted_and_ready(
+    pods: &Api<Pod>,
+    victim: &Pod,
+    restarts_before: i32,
+    namespace: &str,
+) -> anyhow::Result<Pod> {
+    let name = victim.name_any();
+    let outcome = wait_for("the killed container restarted and its pod Ready", WAIT, || async {
+        match pods.get_opt(&name).await? {
+            Some(pod) if pod.metadata.deletion_timestamp.is_none() => {
+                Ok((restarts(&pod) > restarts_before && pod_ready(&pod)).then_some(Ok(pod)))
+            }
+            _ => Ok(Some(Err(anyhow!("pod {name} was deleted before its killed container restarted")))),
+        }
+    })
+    .await
+    .and_then(|deleted_or_ready| deleted_or_ready);
+    outcome
+        .map_err(|error| error.context(node_diagnostics(namespace, "a killed container was not restarted and Ready")))
+}
+
 /// Kills a container through the runtime, the way a crash would.
 fn sigkill(container_id: &str) -> anyhow::Result<()> {
     let mut ctr = Command::new("ctr");
@@ -625,16 +661,15 @@ spec:
     ensure!(!terminated.is_empty(), "no pod was terminated during the scale-in");
 
     // --- a worker container killed through the runtime: restarted, its requests answered by another -------------
-    // Two workers so that another one answers while the killed one restarts.
-    services
-        .patch("sleepy", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "scaling": { "minReplicas": 2 } } })))
-        .await?;
+    // Two workers so that another one answers while the killed one restarts, pinned there: a scale-down while it
+    // restarts would delete the killed pod (the ReplicaSet deletes not-ready and most recently Ready pods first).
+    services.patch("sleepy", &PatchParams::default(), &Patch::Merge(pinned_at_two())).await?;
     wait_for("two Ready worker pods", WAIT, || async {
         let ready = pods.list(&workers).await?.items.iter().filter(|p| pod_ready(p)).count();
         Ok((ready == 2).then_some(()))
     })
     .await
-    .map_err(|error| error.context(node_diagnostics(ns.name())))?;
+    .map_err(|error| error.context(node_diagnostics(ns.name(), "two worker pods did not become Ready")))?;
     let victim = pods.list(&workers).await?.items.into_iter().find(pod_ready).context("a worker pod")?;
     let container_id = container_id(&victim, "worker")?;
     let restarts_before = restarts(&victim);
@@ -649,14 +684,10 @@ spec:
     let (k_calls, k_ok, k_errors, k_report) = kill_run.await??;
     eprintln!("SIGKILL under load: {k_calls} calls, {k_ok} answered, {k_errors} errors: {k_report}");
     ensure!(k_errors == 0 && k_ok == k_calls, "calls were lost or failed when a worker was killed: {k_report}");
-    let restarted = wait_for("the killed worker restarted and Ready", WAIT, || async {
-        let pod = pods.get(&victim.name_any()).await?;
-        Ok((restarts(&pod) > restarts_before && pod_ready(&pod)).then(Instant::now))
-    })
-    .await?;
+    restarted_and_ready(&pods, &victim, restarts_before, ns.name()).await?;
     eprintln!(
         "the kubelet restarted the killed container; Ready again {:.1}s after the kill",
-        secs(killed_at, restarted)
+        killed_at.elapsed().as_secs_f64()
     );
     let after = wait_for("the queue drained", WAIT, || async {
         let q = broker::queue("/", queue).await?.context("queue")?;
@@ -911,13 +942,8 @@ spec:
     ensure!(terminated > 0, "no pod was terminated during the scale-in");
 
     // --- two responders: both answer; one SIGKILLed under load, restarted, its requests answered by the other ---
-    services
-        .patch(
-            "calculator",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "scaling": { "minReplicas": 2 } } })),
-        )
-        .await?;
+    // Pinned at two, as for the Rust worker above: no scale-down may delete the killed pod while it restarts.
+    services.patch("calculator", &PatchParams::default(), &Patch::Merge(pinned_at_two())).await?;
     let ready: Vec<Pod> = wait_for("two Ready responder pods", WAIT, || async {
         let ready: Vec<Pod> = pods
             .list(&responders)
@@ -956,11 +982,7 @@ spec:
     let (k_calls, k_ok, k_errors, k_report) = kill_run.await??;
     eprintln!("SIGKILL under load: {k_calls} calls, {k_ok} answered, {k_errors} errors");
     ensure!(k_errors == 0 && k_ok == k_calls, "calls were lost or failed when a responder was killed: {k_report}");
-    let restarted = wait_for("the killed responder restarted and Ready", WAIT, || async {
-        let pod = pods.get(&victim.name_any()).await?;
-        Ok((restarts(&pod) > restarts_before && pod_ready(&pod)).then_some(pod))
-    })
-    .await?;
+    let restarted = restarted_and_ready(&pods, &victim, restarts_before, ns.name()).await?;
     eprintln!(
         "the kubelet restarted the killed Python responder; Ready again {:.1}s after the kill",
         killed_at.elapsed().as_secs_f64()

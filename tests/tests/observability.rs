@@ -18,7 +18,6 @@ use warren_tests::{broker, broker_uri};
 
 // Generous: the machine may be busy; nothing here asserts a time.
 const WAIT: Duration = Duration::from_secs(120);
-const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/warren/dashboards/warren.json");
 
 async fn setup(prefix: &str) -> anyhow::Result<TestNamespace> {
     let client = cluster::client().await?;
@@ -303,8 +302,9 @@ fn metric_names_are_read_from_promql() {
 
 #[tokio::test]
 async fn the_dashboard_queries_only_metrics_a_running_operator_and_worker_export() -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(DASHBOARD).with_context(|| format!("reading {DASHBOARD}"))?;
-    let dashboard: Value = serde_json::from_str(&text).with_context(|| format!("{DASHBOARD} is not JSON"))?;
+    let path = warren_tests::workspace_root().join("charts/warren/dashboards/warren.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let dashboard: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let names = dashboard_metric_names(&dashboard)?;
     eprintln!("the dashboard queries {} metrics: {names:?}", names.len());
 

@@ -50,7 +50,7 @@ use warren_tests::prometheus::{self, Sample};
 const GROUP_PATH: &str = "/apis/warren.dev/v1alpha1";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").to_path_buf()
+    warren_tests::workspace_root()
 }
 
 fn say(message: impl std::fmt::Display) {
