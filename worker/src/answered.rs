@@ -14,6 +14,7 @@
 //! `capacity` newer answers were recorded. Only confirmed replies (and one-way requests whose handler finished) are
 //! recorded, so a request whose reply was not confirmed always runs again.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,27 +41,28 @@ pub fn reply_undeliverable(reply_to: &str, error: &lapin::Error) -> bool {
         && matches!(error.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR))
 }
 
-/// What identifies an answered request: the call, and where its reply went.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    message_id: Box<str>,
-    correlation_id: Option<Box<str>>,
-    reply_to: Option<Box<str>>,
-}
-
-impl Key {
-    /// `None` without a `message_id`: nothing says that two deliveries are the same call.
-    fn of(properties: &BasicProperties) -> Option<Self> {
-        let message_id = properties.message_id().as_ref()?.as_str();
-        if message_id.is_empty() {
-            return None;
+/// What identifies an answered request: the call, and where its reply went. The three properties in one buffer
+/// (one allocation, one hash per lookup), each as a presence byte, its length and its bytes, so that no two
+/// different triples encode alike.
+fn encode_key(properties: &BasicProperties, buffer: &mut Vec<u8>) -> bool {
+    let Some(message_id) = properties.message_id().as_ref().map(|m| m.as_str()).filter(|m| !m.is_empty()) else {
+        // Without a `message_id` nothing says that two deliveries are the same call.
+        return false;
+    };
+    buffer.clear();
+    let correlation_id = properties.correlation_id().as_ref().map(|c| c.as_str());
+    let reply_to = properties.reply_to().as_ref().map(|r| r.as_str());
+    for field in [Some(message_id), correlation_id, reply_to] {
+        match field {
+            Some(text) => {
+                buffer.push(1);
+                buffer.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                buffer.extend_from_slice(text.as_bytes());
+            }
+            None => buffer.push(0),
         }
-        Some(Self {
-            message_id: message_id.into(),
-            correlation_id: properties.correlation_id().as_ref().map(|c| c.as_str().into()),
-            reply_to: properties.reply_to().as_ref().map(|r| r.as_str().into()),
-        })
     }
+    true
 }
 
 /// The last answered requests of this process, bounded in number and age.
@@ -75,9 +77,11 @@ pub struct Answered {
 struct Inner {
     /// Oldest first, with when and as which entry it was recorded; a key answered twice appears twice (only its
     /// latest entry, the one `latest` names, counts).
-    order: VecDeque<(Arc<Key>, u64, Instant)>,
-    latest: HashMap<Arc<Key>, u64>,
+    order: VecDeque<(Arc<[u8]>, u64, Instant)>,
+    latest: HashMap<Arc<[u8]>, u64>,
     next: u64,
+    /// Where a key is encoded before it is looked up or copied into an entry: no allocation per lookup.
+    scratch: Vec<u8>,
 }
 
 impl Answered {
@@ -118,9 +122,12 @@ impl Answered {
     }
 
     fn record_at(&self, properties: &BasicProperties, now: Instant) {
-        let Some(key) = Key::of(properties) else { return };
-        let key = Arc::new(key);
         let mut inner = self.lock();
+        let mut scratch = std::mem::take(&mut inner.scratch);
+        let encoded = encode_key(properties, &mut scratch);
+        let key: Option<Arc<[u8]>> = encoded.then(|| Arc::from(&scratch[..]));
+        inner.scratch = scratch;
+        let Some(key) = key else { return };
         let entry = inner.next;
         inner.next += 1;
         inner.latest.insert(key.clone(), entry);
@@ -129,10 +136,12 @@ impl Answered {
     }
 
     fn take_at(&self, properties: &BasicProperties, now: Instant) -> bool {
-        let Some(key) = Key::of(properties) else { return false };
         let mut inner = self.lock();
         self.evict(&mut inner, now);
-        inner.latest.remove(&key).is_some()
+        let mut scratch = std::mem::take(&mut inner.scratch);
+        let taken = encode_key(properties, &mut scratch) && inner.latest.remove(&scratch[..]).is_some();
+        inner.scratch = scratch;
+        taken
     }
 
     /// Drops the entries past the capacity or the retention, oldest first.
@@ -143,8 +152,10 @@ impl Answered {
                 break;
             }
             // Forget the key only if this entry is its latest (a key recorded again later stays).
-            if inner.latest.get(key) == Some(entry) {
-                inner.latest.remove(key);
+            if let Entry::Occupied(latest) = inner.latest.entry(Arc::clone(key))
+                && latest.get() == entry
+            {
+                latest.remove();
             }
             inner.order.pop_front();
         }
@@ -182,6 +193,25 @@ mod tests {
         assert!(!answered.take(&request("m-1").with_reply_to("amq.gen-other".into())));
         assert!(!answered.take(&request("m-1").with_correlation_id("c-other".into())));
         assert!(answered.take(&request("m-1")));
+    }
+
+    #[test]
+    fn properties_that_join_alike_are_different_answers() {
+        let answered = Answered::new(10);
+        let call = |m: &str, c: Option<&str>| {
+            let properties = BasicProperties::default().with_message_id(m.into());
+            match c {
+                Some(c) => properties.with_correlation_id(c.into()),
+                None => properties,
+            }
+        };
+        answered.record(&call("ab", Some("c")));
+        assert!(!answered.take(&call("a", Some("bc"))));
+        assert!(!answered.take(&call("abc", None)));
+        answered.record(&call("m", None));
+        assert!(!answered.take(&call("m", Some(""))), "no correlation id is not an empty one");
+        assert!(answered.take(&call("m", None)));
+        assert!(answered.take(&call("ab", Some("c"))));
     }
 
     #[test]

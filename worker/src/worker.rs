@@ -793,7 +793,10 @@ impl Session {
             // Whatever panics on the way (a handler's panic is answered as `internal` before this), the request
             // must not keep its prefetch slot: give it back, so the delivery limit can dead-letter a poison.
             let alone = kind == Kind::Suspect;
-            let settlement = AssertUnwindSafe(handle(delivery, &context, &publisher, alone)).catch_unwind().await;
+            // Boxed: the handling future is large, and tokio moves a spawned future into its task and its output
+            // over it; a pointer is cheap to move (the profile's memcpy, docs/benchmarks.md "## Worker").
+            let handling = Box::pin(handle(delivery, &context, &publisher, alone));
+            let settlement = AssertUnwindSafe(handling).catch_unwind().await;
             let settlement = settlement.unwrap_or_else(|_| {
                 tracing::error!("handling a request panicked; requeueing it");
                 Settlement::Requeue
