@@ -73,13 +73,13 @@ impl<D> Admission<D> {
         self.next
     }
 
-    /// A delivery arrived; `delivery_count` is the quorum queue's `x-delivery-count` (0 when absent).
-    pub fn admit(&mut self, delivery: D, redelivered: bool, delivery_count: u64) -> Vec<Step<D>> {
-        let mut steps = Vec::new();
+    /// A delivery arrived; `delivery_count` is the quorum queue's `x-delivery-count` (0 when absent). What to do
+    /// is appended to `steps` (the session's buffer, reused: no allocation per request).
+    pub fn admit_into(&mut self, delivery: D, redelivered: bool, delivery_count: u64, steps: &mut Vec<Step<D>>) {
         if self.prefetch == 1 {
             // Alone anyway.
             steps.push(Step::Run(delivery, if redelivered { Kind::Suspect } else { Kind::Fresh }));
-            return steps;
+            return;
         }
         if redelivered {
             // Take no more until it ran alone; then one at a time.
@@ -90,7 +90,7 @@ impl<D> Admission<D> {
             self.next = 1;
             self.suspects.push((delivery_count, delivery));
             steps.extend(self.next_suspect());
-            return steps;
+            return;
         }
         if self.intake == Some(1) {
             // The first fresh request: it runs alone, then the window opens.
@@ -106,14 +106,12 @@ impl<D> Admission<D> {
             self.fresh_running += 1;
             steps.push(Step::Run(delivery, Kind::Fresh));
         }
-        steps
     }
 
-    /// A request admitted as `kind` is done (answered and acked, or given back).
-    pub fn finished(&mut self, kind: Kind) -> Vec<Step<D>> {
-        let mut steps = Vec::new();
+    /// A request admitted as `kind` is done (answered and acked, or given back); what to do is appended to `steps`.
+    pub fn finished_into(&mut self, kind: Kind, steps: &mut Vec<Step<D>>) {
         if self.prefetch == 1 {
-            return steps;
+            return;
         }
         match kind {
             Kind::Fresh => self.fresh_running = self.fresh_running.saturating_sub(1),
@@ -127,7 +125,6 @@ impl<D> Admission<D> {
         }
         steps.extend(self.next_suspect());
         steps.extend(self.restart());
-        steps
     }
 
     /// The next suspect, when nothing else runs; the lowest delivery count first (the poison has the highest).
@@ -184,6 +181,20 @@ impl<D> Admission<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl<D> Admission<D> {
+        fn admit(&mut self, delivery: D, redelivered: bool, delivery_count: u64) -> Vec<Step<D>> {
+            let mut steps = Vec::new();
+            self.admit_into(delivery, redelivered, delivery_count, &mut steps);
+            steps
+        }
+
+        fn finished(&mut self, kind: Kind) -> Vec<Step<D>> {
+            let mut steps = Vec::new();
+            self.finished_into(kind, &mut steps);
+            steps
+        }
+    }
 
     fn runs(steps: &[Step<&'static str>]) -> Vec<(&'static str, Kind)> {
         steps.iter().filter_map(|s| if let Step::Run(d, k) = s { Some((*d, *k)) } else { None }).collect()

@@ -542,6 +542,8 @@ struct Session {
     publisher: Arc<Publisher>,
     /// Which deliveries run now; redelivered ones run alone.
     admission: Admission<Delivery>,
+    /// What the admission decided and the session has yet to carry out; empty between turns, kept for its capacity.
+    steps: Vec<Step<Delivery>>,
     /// Every ack and nack of the session goes through here (see [`settle_loop`]); `None` once draining ended.
     settle: Option<mpsc::UnboundedSender<Settle>>,
     /// The settler reports here how each request was admitted once its ack or nack is sent.
@@ -580,6 +582,7 @@ impl Session {
                     intake,
                     publisher,
                     admission: Admission::new(worker.prefetch),
+                    steps: Vec::new(),
                     settle: Some(settle),
                     done_rx,
                     in_flight: Some(in_flight),
@@ -692,8 +695,15 @@ impl Session {
                     }
                 }
                 Some(kind) = self.done_rx.recv() => {
-                    let steps = self.admission.finished(kind);
-                    if let Err(error) = self.apply(steps, worker, draining).await {
+                    let mut steps = std::mem::take(&mut self.steps);
+                    self.admission.finished_into(kind, &mut steps);
+                    // The settler reports a batch of acks together: take them all in this turn.
+                    while let Ok(kind) = self.done_rx.try_recv() {
+                        self.admission.finished_into(kind, &mut steps);
+                    }
+                    let applied = self.apply(&mut steps, worker, draining).await;
+                    self.steps = steps;
+                    if let Err(error) = applied {
                         break SessionEnd::Lost(error.to_string());
                     }
                 }
@@ -706,8 +716,11 @@ impl Session {
                         Intake::Consuming { .. } => {
                             let count = crate::request::delivery_count(&delivery.properties);
                             let redelivered = delivery.redelivered && !worker.context.returns_own(&delivery);
-                            let steps = self.admission.admit(delivery, redelivered, count);
-                            if let Err(error) = self.apply(steps, worker, draining).await {
+                            let mut steps = std::mem::take(&mut self.steps);
+                            self.admission.admit_into(delivery, redelivered, count, &mut steps);
+                            let applied = self.apply(&mut steps, worker, draining).await;
+                            self.steps = steps;
+                            if let Err(error) = applied {
                                 break SessionEnd::Lost(error.to_string());
                             }
                         }
@@ -744,9 +757,15 @@ impl Session {
         end
     }
 
-    /// Carries out what the admission decided.
-    async fn apply(&mut self, steps: Vec<Step<Delivery>>, worker: &Worker, draining: bool) -> Result<(), lapin::Error> {
-        for step in steps {
+    /// Carries out what the admission decided, emptying `steps` (kept for the next turn: no allocation per
+    /// request).
+    async fn apply(
+        &mut self,
+        steps: &mut Vec<Step<Delivery>>,
+        worker: &Worker,
+        draining: bool,
+    ) -> Result<(), lapin::Error> {
+        for step in steps.drain(..) {
             match step {
                 Step::StopIntake => {
                     if let Intake::Consuming { active, .. } = &mut self.intake
