@@ -230,12 +230,12 @@ pub fn backlog(view: &ServiceView) -> Option<u64> {
     decided.or(view.figures.as_ref().map(|f| f.ready))
 }
 
-/// The estimated queueing delay of the latest decision, absent while the figures are unavailable.
 /// The arrival and completion rates and the queueing delay status shows for `view`, rounded as it shows them.
 pub fn shown_rates(view: &ServiceView) -> [Option<f64>; 3] {
     [view.arrival_rate.map(round2), view.completion_rate.map(round2), queueing_delay(view).map(round2)]
 }
 
+/// The estimated queueing delay of the latest decision, absent while the figures are unavailable.
 pub fn queueing_delay(view: &ServiceView) -> Option<f64> {
     let current = view.metrics_unavailable.is_none();
     view.decision.as_ref().filter(|_| current).and_then(|d| d.inputs.queueing_delay)
@@ -281,14 +281,14 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// The events of a pass: the transitions of the queue and the workers (`Ready` and `Scaling` repeat them), and the
-/// observer's `news` (a queue declared again, a scale change).
 /// The state every new service starts in (its pods not ready yet): no warning worth an event, and at N services N
 /// events' worth of API server writes. Its end, the workers becoming ready, is one.
 fn starting_state(t: &Transition) -> bool {
     t.first && t.type_ == WORKERS_READY && t.reason == "NoReplicasReady"
 }
 
+/// The events of a pass: the transitions of the queue and the workers (`Ready` and `Scaling` repeat them), and the
+/// observer's `news` (a queue declared again, a scale change).
 pub fn events(svc: &RpcService, transitions: &[Transition], news: &Announcements) -> Vec<Event> {
     let mut events: Vec<Event> = transitions
         .iter()

@@ -122,26 +122,24 @@ impl Answered {
     }
 
     fn record_at(&self, properties: &BasicProperties, now: Instant) {
-        let mut inner = self.lock();
-        let mut scratch = std::mem::take(&mut inner.scratch);
-        let encoded = encode_key(properties, &mut scratch);
-        let key: Option<Arc<[u8]>> = encoded.then(|| Arc::from(&scratch[..]));
-        inner.scratch = scratch;
-        let Some(key) = key else { return };
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if !encode_key(properties, &mut inner.scratch) {
+            return;
+        }
+        let key: Arc<[u8]> = Arc::from(&inner.scratch[..]);
         let entry = inner.next;
         inner.next += 1;
         inner.latest.insert(key.clone(), entry);
         inner.order.push_back((key, entry, now));
-        self.evict(&mut inner, now);
+        self.evict(inner, now);
     }
 
     fn take_at(&self, properties: &BasicProperties, now: Instant) -> bool {
-        let mut inner = self.lock();
-        self.evict(&mut inner, now);
-        let mut scratch = std::mem::take(&mut inner.scratch);
-        let taken = encode_key(properties, &mut scratch) && inner.latest.remove(&scratch[..]).is_some();
-        inner.scratch = scratch;
-        taken
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        self.evict(inner, now);
+        encode_key(properties, &mut inner.scratch) && inner.latest.remove(&inner.scratch[..]).is_some()
     }
 
     /// Drops the entries past the capacity or the retention, oldest first.

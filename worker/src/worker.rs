@@ -695,15 +695,12 @@ impl Session {
                     }
                 }
                 Some(kind) = self.done_rx.recv() => {
-                    let mut steps = std::mem::take(&mut self.steps);
-                    self.admission.finished_into(kind, &mut steps);
+                    self.admission.finished_into(kind, &mut self.steps);
                     // The settler reports a batch of acks together: take them all in this turn.
                     while let Ok(kind) = self.done_rx.try_recv() {
-                        self.admission.finished_into(kind, &mut steps);
+                        self.admission.finished_into(kind, &mut self.steps);
                     }
-                    let applied = self.apply(&mut steps, worker, draining).await;
-                    self.steps = steps;
-                    if let Err(error) = applied {
+                    if let Err(error) = self.apply(worker, draining).await {
                         break SessionEnd::Lost(error.to_string());
                     }
                 }
@@ -716,11 +713,8 @@ impl Session {
                         Intake::Consuming { .. } => {
                             let count = crate::request::delivery_count(&delivery.properties);
                             let redelivered = delivery.redelivered && !worker.context.returns_own(&delivery);
-                            let mut steps = std::mem::take(&mut self.steps);
-                            self.admission.admit_into(delivery, redelivered, count, &mut steps);
-                            let applied = self.apply(&mut steps, worker, draining).await;
-                            self.steps = steps;
-                            if let Err(error) = applied {
+                            self.admission.admit_into(delivery, redelivered, count, &mut self.steps);
+                            if let Err(error) = self.apply(worker, draining).await {
                                 break SessionEnd::Lost(error.to_string());
                             }
                         }
@@ -757,14 +751,10 @@ impl Session {
         end
     }
 
-    /// Carries out what the admission decided, emptying `steps` (kept for the next turn: no allocation per
-    /// request).
-    async fn apply(
-        &mut self,
-        steps: &mut Vec<Step<Delivery>>,
-        worker: &Worker,
-        draining: bool,
-    ) -> Result<(), lapin::Error> {
+    /// Carries out what the admission decided (`self.steps`), leaving the buffer empty with its capacity for the
+    /// next turn: no allocation per request.
+    async fn apply(&mut self, worker: &Worker, draining: bool) -> Result<(), lapin::Error> {
+        let mut steps = std::mem::take(&mut self.steps);
         for step in steps.drain(..) {
             match step {
                 Step::StopIntake => {
@@ -797,6 +787,7 @@ impl Session {
                 }
             }
         }
+        self.steps = steps;
         Ok(())
     }
 
